@@ -1,0 +1,275 @@
+"""The feature cache: one Zarr v3 group per split. The schema lives here and only here.
+
+Layout of a cache at ``PATH`` (N samples, C = ``chunk_samples``)::
+
+    PATH/zarr.json            group attributes: format version, layout, extraction config,
+                              identity (the keys that must match to append), model fingerprints,
+                              provenance (versions, git SHA, time), counts (after finalise)
+    PATH/lare                 [N, 4, 32, 32]        float32, chunks [C, 4, 32, 32]
+    PATH/pooled               [N, D]                feature dtype (float16), chunks [C, D]
+    PATH/fmap                 [N, Cf, 14, 14]       feature dtype, chunks [C, Cf, 14, 14]
+    PATH/meta/<column>        [N]                   one array per metadata column, chunks [C]
+    PATH/block_done           [ceil(N / C)]         uint8, one chunk per block: 1 = block written
+
+Work is done in *blocks* of C consecutive samples: a block covers exactly one chunk of every
+array, so concurrent writers (ranks, array jobs) never touch the same chunk, and a block counts as
+done only after all its chunks are written (Zarr's local store writes each chunk atomically via
+rename). A failed sample keeps NaN in every array (the fill value) and ``status == "error"``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import zarr
+
+CACHE_FORMAT_VERSION = 1
+ARRAY_NAMES = ("lare", "pooled", "fmap")
+
+STATUS_PENDING = "pending"
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+# Metadata columns and their dtypes. The first group comes from the manifest at creation; the
+# second is written per block by the extractor.
+MANIFEST_COLUMNS: dict[str, str] = {
+    "sample_id": "str",
+    "path": "str",
+    "label": "int8",
+    "generator": "str",
+    "split": "str",
+    "class_name": "str",
+}
+RESULT_COLUMNS: dict[str, str] = {"seed": "int64", "status": "str", "error": "str"}
+META_COLUMNS: dict[str, str] = {**MANIFEST_COLUMNS, **RESULT_COLUMNS}
+
+
+class CacheError(RuntimeError):
+    """A cache that cannot be created, opened or appended to; the message says why."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheLayout:
+    """Shapes, dtypes and chunking of a cache; fixed at creation."""
+
+    lare_shape: tuple[int, ...] = (4, 32, 32)
+    """Shape of one LaRE map: latent channels x latent height x latent width."""
+    pooled_dim: int = 1024
+    """Length of the backbone's pooled embedding (CLIP RN50 attention pool: 1024)."""
+    fmap_shape: tuple[int, ...] = (1024, 14, 14)
+    """Shape of the backbone feature map (CLIP RN50 layer3 at 224 px: 1024 x 14 x 14)."""
+    feature_dtype: str = "float16"
+    """Storage dtype of ``pooled`` and ``fmap``."""
+    lare_dtype: str = "float32"
+    """Storage dtype of ``lare``."""
+    chunk_samples: int = 32
+    """Samples per chunk (and per work block). 32 x fmap float16 = 12.8 MB per chunk."""
+
+    def __post_init__(self) -> None:
+        for name in ("feature_dtype", "lare_dtype"):
+            value = getattr(self, name)
+            if value not in ("float16", "bfloat16", "float32"):
+                raise ValueError(f"{name}={value!r}: choose float16, float32 (bfloat16 only for features)")
+        if self.chunk_samples < 1:
+            raise ValueError(f"chunk_samples must be >= 1, got {self.chunk_samples}")
+
+    def sample_shape(self, name: str) -> tuple[int, ...]:
+        return {"lare": tuple(self.lare_shape), "pooled": (self.pooled_dim,), "fmap": tuple(self.fmap_shape)}[name]
+
+    def dtype(self, name: str) -> str:
+        return self.lare_dtype if name == "lare" else self.feature_dtype
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CacheLayout":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _zarr_dtype(name: str):
+    return str if name == "str" else name
+
+
+def _fill_value(dtype: str):
+    if dtype == "str":
+        return ""
+    if dtype.startswith("float"):
+        return np.nan
+    return 0
+
+
+def _json_safe(obj):
+    """Attributes must be JSON: tuples -> lists, Paths -> str, numpy scalars -> Python."""
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+@dataclass
+class FeatureCache:
+    """A cache on disk. Create with :meth:`create`, open with :meth:`open`."""
+
+    path: Path
+    group: zarr.Group
+    layout: CacheLayout
+    _meta_cache: dict = field(default_factory=dict, repr=False)
+
+    # ---- creation and opening -------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        rows: Mapping[str, Sequence],
+        layout: CacheLayout,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> "FeatureCache":
+        """Create an empty cache for ``rows`` (manifest columns, one entry per sample).
+
+        Refuses to overwrite an existing cache. ``attrs`` (extraction config, identity,
+        fingerprints, provenance) are stored as group attributes.
+        """
+        path = Path(path)
+        if (path / "zarr.json").exists():
+            raise CacheError(f"{path}: a cache already exists here; open it instead of creating it")
+        missing = [c for c in MANIFEST_COLUMNS if c not in rows]
+        if missing:
+            raise CacheError(f"{path}: rows lack the manifest columns {missing}")
+        n = len(rows["sample_id"])
+        if n == 0:
+            raise CacheError(f"{path}: no samples to cache (the manifest selection is empty)")
+        ids = list(rows["sample_id"])
+        if len(set(ids)) != n:
+            dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+            raise CacheError(f"{path}: sample ids must be unique within a cache; duplicates e.g. {dup}")
+
+        c = layout.chunk_samples
+        group = zarr.open_group(path, mode="w-")
+        for name in ARRAY_NAMES:
+            shape = layout.sample_shape(name)
+            group.create_array(
+                name,
+                shape=(n, *shape),
+                chunks=(c, *shape),
+                dtype=layout.dtype(name),
+                fill_value=np.nan,
+                dimension_names=("sample", *[f"d{i}" for i in range(len(shape))]),
+            )
+        meta = group.create_group("meta")
+        for col, dtype in META_COLUMNS.items():
+            arr = meta.create_array(col, shape=(n,), chunks=(c,), dtype=_zarr_dtype(dtype), fill_value=_fill_value(dtype))
+            if col in rows:
+                arr[:] = np.asarray(list(rows[col]), dtype=object if dtype == "str" else dtype).astype(
+                    _zarr_dtype(dtype) if dtype != "str" else np.dtypes.StringDType()
+                )
+        meta["status"][:] = np.full(n, STATUS_PENDING, dtype=np.dtypes.StringDType())
+        group.create_array("block_done", shape=(math.ceil(n / c),), chunks=(1,), dtype="uint8", fill_value=0)
+        group.attrs.update(
+            _json_safe({"lare2_cache_format": CACHE_FORMAT_VERSION, "num_samples": n, "layout": layout.to_dict(), **(attrs or {})})
+        )
+        return cls(path=path, group=group, layout=layout)
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> "FeatureCache":
+        """Open an existing cache (``mode`` "r" or "r+")."""
+        path = Path(path)
+        if not (path / "zarr.json").exists():
+            raise CacheError(f"{path}: not a lare2 cache (no zarr.json); create one with `lare2 extract`")
+        group = zarr.open_group(path, mode=mode)
+        version = group.attrs.get("lare2_cache_format")
+        if version != CACHE_FORMAT_VERSION:
+            raise CacheError(f"{path}: cache format {version!r}, this lare2 reads format {CACHE_FORMAT_VERSION}")
+        return cls(path=path, group=group, layout=CacheLayout.from_dict(group.attrs["layout"]))
+
+    # ---- sizes and blocks -----------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.group.attrs["num_samples"])
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(len(self) / self.layout.chunk_samples)
+
+    def block_slice(self, block: int) -> slice:
+        c = self.layout.chunk_samples
+        return slice(block * c, min((block + 1) * c, len(self)))
+
+    def done_blocks(self) -> np.ndarray:
+        """Bool [num_blocks]: blocks whose samples are all written (ok or error)."""
+        return self.group["block_done"][:].astype(bool)
+
+    def pending_blocks(self) -> list[int]:
+        return [int(b) for b in np.flatnonzero(~self.done_blocks())]
+
+    # ---- writing --------------------------------------------------------------------------
+    def write_block(
+        self,
+        block: int,
+        *,
+        lare: np.ndarray,
+        pooled: np.ndarray,
+        fmap: np.ndarray,
+        seed: Sequence[int],
+        status: Sequence[str],
+        error: Sequence[str],
+    ) -> None:
+        """Write one block's results, then mark it done (the marker is written last).
+
+        Arrays hold one row per sample of the block; rows of failed samples must be NaN.
+        """
+        sl = self.block_slice(block)
+        n = sl.stop - sl.start
+        for name, values in (("lare", lare), ("pooled", pooled), ("fmap", fmap)):
+            expected = (n, *self.layout.sample_shape(name))
+            if tuple(values.shape) != expected:
+                raise CacheError(f"{self.path}: block {block} {name} has shape {tuple(values.shape)}, expected {expected}")
+            self.group[name][sl] = np.asarray(values, dtype=self.layout.dtype(name))
+        meta = self.group["meta"]
+        meta["seed"][sl] = np.asarray(seed, dtype=np.int64)
+        meta["status"][sl] = np.asarray(list(status), dtype=np.dtypes.StringDType())
+        meta["error"][sl] = np.asarray(list(error), dtype=np.dtypes.StringDType())
+        self.group["block_done"][block] = 1
+        self._meta_cache.clear()
+
+    def finalize(self) -> dict:
+        """Record counts per status in the attributes; returns them."""
+        status = self.group["meta"]["status"][:]
+        counts = {s: int((status == s).sum()) for s in (STATUS_OK, STATUS_ERROR, STATUS_PENDING)}
+        self.group.attrs["counts"] = counts
+        return counts
+
+    # ---- reading --------------------------------------------------------------------------
+    def read(self, index: slice | Sequence[int] | np.ndarray, names: Iterable[str] = ARRAY_NAMES) -> dict[str, np.ndarray]:
+        """Arrays for ``index`` (a slice or sorted/unsorted integer indices), in the stored dtype."""
+        out = {}
+        for name in names:
+            arr = self.group[name]
+            if isinstance(index, slice):
+                out[name] = arr[index]
+            else:
+                idx = np.asarray(index, dtype=np.int64)
+                out[name] = arr.get_orthogonal_selection((idx,) + (slice(None),) * (arr.ndim - 1))
+        return out
+
+    def column(self, name: str) -> np.ndarray:
+        """One metadata column as a numpy array (strings as ``object``); cached until next write."""
+        if name not in META_COLUMNS:
+            raise KeyError(f"unknown metadata column {name!r}; choose from {list(META_COLUMNS)}")
+        if name not in self._meta_cache:
+            values = self.group["meta"][name][:]
+            self._meta_cache[name] = values.astype(object) if META_COLUMNS[name] == "str" else values
+        return self._meta_cache[name]
+
+    def metadata(self, columns: Iterable[str] = tuple(META_COLUMNS)) -> pa.Table:
+        """Per-sample metadata as a pyarrow table, one row per sample in store order."""
+        return pa.table({c: pa.array(list(self.column(c)) if META_COLUMNS[c] == "str" else self.column(c)) for c in columns})
+
+    def ok_mask(self) -> np.ndarray:
+        return self.column("status") == STATUS_OK

@@ -1,0 +1,57 @@
+"""Logging and progress: rank-aware logger, rich progress bars with rate and ETA."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger that prints through rich once per process, tagged with the rank when >1 process."""
+    root = logging.getLogger("lare2")
+    if not root.handlers:
+        handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        prefix = f"[rank {_rank()}] " if world > 1 else ""
+        handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+        root.addHandler(handler)
+        root.setLevel(os.environ.get("LARE2_LOG_LEVEL", "INFO"))
+        root.propagate = False
+    return logging.getLogger(name if name.startswith("lare2") else f"lare2.{name}")
+
+
+def progress_bar(unit: str = "img", disable: bool = False) -> Progress:
+    """A progress bar showing done/total, rate (``unit``/s), elapsed and ETA."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=disable,
+        transient=False,
+    )
+
+
+def rate_text(done: int, seconds: float, unit: str = "img") -> str:
+    return f"{done / seconds:.1f} {unit}/s" if seconds > 0 else f"- {unit}/s"
