@@ -1,0 +1,75 @@
+# lare2: the recipe. `make help` lists the targets. Every target sets up .venv first if needed.
+# README command 1: `make demo`; README command 2: `make test`.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+LARE2       := $(VENV)/bin/lare2
+# CPU build from local disk by default; e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124" on GPU nodes.
+TORCH_SPEC  ?= torch==2.13.0
+
+# Stage 1 inputs (override on the command line: make extract SPLIT=val SD=/models/sd15 CLIP=/models/RN50.pt)
+MANIFEST    ?= data_manifests/genimage.parquet
+LAYOUT      ?= genimage
+SRC         ?= /data/GenImage
+SPLIT       ?= train
+SD          ?= runwayml/stable-diffusion-v1-5
+CLIP        ?= RN50.pt
+CACHE       ?= cache
+EXTRACT_ARGS ?=
+
+# Stage 2
+MODEL       ?= egre
+RUN         ?= runs/$(MODEL)
+TRAIN_ARGS  ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test test-fast demo manifest extract train eval zoo minigenimage bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv: torch (TORCH_SPEC, CPU build by default) first, then lare2 with dev extras
+
+test: setup ## run the whole test suite (slow-marked cases included), 2 workers
+	$(PY) -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
+
+test-fast: setup ## the suite without slow-marked cases
+	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow" $(PYTEST_ARGS)
+
+demo: setup ## the main job on the embedded MiniGenImage: build, extract, train 3 models, evaluate
+	bash scripts/demo.sh
+
+manifest: setup ## build a manifest: make manifest LAYOUT=genimage SRC=/data/GenImage MANIFEST=...
+	$(LARE2) manifest build $(LAYOUT) $(SRC) -o $(MANIFEST)
+	$(LARE2) manifest show $(MANIFEST)
+
+extract: setup ## stage 1 for one split: make extract SPLIT=train SD=/models/sd15 CLIP=/models/RN50.pt
+	$(LARE2) extract --manifest $(MANIFEST) --split $(SPLIT) --sd $(SD) --clip $(CLIP) --out $(CACHE)/$(SPLIT) $(EXTRACT_ARGS)
+	$(LARE2) cache info $(CACHE)/$(SPLIT)
+
+train: setup ## stage 2: fit MODEL (egre|linear|lare-only) on cache/train, select on cache/val
+	$(LARE2) train --model $(MODEL) --train $(CACHE)/train --val $(CACHE)/val --out $(RUN) $(TRAIN_ARGS)
+
+eval: setup ## per-generator report of RUN on every cache/test* cache
+	$(LARE2) eval $(RUN) $(foreach c,$(wildcard $(CACHE)/test*),--test $(c)) --report $(RUN)/report
+
+zoo: setup ## retrain the MiniGenImage generator zoo on the CPU (~30 min; weights are committed)
+	$(LARE2) minigenimage zoo
+
+minigenimage: setup ## build the MiniGenImage benchmark into data/minigenimage
+	$(LARE2) minigenimage build --out data/minigenimage
+
+bench: setup ## speed/memory benchmarks; figures written to bench/results/
+	$(PY) bench/run_bench.py --out bench/results
+
+clean: ## remove caches, runs and build outputs (keeps .venv)
+	rm -rf cache runs bench/results data/minigenimage .pytest_cache

@@ -1,0 +1,3 @@
+from lare2.extract.cli import main
+
+main()
