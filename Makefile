@@ -17,6 +17,7 @@ SD          ?= runwayml/stable-diffusion-v1-5
 CLIP        ?= RN50.pt
 CACHE       ?= cache
 EXTRACT_ARGS ?=
+MANIFEST_ARGS ?=
 
 # Stage 2
 MODEL       ?= egre
@@ -48,8 +49,8 @@ test-fast: setup ## the suite without slow-marked cases
 demo: setup ## the main job on the embedded MiniGenImage: build, extract, train 3 models, evaluate
 	bash scripts/demo.sh
 
-manifest: setup ## build a manifest: make manifest LAYOUT=genimage SRC=/data/GenImage MANIFEST=...
-	$(LARE2) manifest build $(LAYOUT) $(SRC) -o $(MANIFEST)
+manifest: setup ## build a manifest: make manifest LAYOUT=genimage SRC=/data/GenImage MANIFEST=... MANIFEST_ARGS="--val-fraction 0.05"
+	$(LARE2) manifest build $(LAYOUT) $(SRC) -o $(MANIFEST) $(MANIFEST_ARGS)
 	$(LARE2) manifest show $(MANIFEST)
 
 extract: setup ## stage 1 for one split: make extract SPLIT=train SD=/models/sd15 CLIP=/models/RN50.pt

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lare2.extract.images import ImageError, backbone_input, decode_rgb, lare_input
-from lare2.shared.cache import STATUS_ERROR, STATUS_OK, CacheError, CacheLayout, FeatureCache
+from lare2.shared.cache import STATUS_ERROR, STATUS_OK, CacheError, CacheExistsError, CacheLayout, FeatureCache
 from lare2.shared.config import ExtractConfig, diff_identity
 from lare2.shared.logs import get_logger, progress_bar, rate_text
 from lare2.shared.manifest import read_image_bytes, read_manifest, select_rows
@@ -126,6 +126,18 @@ def manifest_digest(sample_ids: Sequence[str]) -> str:
 def open_or_create_cache(cfg: ExtractConfig, rows: dict, root: Path, models: Models, create: bool) -> FeatureCache:
     identity = cfg.identity(models.fingerprints) | {"manifest_digest": manifest_digest(rows["sample_id"])}
     out = Path(cfg.out)
+    if create and not (out / "zarr.json").exists():
+        attrs = {
+            "extract_config": cfg.to_dict(),
+            "identity": identity,
+            "fingerprints": models.fingerprints,
+            "provenance": provenance(),
+            "manifest": {"path": str(Path(cfg.manifest).resolve()), "root": str(root)},
+        }
+        try:
+            return FeatureCache.create(out, rows, models.layout, attrs)
+        except CacheExistsError:
+            pass  # another array job created it a moment ago: check it like any existing cache
     if (out / "zarr.json").exists():
         cache = FeatureCache.open(out, mode="r+")
         differing = diff_identity(cache.attrs.get("identity", {}), identity)
@@ -134,16 +146,7 @@ def open_or_create_cache(cfg: ExtractConfig, rows: dict, root: Path, models: Mod
             raise CacheError(f"{out}: refusing to extract into a cache made with another configuration ({lines}). "
                              f"Use another --out, or the cache's own settings.")
         return cache
-    if not create:
-        raise CacheError(f"{out}: expected the cache created by the main process")
-    attrs = {
-        "extract_config": cfg.to_dict(),
-        "identity": identity,
-        "fingerprints": models.fingerprints,
-        "provenance": provenance(),
-        "manifest": {"path": str(Path(cfg.manifest).resolve()), "root": str(root)},
-    }
-    return FeatureCache.create(out, rows, models.layout, attrs)
+    raise CacheError(f"{out}: expected the cache created by the main process")
 
 
 # ---- the job -----------------------------------------------------------------------------------
@@ -280,8 +283,11 @@ def recompute_samples(cache_path: str | Path, indices: Sequence[int], *, sd_mode
                       backbone: str | None = None, device: str = "cpu") -> dict[str, np.ndarray]:
     """Recompute rows ``indices`` of a cache with its own config (models overridable).
 
-    Returns ``lare``/``pooled``/``fmap`` in the cache's storage dtypes (NaN rows for images that
-    fail to decode), for a bit-for-bit comparison with what the cache holds.
+    Each requested row is recomputed inside the same batch it was extracted in (same block, same
+    ``batch_size``, same failed neighbours left out), so on the same hardware and software the
+    result equals the cache bit for bit; batched kernels round differently for other batch
+    compositions (~1e-6 relative). Returns ``lare``/``pooled``/``fmap`` in the storage dtypes, with
+    NaN rows for images that fail to decode.
     """
     cache = FeatureCache.open(cache_path)
     stored = dict(cache.attrs["extract_config"])
@@ -298,14 +304,21 @@ def recompute_samples(cache_path: str | Path, indices: Sequence[int], *, sd_mode
                          f"(have {models.fingerprints}, cache {cache.attrs['fingerprints']})")
     root = Path(cache.attrs["manifest"]["root"])
     dataset = ManifestImages(root, cache.column("path"), cfg.image_size, cfg.max_image_pixels)
-    ids = cache.column("sample_id")
-    out = {name: np.full((len(indices), *cache.layout.sample_shape(name)), np.nan, dtype=cache.layout.dtype(name)) for name in ("lare", "pooled", "fmap")}
-    for i, index in enumerate(indices):
-        sample = dataset[int(index)]
-        if sample.error:
+    ids, class_names = cache.column("sample_id"), cache.column("class_name")
+    wanted = {int(i): k for k, i in enumerate(indices)}
+    blocks = sorted({i // cache.layout.chunk_samples for i in wanted})
+    out = {name: np.full((len(indices), *cache.layout.sample_shape(name)), np.nan, dtype=cache.layout.dtype(name))
+           for name in ("lare", "pooled", "fmap")}
+    for batch_rows in block_batches(cache, blocks, cfg.batch_size):
+        if not wanted.keys() & set(batch_rows):
             continue
-        arrays = compute_batch(models, [sample], [cfg.prompt_for(cache.column("class_name")[index])],
-                               [sample_seed(cfg.seed, ids[index])], torch_device)
-        for name, a in zip(("lare", "pooled", "fmap"), arrays):
-            out[name][i] = a[0].astype(cache.layout.dtype(name))
+        good = [s for s in (dataset[r] for r in batch_rows) if not s.error]
+        if not good:
+            continue
+        arrays = compute_batch(models, good, [cfg.prompt_for(class_names[s.index]) for s in good],
+                               [sample_seed(cfg.seed, ids[s.index]) for s in good], torch_device)
+        for position, sample in enumerate(good):
+            if sample.index in wanted:
+                for name, values in zip(("lare", "pooled", "fmap"), arrays):
+                    out[name][wanted[sample.index]] = values[position].astype(cache.layout.dtype(name))
     return out

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -52,6 +55,10 @@ META_COLUMNS: dict[str, str] = {**MANIFEST_COLUMNS, **RESULT_COLUMNS}
 
 class CacheError(RuntimeError):
     """A cache that cannot be created, opened or appended to; the message says why."""
+
+
+class CacheExistsError(CacheError):
+    """Creation found a cache already there (possibly made by a concurrent job a moment ago)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,11 +138,14 @@ class FeatureCache:
         """Create an empty cache for ``rows`` (manifest columns, one entry per sample).
 
         Refuses to overwrite an existing cache. ``attrs`` (extraction config, identity,
-        fingerprints, provenance) are stored as group attributes.
+        fingerprints, provenance) are stored as group attributes. The store is built in a
+        temporary folder and renamed into place, so a crash never leaves a half-made cache and
+        concurrent creators (array jobs) race safely: one wins, the others get
+        :class:`CacheExistsError` and open the winner's cache.
         """
         path = Path(path)
         if (path / "zarr.json").exists():
-            raise CacheError(f"{path}: a cache already exists here; open it instead of creating it")
+            raise CacheExistsError(f"{path}: a cache already exists here; open it instead of creating it")
         missing = [c for c in MANIFEST_COLUMNS if c not in rows]
         if missing:
             raise CacheError(f"{path}: rows lack the manifest columns {missing}")
@@ -148,7 +158,9 @@ class FeatureCache:
             raise CacheError(f"{path}: sample ids must be unique within a cache; duplicates e.g. {dup}")
 
         c = layout.chunk_samples
-        group = zarr.open_group(path, mode="w-")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
+        group = zarr.open_group(staging, mode="w-")
         for name in ARRAY_NAMES:
             shape = layout.sample_shape(name)
             group.create_array(
@@ -171,7 +183,14 @@ class FeatureCache:
         group.attrs.update(
             _json_safe({"lare2_cache_format": CACHE_FORMAT_VERSION, "num_samples": n, "layout": layout.to_dict(), **(attrs or {})})
         )
-        return cls(path=path, group=group, layout=layout)
+        try:
+            os.rename(staging, path)  # atomic; fails if another creator got there first
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if (path / "zarr.json").exists():
+                raise CacheExistsError(f"{path}: created concurrently by another job") from None
+            raise
+        return cls.open(path, mode="r+")
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> "FeatureCache":

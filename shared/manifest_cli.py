@@ -1,0 +1,124 @@
+"""``lare2 manifest build`` and ``lare2 manifest show``: make and inspect manifests.
+
+pyarrow and Pillow are imported inside the commands, so that ``lare2 --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DEFAULT_VAL_FRACTION = 0.05
+
+BUILD_HELP = """Build a manifest (one parquet row per image) from SRC. KIND is the layout of SRC:
+
+- genimage: SRC/<generator>/[<subset>/]{train,val}/{ai,nature}/*; GenImage val -> test, GenImage train -> train minus a held-out --val-fraction (chosen by content hash) -> val.
+
+- folders: SRC/[<generator>/]<split>/{0_real,1_fake}/*, or SRC/{0_real,1_fake}/* with --split.
+
+- list: a text file of 'path<sep>label' lines (tab, comma or space), paths relative to it or absolute; needs --split.
+
+- webdataset: a folder of tar shards (or one .tar) with key.jpg|png|webp members and key.cls / key.json labels.
+"""
+
+
+def _fail(message: str) -> None:
+    from rich.markup import escape
+
+    from lare2.shared.logs import console
+
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=1)
+
+
+def build(
+    kind: Annotated[str, typer.Argument(help="Layout of SRC: genimage, folders, list or webdataset.")],
+    src: Annotated[Path, typer.Argument(help="Dataset folder, list file, or tar shard(s) folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Manifest to write (.parquet); replaced if present.")],
+    val_fraction: Annotated[float, typer.Option(help="genimage: share of GenImage train held out as val.")] = DEFAULT_VAL_FRACTION,
+    generator: Annotated[str | None, typer.Option(help="Generator of rows whose layout names none.")] = None,
+    split: Annotated[str | None, typer.Option(help="Split (train/val/test) of rows whose layout names none.")] = None,
+    label: Annotated[str | None, typer.Option(help="list/webdataset: label (0/1/real/fake) of rows that carry none.")] = None,
+    keep_duplicates: Annotated[bool, typer.Option(help="Keep every copy of an image (a cache needs unique ids per split).")] = False,
+    workers: Annotated[int, typer.Option(help="Threads hashing files.")] = min(8, os.cpu_count() or 1),
+) -> None:
+    """Build a manifest from a dataset layout."""
+    from lare2.shared.logs import get_logger
+    from lare2.shared.manifest import BUILDERS, ManifestError, build_manifest, parse_label, print_build_report, write_built
+
+    if kind not in BUILDERS:
+        _fail(f"unknown manifest builder {kind!r}; choose from {sorted(BUILDERS)}")
+    given = {"--generator": generator, "--split": split, "--label": label,
+             "--val-fraction": None if val_fraction == DEFAULT_VAL_FRACTION else val_fraction}
+    applies = {"genimage": ("--val-fraction",), "folders": ("--generator", "--split"),
+               "list": ("--generator", "--split", "--label"), "webdataset": ("--generator", "--split", "--label")}
+    stray = [flag for flag, value in given.items() if value is not None and flag not in applies[kind]]
+    if stray:
+        _fail(f"{', '.join(stray)} do(es) not apply to the {kind} builder (it takes {', '.join(applies[kind])})")
+    options: dict = {"keep_duplicates": keep_duplicates, "workers": workers}
+    if kind == "genimage":
+        options["val_fraction"] = val_fraction
+    else:
+        options.update(generator=generator, split=split)
+    try:
+        if kind in ("list", "webdataset"):
+            options["label"] = None if label is None else parse_label(label, "--label")
+        built = build_manifest(kind, src, **options)
+    except (ManifestError, FileNotFoundError) as err:
+        _fail(str(err))
+    print_build_report(built)
+    write_built(out, built)
+    get_logger(__name__).info("%s: %d rows (%d with errors) under %s", out, built.table.num_rows, built.num_errors, built.root)
+
+
+def show(
+    path: Annotated[Path, typer.Argument(help="Manifest (.parquet).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Counts per split x generator x label (and errors), and the root."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lare2.shared.manifest import LABEL_FAKE, LABEL_REAL, ManifestError, count_rows, read_manifest, read_manifest_metadata
+
+    try:
+        meta = read_manifest_metadata(path)
+        table, root = read_manifest(path)
+    except (ManifestError, FileNotFoundError) as err:
+        _fail(str(err))
+    counts = count_rows(table)
+    summary = {
+        "manifest": str(path),
+        "root": str(root),
+        "builder": meta["builder"],
+        "builder_args": meta["builder_args"],
+        "num_rows": table.num_rows,
+        "num_errors": sum(c["errors"] for c in counts),
+        "counts": counts,
+    }
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    pivot: dict[tuple[str, str], dict[int | str, int]] = {}
+    for c in counts:
+        cell = pivot.setdefault((c["split"], c["generator"]), {LABEL_REAL: 0, LABEL_FAKE: 0, "errors": 0})
+        cell[c["label"]] = c["count"]
+        cell["errors"] += c["errors"]
+    grid = Table(title=f"{path}: {summary['num_rows']} images, {summary['num_errors']} errors ({meta['builder']})",
+                 caption=f"root: {root}")
+    for column in ("split", "generator", "real", "fake", "errors"):
+        grid.add_column(column, justify="left" if column in ("split", "generator") else "right")
+    for (split_name, generator_name), cell in pivot.items():
+        grid.add_row(split_name, generator_name, str(cell[LABEL_REAL]), str(cell[LABEL_FAKE]), str(cell["errors"]))
+    Console().print(grid)
+
+
+def register(app: typer.Typer) -> None:
+    manifest_app = typer.Typer(help="Build and inspect manifests: one parquet row per image.", no_args_is_help=True)
+    manifest_app.command("build", help=BUILD_HELP)(build)
+    manifest_app.command("show")(show)
+    app.add_typer(manifest_app, name="manifest")
