@@ -17,6 +17,7 @@ SD          ?= runwayml/stable-diffusion-v1-5
 CLIP        ?= RN50.pt
 CACHE       ?= cache
 EXTRACT_ARGS ?=
+RECOMPUTE   ?= 0
 MANIFEST_ARGS ?=
 
 # Stage 2
@@ -26,7 +27,7 @@ TRAIN_ARGS  ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast demo manifest extract train eval zoo minigenimage bench clean
+.PHONY: help setup test test-fast demo manifest extract verify export-wds train eval zoo minigenimage bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -56,6 +57,12 @@ manifest: setup ## build a manifest: make manifest LAYOUT=genimage SRC=/data/Gen
 extract: setup ## stage 1 for one split: make extract SPLIT=train SD=/models/sd15 CLIP=/models/RN50.pt
 	$(LARE2) extract --manifest $(MANIFEST) --split $(SPLIT) --sd $(SD) --clip $(CLIP) --out $(CACHE)/$(SPLIT) $(EXTRACT_ARGS)
 	$(LARE2) cache info $(CACHE)/$(SPLIT)
+
+verify: setup ## prove cache/SPLIT whole against MANIFEST; RECOMPUTE=K re-extracts K samples bit for bit
+	$(LARE2) cache verify $(CACHE)/$(SPLIT) --manifest $(MANIFEST) --recompute $(RECOMPUTE)
+
+export-wds: setup ## export cache/SPLIT as WebDataset shards into cache/SPLIT-wds
+	$(LARE2) cache export $(CACHE)/$(SPLIT) --format webdataset --out $(CACHE)/$(SPLIT)-wds --shard-size 1000
 
 train: setup ## stage 2: fit MODEL (egre|linear|lare-only) on cache/train, select on cache/val
 	$(LARE2) train --model $(MODEL) --train $(CACHE)/train --val $(CACHE)/val --out $(RUN) $(TRAIN_ARGS)

@@ -169,6 +169,7 @@ class FeatureCache:
                 chunks=(c, *shape),
                 dtype=layout.dtype(name),
                 fill_value=np.nan,
+                compressors=zarr.codecs.ZstdCodec(level=3, checksum=True),  # verify detects flipped bits
                 dimension_names=("sample", *[f"d{i}" for i in range(len(shape))]),
             )
         meta = group.create_group("meta")

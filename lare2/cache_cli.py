@@ -1,0 +1,351 @@
+"""``lare2 cache ...``: see what a cache holds and prove it whole.
+
+info, ls, show, verify, diff, stats, export. Each prints rich tables, or with ``--json`` one
+JSON document on stdout for scripts. Exit codes: 0 fine, 1 problems found (verify) or runs
+that disagree (diff), 2 bad usage (no such cache, unknown id, bad option).
+The logic lives in ``lare2.shared.inspect`` / ``lare2.shared.wds_export``, imported inside the
+commands so that ``lare2 --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated, Iterator, NoReturn, Optional
+
+import typer
+
+EXIT_PROBLEMS = 1
+EXIT_USAGE = 2
+EXPORT_FORMATS = ("webdataset",)
+MAX_ITEMS_SHOWN = 10
+
+cache_app = typer.Typer(
+    help="Inspect a feature cache: counts, samples, verification, run-to-run diff, plots, export.",
+    no_args_is_help=True,
+)
+
+PathArg = Annotated[Path, typer.Argument(help="Cache directory (a Zarr group made by `lare2 extract`).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout instead of tables.")]
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(cache_app, name="cache")
+
+
+# ---- output -------------------------------------------------------------------------------------
+def _console():
+    from rich.console import Console
+
+    console = Console()
+    # piped to a file or a pager: wide tables beat folded cells
+    return console if console.is_terminal else Console(width=200)
+
+
+def _usage_error(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+@contextlib.contextmanager
+def _usage_errors() -> Iterator[None]:
+    """Bad input (no such cache, not a cache, unknown id, bad option value) -> message + exit 2."""
+    from lare2.shared.cache import CacheError
+
+    try:
+        yield
+    except (FileNotFoundError, FileExistsError, CacheError, KeyError, ValueError) as err:
+        _usage_error(str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err))
+
+
+def _print_json(obj) -> None:
+    from lare2.shared.inspect import to_json
+
+    typer.echo(to_json(obj))
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _key_values(title: str, values: dict | None):
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for k, v in (values or {}).items():
+        table.add_row(str(k), str(v))
+    return table
+
+
+def _load_recompute_fn():
+    """The extractor's ``recompute_samples``, or a stand-in raising ``RecomputeUnavailable`` with
+    the reason when the extractor (diffusers, torch) cannot be imported here."""
+    from lare2.shared.inspect import RecomputeUnavailable
+
+    try:
+        from lare2.extract.run import recompute_samples
+    except ImportError as err:
+        reason = f"the extractor cannot be imported ({err})"
+
+        def unavailable(*args, **kwargs):
+            raise RecomputeUnavailable(reason)
+
+        return unavailable
+    return recompute_samples
+
+
+# ---- commands -----------------------------------------------------------------------------------
+@cache_app.command()
+def info(path: PathArg, json: JsonOpt = False) -> None:
+    """Counts per split x generator x label x status, array sizes, extraction config, fingerprints, provenance."""
+    from rich.table import Table
+
+    from lare2.shared.inspect import cache_info, label_name, open_cache
+
+    with _usage_errors():
+        report = cache_info(open_cache(path))
+    if json:
+        _print_json(report)
+        return
+    console = _console()
+    blocks = report["blocks"]
+    console.print(f"[bold]{report['path']}[/]: {report['num_samples']} samples, format {report['format']}, "
+                  f"blocks {blocks['done']}/{blocks['total']} done; status {report['status_counts']}")
+    counts = Table(title="samples", title_justify="left")
+    for column in ("split", "generator", "label", "status", "count"):
+        counts.add_column(column, justify="right" if column == "count" else "left")
+    for row in report["groups"]:
+        counts.add_row(row["split"], row["generator"], f"{row['label']} ({label_name(row['label'])})", row["status"], str(row["count"]))
+    console.print(counts)
+    arrays = Table(title="arrays", title_justify="left")
+    for column in ("array", "shape", "dtype", "chunks", "bytes", "on disk", "ratio"):
+        arrays.add_column(column)
+    for a in report["arrays"]:
+        ratio = "-" if a["compression_ratio"] is None else f"{a['compression_ratio']:.2f}"
+        arrays.add_row(a["name"], str(a["shape"]), a["dtype"], str(a["chunks"]), _fmt_bytes(a["nbytes"]),
+                       _fmt_bytes(a["bytes_on_disk"]), ratio)
+    console.print(arrays)
+    console.print(_key_values("extraction config", report["extract_config"]))
+    console.print(_key_values("model fingerprints", report["fingerprints"]))
+    provenance = report["provenance"] or {}
+    console.print(_key_values("made", {"created": provenance.get("created"), "git_sha": provenance.get("git_sha"),
+                                       **(provenance.get("versions") or {}), "manifest": report["manifest"]}))
+
+
+@cache_app.command("ls")
+def ls(
+    path: PathArg,
+    generator: Annotated[Optional[str], typer.Option(help="Only this generator.")] = None,
+    label: Annotated[Optional[int], typer.Option(help="Only this label (0 real, 1 fake).")] = None,
+    status: Annotated[Optional[str], typer.Option(help="Only this status: ok, error, pending.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Only this split.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many rows (0 = all).")] = 20,
+    json: JsonOpt = False,
+) -> None:
+    """Sample rows, filtered."""
+    from rich.table import Table
+
+    from lare2.shared.cache import META_COLUMNS
+    from lare2.shared.inspect import list_samples, open_cache
+
+    with _usage_errors():
+        listing = list_samples(open_cache(path), generator=generator, label=label, status=status, split=split,
+                               limit=limit or None)
+    if json:
+        _print_json(listing)
+        return
+    table = Table(title=f"{len(listing['rows'])} of {listing['matching']} matching samples", title_justify="left")
+    columns = ["index", *META_COLUMNS]
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in listing["rows"]:
+        table.add_row(*(str(row[c]) for c in columns))
+    _console().print(table)
+
+
+@cache_app.command()
+def show(
+    path: PathArg,
+    sample_id: Annotated[str, typer.Argument(help="Sample id (a unique prefix is enough).")],
+    png: Annotated[Optional[Path], typer.Option(help="Save the image beside its LaRE map (one panel per channel).")] = None,
+    json: JsonOpt = False,
+) -> None:
+    """One sample: metadata, per-channel LaRE statistics, feature norms; optionally a PNG."""
+    from rich.table import Table
+
+    from lare2.shared.inspect import find_sample, open_cache, render_sample_png, sample_summary
+
+    with _usage_errors():
+        cache = open_cache(path)
+        index = find_sample(cache, sample_id)
+    summary = sample_summary(cache, index)
+    if png is not None:
+        summary["png"] = render_sample_png(cache, index, png)
+    if json:
+        _print_json(summary)
+        return
+    console = _console()
+    console.print(_key_values(f"sample {index}", summary["metadata"]))
+    if summary["lare"] is None:
+        console.print(f"no arrays: status {summary['metadata']['status']} {summary['metadata']['error']}".rstrip())
+    else:
+        lare = Table(title=f"LaRE (mean {summary['lare']['mean']:.4g})", title_justify="left")
+        for column in ("channel", "mean", "std", "min", "max"):
+            lare.add_column(column, justify="right")
+        for ch in summary["lare"]["channels"]:
+            lare.add_row(str(ch["channel"]), *(f"{ch[k]:.4g}" for k in ("mean", "std", "min", "max")))
+        console.print(lare)
+        console.print(_key_values("feature norms", {k: f"{v:.4g}" for k, v in summary["features"].items()}))
+    if png is not None:
+        shown = summary["png"]
+        console.print(f"wrote {shown['png']} ({shown['pixels'][0]}x{shown['pixels'][1]} px)"
+                      + ("" if shown["image_shown"] else f"; LaRE panels only: {shown['image_note']}"))
+
+
+@cache_app.command()
+def verify(
+    path: PathArg,
+    manifest: Annotated[Optional[Path], typer.Option(help="Manifest to check ids and metadata against "
+                                                           "(default: the one the cache records, when at hand).")] = None,
+    recompute: Annotated[int, typer.Option(help="Re-extract this many random ok samples and compare bit for bit.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed choosing the samples to recompute.")] = 0,
+    sd_model: Annotated[Optional[str], typer.Option(help="Override the cache's SD model for --recompute.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Override the cache's backbone for --recompute.")] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Prove a cache whole; exit 1 on any problem.
+
+    Every chunk readable, no NaN/Inf in ok samples, ids unique, metadata equal to the manifest,
+    fingerprints consistent; pending blocks are a warning. --recompute K re-extracts K random ok
+    samples and compares them bit for bit (skipped, with the reason, when the models are not at hand).
+    """
+    from lare2.shared.inspect import verify_cache
+
+    with _usage_errors():
+        report = verify_cache(path, manifest=manifest, recompute=recompute, seed=seed, sd_model=sd_model,
+                              backbone=backbone, recompute_fn=_load_recompute_fn() if recompute else None,
+                              progress=not json)
+    if json:
+        _print_json(report.to_dict())
+    else:
+        console = _console()
+        for finding in report.findings:
+            colour = "red" if finding.severity == "error" else "yellow"
+            console.print(f"[{colour}]{finding.severity}[/] [{finding.check}] {finding.message}")
+            for item in finding.items[:MAX_ITEMS_SHOWN]:
+                console.print(f"    {item}", highlight=False)
+            if len(finding.items) > MAX_ITEMS_SHOWN:
+                console.print(f"    ... and {len(finding.items) - MAX_ITEMS_SHOWN} more (--json lists all)")
+        console.print(_key_values("checked", report.checked))
+        verdict = "[green]OK[/]" if report.ok else f"[red]FAILED[/] ({len(report.errors)} problems)"
+        console.print(f"{report.path}: {verdict}, {len(report.warnings)} warnings")
+    if not report.ok:
+        raise typer.Exit(EXIT_PROBLEMS)
+
+
+@cache_app.command()
+def diff(
+    a: Annotated[Path, typer.Argument(help="First cache.")],
+    b: Annotated[Path, typer.Argument(help="Second cache.")],
+    atol: Annotated[float, typer.Option(help="Absolute difference tolerated per element.")] = 0.0,
+    json: JsonOpt = False,
+) -> None:
+    """Compare two caches sample by sample; exit 1 when they differ.
+
+    Samples are matched by id; per array: max abs difference, samples differing by more than
+    --atol, samples NaN on one side only. Ids on one side only and differing metadata count too.
+    """
+    from rich.table import Table
+
+    from lare2.shared.inspect import diff_caches
+
+    with _usage_errors():
+        report = diff_caches(a, b, atol=atol)
+    if json:
+        _print_json(report)
+    else:
+        console = _console()
+        table = Table(title=f"{report['compared']} samples compared (atol {atol:g})", title_justify="left")
+        for column in ("array", "max abs diff", "samples differing", "NaN on one side", "worst sample"):
+            table.add_column(column)
+        for name, r in report["arrays"].items():
+            if not r["comparable"]:
+                table.add_row(name, r["reason"], "-", "-", "-")
+            else:
+                table.add_row(name, f"{r['max_abs_diff']:.4g}", str(len(r["samples_differing"])),
+                              str(len(r["nan_on_one_side"])), str(r["worst_sample"] or "-"))
+        console.print(table)
+        for key in ("only_in_a", "only_in_b"):
+            if report[key]:
+                console.print(f"{len(report[key])} ids {key.replace('_', ' ')}: {report[key][:MAX_ITEMS_SHOWN]}")
+        for column, ids in report["metadata_differs"].items():
+            console.print(f"metadata {column!r} differs for {len(ids)} samples: {ids[:MAX_ITEMS_SHOWN]}")
+        for key, (va, vb) in report["identity_differs"].items():
+            console.print(f"identity {key}: {va!r} vs {vb!r}")
+        console.print("[green]the caches agree[/]" if report["agree"] else "[red]the caches differ[/]")
+    if not report["agree"]:
+        raise typer.Exit(EXIT_PROBLEMS)
+
+
+@cache_app.command()
+def stats(
+    path: PathArg,
+    png: Annotated[Optional[Path], typer.Option(help="Save violins + histograms of mean LaRE per generator and label.")] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Distribution of mean LaRE per generator and label (ok samples)."""
+    from rich.table import Table
+
+    from lare2.shared.inspect import label_name, lare_stats, open_cache, render_stats_png
+
+    with _usage_errors():
+        cache = open_cache(path)
+    summary = lare_stats(cache, progress=not json)
+    if png is not None:
+        summary["png"] = render_stats_png(summary, png)
+    for group in summary["groups"]:
+        del group["values"]  # per-sample means: for the plot, too long to print
+    if json:
+        _print_json(summary)
+        return
+    table = Table(title=f"mean LaRE over {summary['ok_samples']} ok samples", title_justify="left")
+    for column in ("generator", "label", "n", "mean", "std", "median", "q05", "q95"):
+        table.add_column(column, justify="left" if column in ("generator", "label") else "right")
+    for g in summary["groups"]:
+        table.add_row(g["generator"], label_name(g["label"]), str(g["n"]),
+                      *(f"{g[k]:.4g}" for k in ("mean", "std", "median", "q05", "q95")))
+    console = _console()
+    console.print(table)
+    if png is not None:
+        console.print(f"wrote {summary['png']['png']} ({summary['png']['pixels'][0]}x{summary['png']['pixels'][1]} px)")
+
+
+@cache_app.command()
+def export(
+    path: PathArg,
+    out: Annotated[Path, typer.Option(help="Output folder for the shards, sizes.json and cache_attrs.json.")],
+    export_format: Annotated[str, typer.Option("--format", help=f"Export format: {', '.join(EXPORT_FORMATS)}.")] = "webdataset",
+    shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
+    status: Annotated[str, typer.Option(help="ok: samples with arrays; all: also failed samples (json only).")] = "ok",
+    json: JsonOpt = False,
+) -> None:
+    """Export the cache to another format (WebDataset tar shards)."""
+    from lare2.shared.wds_export import export_webdataset
+
+    if export_format not in EXPORT_FORMATS:
+        _usage_error(f"--format {export_format!r}: choose from {list(EXPORT_FORMATS)}")
+    with _usage_errors():
+        summary = export_webdataset(path, out, shard_size=shard_size, status=status, progress=not json)
+    if json:
+        _print_json(summary)
+        return
+    _console().print(f"wrote {sum(summary['sizes'].values())} samples in {len(summary['shards'])} shards to "
+                     f"{summary['out']} (exported {summary['exported']}, skipped {summary['skipped']})")

@@ -1,0 +1,110 @@
+"""Small feature caches on disk for the cache inspection and export tests.
+
+24 samples in blocks of 4 (6 blocks), three generators: blocks 0-3 done with a mix of ok and
+error samples, block 4 done with errors only (zarr writes no array chunks for it), block 5
+pending. Fake samples get larger LaRE values than real ones, as a detector would hope.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lare2.shared.cache import STATUS_ERROR, STATUS_OK, CacheLayout, FeatureCache
+from lare2.shared.config import debug
+from lare2.shared.manifest import write_manifest
+from lare2.shared.provenance import provenance
+
+NUM_SAMPLES = 24
+CHUNK = 4
+LAYOUT = CacheLayout(lare_shape=(4, 32, 32), pooled_dim=16, fmap_shape=(16, 14, 14), chunk_samples=CHUNK)
+GENERATORS = ("nature", "sdv14", "adm")  # label 0, 1, 1
+ERROR_INDICES = (5, 10, 16, 17, 18, 19)  # 16-19: block 4, all failed
+PENDING_BLOCK = 5
+IMAGE_SIZE = 24
+
+
+@dataclass
+class TinyCache:
+    path: Path
+    manifest: Path
+    root: Path
+    rows: dict
+    """Manifest columns of the cached samples, in store order."""
+
+    @property
+    def ids(self) -> list[str]:
+        return self.rows["sample_id"]
+
+
+def manifest_rows(n: int = NUM_SAMPLES) -> dict:
+    generators = [GENERATORS[i % 3] for i in range(n)]
+    return {
+        "sample_id": [hashlib.sha256(f"img{i}".encode()).hexdigest()[:16] for i in range(n)],
+        "path": [f"{g}/img{i}.png" for i, g in enumerate(generators)],
+        "label": [0 if g == "nature" else 1 for g in generators],
+        "generator": generators,
+        "split": ["val" if i % 5 == 4 else "train" for i in range(n)],
+        "class_name": ["tabby cat" if i % 2 else "goldfish" for i in range(n)],
+    }
+
+
+def write_tiny_manifest(path: Path, rows: dict, root: Path) -> None:
+    n = len(rows["sample_id"])
+    extra = {"width": [IMAGE_SIZE] * n, "height": [IMAGE_SIZE] * n, "format": ["PNG"] * n, "error": [""] * n}
+    write_manifest(path, {**rows, **extra}, root=root, builder="folders")
+
+
+def build_tiny_cache(tmp: Path, name: str = "cache", *, seed: int = 0, images: bool = True) -> TinyCache:
+    """Write images, a manifest and a cache under ``tmp``; arrays drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    rows = manifest_rows()
+    root = tmp / "images"
+    if images:
+        for rel in rows["path"]:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, size=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / rel)
+    manifest = tmp / "manifest.parquet"
+    write_tiny_manifest(manifest, rows, root)
+
+    cfg = debug(manifest=str(manifest), out=str(tmp / name), chunk_samples=CHUNK)
+    fingerprints = {"backbone": "b" * 16, "sd": "5" * 16}
+    attrs = {
+        "extract_config": cfg.to_dict(),
+        "identity": cfg.identity(fingerprints),
+        "fingerprints": fingerprints,
+        "provenance": provenance(),
+        "manifest": {"path": str(manifest), "root": str(root)},
+    }
+    cache = FeatureCache.create(tmp / name, rows, LAYOUT, attrs)
+    labels = np.asarray(rows["label"])
+    for block in range(cache.num_blocks):
+        if block == PENDING_BLOCK:
+            continue
+        sl = cache.block_slice(block)
+        n = sl.stop - sl.start
+        scale = (1.0 + 2.0 * labels[sl]).reshape(n, 1, 1, 1)  # fakes: larger errors
+        lare = rng.gamma(2.0, 0.05, size=(n, *LAYOUT.lare_shape)) * scale
+        pooled = rng.normal(size=(n, LAYOUT.pooled_dim))
+        fmap = rng.normal(size=(n, *LAYOUT.fmap_shape))
+        failed = [i in ERROR_INDICES for i in range(sl.start, sl.stop)]
+        for array in (lare, pooled, fmap):
+            array[failed] = np.nan
+        cache.write_block(
+            block, lare=lare, pooled=pooled, fmap=fmap,
+            seed=[1000 + i for i in range(sl.start, sl.stop)],
+            status=[STATUS_ERROR if f else STATUS_OK for f in failed],
+            error=["ImageError: cannot identify image file" if f else "" for f in failed],
+        )
+    cache.finalize()
+    return TinyCache(path=tmp / name, manifest=manifest, root=root, rows=rows)
+
+
+def ok_indices() -> list[int]:
+    done = [i for i in range(NUM_SAMPLES) if i // CHUNK != PENDING_BLOCK]
+    return [i for i in done if i not in ERROR_INDICES]
