@@ -1,0 +1,116 @@
+"""Resume after a kill equals an uninterrupted run; fingerprints are enforced; the evaluation report."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lare2.shared.cache import CacheError, CacheLayout
+from lare2.train.checkpoint import CheckpointError, load_detector, score_features
+from lare2.train.cli import main
+from lare2.train.metrics import detection_metrics
+from lare2.train.report import evaluate
+from lare2.train.synthetic import write_synthetic_cache
+
+LAYOUT = CacheLayout(pooled_dim=16, fmap_shape=(16, 7, 7), lare_shape=(4, 16, 16), chunk_samples=16)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    write_synthetic_cache(root / "train", num_samples=96, signal="lare", seed=1, layout=LAYOUT)
+    write_synthetic_cache(root / "val", num_samples=64, signal="lare", seed=2, layout=LAYOUT)
+    return root
+
+
+def train_args(data, out, *extra: str) -> list[str]:
+    return ["train", "--preset", "debug", "--model", "egre", "--train", str(data / "train"), "--val", str(data / "val"),
+            "--out", str(out), "--epochs", "3", "--batch-size", "16", "--set", "progress=false", "--set", "head_dim=8", *extra]
+
+
+def test_resume_after_a_kill_gives_the_same_weights(data, tmp_path) -> None:
+    assert main(train_args(data, tmp_path / "straight")) == 0
+    # 6 steps per epoch: die in the middle of epoch 2, then run again
+    assert main(train_args(data, tmp_path / "killed", "--stop-after-steps", "9")) == 3
+    assert not (tmp_path / "killed" / "config.json").exists()
+    assert torch.load(tmp_path / "killed" / "resume.pt", weights_only=True)["epoch"] == 1
+    assert main(train_args(data, tmp_path / "killed")) == 0
+
+    for name in ("model.safetensors",):
+        a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "killed" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last_a = torch.load(tmp_path / "straight" / "resume.pt", weights_only=True)
+    last_b = torch.load(tmp_path / "killed" / "resume.pt", weights_only=True)
+    assert last_a["step"] == last_b["step"] == 18
+    assert all(torch.equal(last_a["model"][k], last_b["model"][k]) for k in last_a["model"])
+    a, b = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("straight", "killed"))
+    assert a["threshold"] == b["threshold"] and a["val_metrics"] == b["val_metrics"]
+
+
+def test_changed_settings_refuse_to_resume(data, tmp_path) -> None:
+    assert main(train_args(data, tmp_path / "run", "--stop-after-steps", "7")) == 3
+    with pytest.raises(CheckpointError, match="lr"):
+        main(train_args(data, tmp_path / "run", "--lr", "0.01"))
+
+
+def test_caches_from_other_extractions_are_refused(data, tmp_path) -> None:
+    other = write_synthetic_cache(tmp_path / "other", num_samples=32, signal="lare", seed=5, layout=LAYOUT, identity={"timestep": 280})
+    with pytest.raises(CacheError, match="fingerprint"):
+        main(["train", "--preset", "debug", "--train", str(data / "train"), "--val", str(other.path), "--out", str(tmp_path / "r")])
+
+
+def test_evaluation_report_per_generator(data, tmp_path) -> None:
+    run = tmp_path / "run"
+    assert main(train_args(data, run, "--epochs", "2")) == 0
+    mixed = write_synthetic_cache(tmp_path / "test_mixed", num_samples=48, signal="lare", seed=3, layout=LAYOUT,
+                                  generators=("sd", "glide"), error_rows=(5,))
+    fake_only = write_synthetic_cache(tmp_path / "test_mj", num_samples=16, signal="lare", seed=4, layout=LAYOUT,
+                                      generators=("midjourney",), fake_fraction=1.0)
+    assert main(["eval", str(run), "--test", str(tmp_path / "test_*"), "--report", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    rows = {r["generator"]: r for r in report["rows"]}
+    assert set(rows) == {"sd", "glide", "midjourney"}
+    assert report["extraction_errors"][str(mixed.path)] == 1
+
+    # every row equals the metrics recomputed here from the detector's own scores
+    model, config = load_detector(run)
+    arrays = mixed.read(slice(None))
+    p = score_features(model, arrays["pooled"], arrays["fmap"], arrays["lare"]).numpy()
+    labels, gens, ok = mixed.column("label"), mixed.column("generator"), mixed.ok_mask()
+    for gen in ("sd", "glide"):
+        sel = ok & (gens == gen)
+        expected = detection_metrics(labels[sel], p[sel], config.threshold)
+        for key, value in expected.items():
+            assert rows[gen][key] == pytest.approx(value, nan_ok=True, abs=1e-6), (gen, key)
+        assert rows[gen]["reals_from"] == "generator"
+    # the fake-only generator borrows the reals of all test caches (its own cache has none)
+    assert rows["midjourney"]["reals_from"] == "all tests"
+    assert rows["midjourney"]["n_fake"] == 16 and rows["midjourney"]["n_real"] == int(((labels == 0) & ok).sum())
+    assert report["mean"]["acc"] == pytest.approx(np.mean([rows[g]["acc"] for g in rows]))
+    assert report["threshold"] == config.threshold
+
+    with open(tmp_path / "report" / "metrics.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["generator"] for r in table] == ["sd", "glide", "midjourney", "mean"]
+    assert float(table[0]["auc"]) == pytest.approx(rows["sd"]["auc"])
+    for png in ("roc.png", "acc_ap.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+    stranger = write_synthetic_cache(tmp_path / "stranger", num_samples=16, signal="lare", seed=6, layout=LAYOUT, identity={"seed": 9})
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        evaluate(run, [stranger.path], tmp_path / "r2")
+
+
+def test_stage_2_never_loads_diffusers_or_the_extractor() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, lare2.train.cli, lare2.train.trainer, lare2.train.report, lare2.train.synthetic; "
+            "bad = [m for m in sys.modules if m.split('.')[0] == 'diffusers' or m.startswith('lare2.extract')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

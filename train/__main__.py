@@ -1,0 +1,7 @@
+"""``python -m lare2.train train|eval|convert-reference ...``"""
+
+import sys
+
+from lare2.train.cli import main
+
+sys.exit(main())

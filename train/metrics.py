@@ -1,0 +1,72 @@
+"""Detection metrics on p(fake) scores (scikit-learn) and threshold calibration on validation reals.
+
+Convention: label 1 = fake (positive), 0 = real; an image is called fake when ``p_fake > threshold``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score, roc_curve
+
+TPR_AT_FPR = (0.01, 0.05)
+
+
+def calibrate_threshold(real_scores: np.ndarray, target_fpr: float) -> float:
+    """The smallest observed real score ``t`` with ``mean(real_scores > t) <= target_fpr``.
+
+    Chosen on validation reals only: the k-th smallest real score, k = ceil((1 - target_fpr) * n),
+    leaves at most ``n - k <= target_fpr * n`` reals above it (ties only lower the rate).
+    """
+    scores = np.sort(np.asarray(real_scores, dtype=np.float64))
+    if scores.size == 0:
+        raise ValueError("cannot calibrate a threshold: the validation split has no real images with status ok")
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
+    k = max(1, math.ceil((1.0 - target_fpr) * scores.size - 1e-9))
+    return float(scores[k - 1])
+
+
+def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr_target: float) -> float:
+    """Highest TPR on the ROC curve whose FPR does not exceed ``fpr_target``."""
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return float(tpr[fpr <= fpr_target + 1e-12].max())
+
+
+def _class_accuracy(labels: np.ndarray, predicted_fake: np.ndarray, cls: int) -> float:
+    mask = labels == cls
+    return float((predicted_fake[mask] == bool(cls)).mean()) if mask.any() else float("nan")
+
+
+def detection_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float | None = None) -> dict[str, float]:
+    """ACC/real ACC/fake ACC at 0.5, AP, ROC-AUC, TPR at 1% and 5% FPR, ACC at ``threshold``, counts.
+
+    ``acc`` is accuracy over all samples. Ranking metrics (AP, AUC, TPR@FPR) need both classes and
+    are NaN otherwise; the class accuracies are NaN for an absent class.
+    """
+    labels = np.asarray(labels).astype(np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    if labels.shape != scores.shape or labels.ndim != 1:
+        raise ValueError(f"labels {labels.shape} and scores {scores.shape} must be equal 1-d shapes")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf")
+    predicted = scores > 0.5
+    both = (labels == 0).any() and (labels == 1).any()
+    out = {
+        "acc": float(accuracy_score(labels, predicted.astype(np.int64))) if labels.size else float("nan"),
+        "real_acc": _class_accuracy(labels, predicted, 0),
+        "fake_acc": _class_accuracy(labels, predicted, 1),
+        "ap": float(average_precision_score(labels, scores)) if both else float("nan"),
+        "auc": float(roc_auc_score(labels, scores)) if both else float("nan"),
+    }
+    for target in TPR_AT_FPR:
+        out[f"tpr@{target:g}fpr"] = tpr_at_fpr(labels, scores, target) if both else float("nan")
+    if threshold is not None:
+        calibrated = scores > threshold
+        out["acc@thr"] = float(accuracy_score(labels, calibrated.astype(np.int64))) if labels.size else float("nan")
+        out["real_acc@thr"] = _class_accuracy(labels, calibrated, 0)
+        out["fake_acc@thr"] = _class_accuracy(labels, calibrated, 1)
+    out["n_real"] = int((labels == 0).sum())
+    out["n_fake"] = int((labels == 1).sum())
+    return out

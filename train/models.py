@@ -1,0 +1,238 @@
+"""Stage 2 models on cached tensors: EGRE + head (SPEC 2.3) and the two ablation baselines.
+
+Every model maps ``(pooled, fmap, lare)`` to logits ``[B, 2]`` (index 1 = fake) and names the
+cached arrays it reads in ``input_names`` so the data reader loads nothing else.
+
+Shape legend: B batch, D pooled dim, C fmap channels, H x W fmap grid (14 x 14), T = H*W + 1
+tokens (the mean token first), L LaRE channels (4), h x w LaRE grid (32 x 32), N heads (8),
+K head dim (64), Q queries (1).
+
+Parameter names follow the reference implementation (class ``CLipClassifierWMapV6``) so that its
+head loads with ``strict=True`` once the ``clip_model.*`` part is split off.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODEL_KINDS = ("egre", "linear", "lare-only")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which model and its dimensions; the cache fixes the input dims, the rest are hyperparameters."""
+
+    kind: str = "egre"
+    """``egre`` (full LaRE^2 head), ``linear`` (linear probe on pooled features) or ``lare-only``
+    (a small CNN on the LaRE map)."""
+    pooled_dim: int = 1024
+    """D: length of the pooled backbone embedding."""
+    fmap_shape: tuple[int, int, int] = (1024, 14, 14)
+    """C x H x W of the backbone feature map."""
+    lare_shape: tuple[int, int, int] = (4, 32, 32)
+    """L x h x w of the LaRE map."""
+    num_heads: int = 8
+    """Attention heads of the map-biased pool; the LaRE map is projected to one bias map per head."""
+    head_dim: int = 64
+    """d_k = d_v per head."""
+    channel_hidden: int = 128
+    """Hidden width of the LaRE channel gate (W1: L -> hidden, W2: hidden -> C)."""
+    dropout: float = 0.1
+    """Dropout on the attention weights and on the attention output."""
+    cnn_widths: tuple[int, ...] = (16, 32, 64)
+    """Channel widths of the lare-only CNN, one stride-2 conv3x3 block each (32x32 map -> 4x4)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"model kind {self.kind!r}: choose from {MODEL_KINDS}")
+        self.fmap_shape = tuple(int(v) for v in self.fmap_shape)  # type: ignore[assignment]
+        self.lare_shape = tuple(int(v) for v in self.lare_shape)  # type: ignore[assignment]
+        self.cnn_widths = tuple(int(v) for v in self.cnn_widths)
+        if len(self.fmap_shape) != 3 or len(self.lare_shape) != 3:
+            raise ValueError(f"fmap_shape and lare_shape must be [C, H, W], got {self.fmap_shape}, {self.lare_shape}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# ---- EGRE -----------------------------------------------------------------------------------------
+class MapBiasedAttention(nn.Module):
+    """Multi-head attention whose logits get one additive bias per head and key from the LaRE map."""
+
+    def __init__(self, *, d_in: int, d_out: int, num_heads: int, head_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.fc_q = nn.Linear(d_in, num_heads * head_dim)
+        self.fc_k = nn.Linear(d_in, num_heads * head_dim)
+        self.fc_v = nn.Linear(d_in, num_heads * head_dim)
+        self.fc_o = nn.Linear(num_heads * head_dim, d_out)
+        self.dropout = nn.Dropout(dropout)
+        for linear in (self.fc_q, self.fc_k, self.fc_v, self.fc_o):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, query_BQD: torch.Tensor, tokens_BTD: torch.Tensor, bias_BTN: torch.Tensor) -> torch.Tensor:
+        B, Q, _ = query_BQD.shape
+        T = tokens_BTD.shape[1]
+        N, K = self.num_heads, self.head_dim
+        q_BNQK = self.fc_q(query_BQD).view(B, Q, N, K).transpose(1, 2)
+        k_BNTK = self.fc_k(tokens_BTD).view(B, T, N, K).transpose(1, 2)
+        v_BNTK = self.fc_v(tokens_BTD).view(B, T, N, K).transpose(1, 2)
+        logits_BNQT = q_BNQK @ k_BNTK.transpose(-1, -2) / math.sqrt(K)
+        logits_BNQT = logits_BNQT + bias_BTN.transpose(1, 2).unsqueeze(2)  # bias [B, N, 1, T] for every query
+        weights_BNQT = self.dropout(logits_BNQT.softmax(dim=-1))
+        out_BQNK = (weights_BNQT @ v_BNTK).transpose(1, 2)
+        return self.fc_o(out_BQNK.reshape(B, Q, N * K))
+
+
+class MapAttentionPool(nn.Module):
+    """Spatial refine: the mean token attends over [mean; H*W tokens] + learned positions, biased by the map."""
+
+    def __init__(self, *, channels: int, grid: tuple[int, int], num_heads: int, head_dim: int, dropout: float) -> None:
+        super().__init__()
+        num_tokens = grid[0] * grid[1] + 1
+        self.positional_embedding = nn.Parameter(torch.randn(num_tokens, channels) / channels**0.5)
+        self.attention = MapBiasedAttention(d_in=channels, d_out=channels, num_heads=num_heads, head_dim=head_dim, dropout=dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(channels)
+
+    def forward(self, fmap_BCHW: torch.Tensor, bias_BNHW: torch.Tensor) -> torch.Tensor:
+        tokens_BSC = fmap_BCHW.flatten(2).transpose(1, 2)  # S = H*W spatial tokens
+        tokens_BTC = torch.cat([tokens_BSC.mean(dim=1, keepdim=True), tokens_BSC], dim=1)
+        tokens_BTC = tokens_BTC + self.positional_embedding.to(tokens_BTC.dtype)
+        bias_BSN = bias_BNHW.flatten(2).transpose(1, 2)
+        bias_BTN = torch.cat([bias_BSN.mean(dim=1, keepdim=True), bias_BSN], dim=1)
+        query_B1C = tokens_BTC[:, :1]
+        out_B1C = self.dropout(self.attention(query_B1C, tokens_BTC, bias_BTN))
+        return self.layer_norm(query_B1C + out_B1C)[:, 0]  # index, not squeeze(): keeps batch size 1
+
+
+class LareChannelGate(nn.Module):
+    """Channel align + refine: ``GAP(fmap) * sigmoid(W2 relu(W1 GAP(lare)))`` (squeeze-and-excitation style)."""
+
+    def __init__(self, *, lare_channels: int, hidden: int, channels: int) -> None:
+        super().__init__()
+        self.fc = nn.Sequential(
+            nn.Linear(lare_channels, hidden, bias=False),
+            nn.ReLU(),
+            nn.Linear(hidden, channels, bias=False),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, fmap_BCHW: torch.Tensor, lare_BLhw: torch.Tensor) -> torch.Tensor:
+        gate_BC = self.fc(lare_BLhw.mean(dim=(2, 3)))
+        return fmap_BCHW.mean(dim=(2, 3)) * gate_BC
+
+
+class EGREClassifier(nn.Module):
+    """LaRE^2's error-guided refinement + linear head: logits = fc([pooled; spatial; channel])."""
+
+    input_names = ("pooled", "fmap", "lare")
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        C, H, W = config.fmap_shape
+        L = config.lare_shape[0]
+        self.fc = nn.Linear(config.pooled_dim + 2 * C, 2)
+        self.conv = nn.Conv2d(L, config.num_heads, kernel_size=1)  # one attention-bias map per head
+        self.conv_align = nn.Conv2d(L, C, kernel_size=1)  # present in the reference, unused in its forward
+        self.conv_align.requires_grad_(False)  # no gradient ever reaches it; DDP must not wait for one
+        self.attn_pool = MapAttentionPool(channels=C, grid=(H, W), num_heads=config.num_heads, head_dim=config.head_dim, dropout=config.dropout)
+        self.channel_align = LareChannelGate(lare_channels=L, hidden=config.channel_hidden, channels=C)
+
+    def encode(self, pooled_BD: torch.Tensor, fmap_BCHW: torch.Tensor, lare_BLhw: torch.Tensor) -> torch.Tensor:
+        """The refined feature [B, D + 2C] the head classifies."""
+        lare_BLHW = F.adaptive_avg_pool2d(lare_BLhw, fmap_BCHW.shape[-2:])  # align the map to the feature grid
+        spatial_BC = self.attn_pool(fmap_BCHW, self.conv(lare_BLHW))
+        channel_BC = self.channel_align(fmap_BCHW, lare_BLhw)
+        return torch.cat([pooled_BD, spatial_BC, channel_BC], dim=1)
+
+    def forward(self, pooled: torch.Tensor | None, fmap: torch.Tensor | None, lare: torch.Tensor | None) -> torch.Tensor:
+        return self.fc(self.encode(pooled, fmap, lare))
+
+
+# ---- baselines ------------------------------------------------------------------------------------
+class LinearProbe(nn.Module):
+    """Ablation: a linear classifier on the pooled backbone embedding alone (no LaRE)."""
+
+    input_names = ("pooled",)
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.fc = nn.Linear(config.pooled_dim, 2)
+
+    def forward(self, pooled: torch.Tensor | None, fmap: torch.Tensor | None = None, lare: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc(pooled)
+
+
+class LareOnlyCNN(nn.Module):
+    """Ablation: a small CNN on the LaRE map alone (no image features).
+
+    stride-2 conv3x3 + ReLU blocks, global average pool, linear.
+    No normalisation layers: the map's absolute error level is part of the signal.
+    """
+
+    input_names = ("lare",)
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        layers: list[nn.Module] = []
+        in_ch = config.lare_shape[0]
+        for width in config.cnn_widths:
+            layers += [nn.Conv2d(in_ch, width, kernel_size=3, stride=2, padding=1), nn.ReLU()]
+            in_ch = width
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(in_ch, 2)
+
+    def forward(self, pooled: torch.Tensor | None = None, fmap: torch.Tensor | None = None, lare: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc(self.features(lare).mean(dim=(2, 3)))
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The model ``config.kind`` names, freshly initialised from torch's global RNG."""
+    classes = {"egre": EGREClassifier, "linear": LinearProbe, "lare-only": LareOnlyCNN}
+    if config.kind not in classes:
+        raise ValueError(f"model kind {config.kind!r}: choose from {MODEL_KINDS}")
+    return classes[config.kind](config)
+
+
+def egre_config_from_state_dict(state: Mapping[str, torch.Tensor], lare_grid: tuple[int, int], dropout: float = 0.1) -> ModelConfig:
+    """Dimensions of an EGRE head read off a reference-style state dict (keys as in SPEC 2.3).
+
+    The LaRE grid (h, w) does not appear in the weights, so it comes from the cache.
+    """
+    required = ("fc.weight", "conv.weight", "attn_pool.positional_embedding", "attn_pool.attention.fc_q.weight", "channel_align.fc.0.weight")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"not an EGRE (CLipClassifierWMapV6) head: missing keys {missing}")
+    num_tokens, channels = state["attn_pool.positional_embedding"].shape
+    side = math.isqrt(num_tokens - 1)
+    if side * side != num_tokens - 1:
+        raise ValueError(f"positional embedding has {num_tokens} tokens, expected a square grid + 1")
+    num_heads, lare_channels = state["conv.weight"].shape[:2]
+    qk_dim = state["attn_pool.attention.fc_q.weight"].shape[0]
+    return ModelConfig(
+        kind="egre",
+        pooled_dim=int(state["fc.weight"].shape[1]) - 2 * int(channels),
+        fmap_shape=(int(channels), side, side),
+        lare_shape=(int(lare_channels), *lare_grid),
+        num_heads=int(num_heads),
+        head_dim=int(qk_dim) // int(num_heads),
+        channel_hidden=int(state["channel_align.fc.0.weight"].shape[0]),
+        dropout=dropout,
+    )

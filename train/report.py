@@ -1,0 +1,186 @@
+"""Per-generator evaluation of a trained detector on test caches: table, JSON, CSV, PNG plots.
+
+Grouping rule (written into every report):
+- every ``--test`` cache is read; its ok samples are grouped by the ``generator`` column;
+- a group with fake images is one row: its fakes plus its own reals; when the group has no
+  reals, the reals of the whole cache are pooled in; when the cache has none, the reals of all
+  test caches; ``reals_from`` in the row says which (``generator``, ``cache``, ``all tests``);
+- a group with reals only gets a row with its real ACC and is left out of the mean;
+- the mean row is the unweighted mean over rows with fakes (NaN-aware), with summed counts.
+The decision threshold is the detector's, calibrated on validation reals; test labels never set it.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lare2.shared.logs import console, get_logger
+from lare2.train.checkpoint import check_compatible, load_detector, score_split, write_json
+from lare2.train.data import CacheSplit
+from lare2.train.metrics import detection_metrics
+
+logger = get_logger(__name__)
+
+GROUPING_RULE = (
+    "one row per generator with fakes in a test cache; reals from the same generator, else the same cache, "
+    "else all test caches; reals-only generators are reported but left out of the mean; mean = unweighted over rows with fakes"
+)
+TABLE_COLUMNS = ("acc", "real_acc", "fake_acc", "ap", "auc", "tpr@0.01fpr", "tpr@0.05fpr", "acc@thr")
+HEADERS = {"generator": "generator", "acc": "ACC", "real_acc": "real", "fake_acc": "fake", "ap": "AP", "auc": "AUC",
+           "tpr@0.01fpr": "TPR@1%", "tpr@0.05fpr": "TPR@5%", "acc@thr": "ACC@thr", "n_real": "#real", "n_fake": "#fake",
+           "reals_from": "reals from"}
+
+
+@dataclass
+class ScoredCache:
+    """Scores of the ok samples of one test cache."""
+
+    path: Path
+    labels: np.ndarray
+    scores: np.ndarray
+    generators: np.ndarray
+    num_errors: int
+
+
+def score_caches(run_dir: str | Path, test_paths: Sequence[str | Path], batch_size: int = 256, device: str = "cpu"):
+    """Load the detector and score every test cache (refusing caches from another extraction)."""
+    model, config = load_detector(run_dir, device=device)
+    scored = []
+    for path in test_paths:
+        split = CacheSplit(path, type(model).input_names)
+        check_compatible(config, split.fingerprint, split.cache.layout, path)
+        labels, scores, index = score_split(model, split, batch_size)
+        generators = split.cache.column("generator")[index]
+        status = split.cache.column("status")
+        scored.append(ScoredCache(path=Path(path), labels=labels, scores=scores, generators=np.asarray(generators, dtype=object),
+                                  num_errors=int((status == "error").sum())))
+        logger.info(f"{path}: scored {len(labels)} ok samples ({scored[-1].num_errors} with extraction errors left out)")
+    return model, config, scored
+
+
+def generator_rows(scored: Sequence[ScoredCache], threshold: float) -> tuple[list[dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Metric rows per (cache, generator) following GROUPING_RULE, and the (labels, scores) behind each."""
+    all_real_scores = np.concatenate([c.scores[c.labels == 0] for c in scored]) if scored else np.empty(0)
+    names = [str(g) for c in scored for g in dict.fromkeys(c.generators)]
+    rows, curves = [], {}
+    for cache in scored:
+        cache_reals = cache.scores[cache.labels == 0]
+        for generator in dict.fromkeys(cache.generators):
+            in_group = cache.generators == generator
+            fakes = cache.scores[in_group & (cache.labels == 1)]
+            reals = cache.scores[in_group & (cache.labels == 0)]
+            reals_from = "generator"
+            if fakes.size and not reals.size:
+                reals, reals_from = (cache_reals, "cache") if cache_reals.size else (all_real_scores, "all tests")
+            name = str(generator) if names.count(str(generator)) == 1 else f"{generator} [{cache.path.name}]"
+            labels = np.concatenate([np.zeros(reals.size, np.int64), np.ones(fakes.size, np.int64)])
+            scores = np.concatenate([reals, fakes])
+            row = {"generator": name, "cache": str(cache.path), "reals_from": reals_from if fakes.size else "reals only",
+                   **detection_metrics(labels, scores, threshold)}
+            rows.append(row)
+            curves[name] = (labels, scores)
+    return rows, curves
+
+
+def mean_row(rows: Sequence[dict]) -> dict:
+    with_fakes = [r for r in rows if r["n_fake"] > 0]
+    out: dict = {"generator": "mean", "cache": "", "reals_from": ""}
+    for key in (*TABLE_COLUMNS, "real_acc@thr", "fake_acc@thr"):
+        values = np.array([r[key] for r in with_fakes], dtype=np.float64)
+        out[key] = float(np.nanmean(values)) if values.size and np.isfinite(values).any() else float("nan")
+    out["n_real"] = sum(r["n_real"] for r in with_fakes)
+    out["n_fake"] = sum(r["n_fake"] for r in with_fakes)
+    return out
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{100 * value:.1f}"
+    return str(value)
+
+
+def print_table(rows: Sequence[dict], mean: dict, threshold: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"per-generator metrics (%); calibrated threshold {threshold:.4g}")
+    for col in ("generator", *TABLE_COLUMNS, "n_real", "n_fake", "reals_from"):
+        table.add_column(HEADERS[col], justify="left" if col in ("generator", "reals_from") else "right")
+    for row in [*rows, mean]:
+        table.add_row(*[_fmt(row[c]) for c in ("generator", *TABLE_COLUMNS, "n_real", "n_fake", "reals_from")],
+                      end_section=row is rows[-1] if rows else False)
+    # the table is the command's output: stdout, and not squeezed to 80 columns when piped
+    Console(width=None if console.is_terminal else 140).print(table)
+
+
+def write_plots(curves: dict[str, tuple[np.ndarray, np.ndarray]], rows: Sequence[dict], report_dir: Path) -> list[Path]:
+    """``roc.png`` (one ROC curve per generator with both classes) and ``acc_ap.png`` (bars per generator)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for (name, (labels, scores)), row in zip(curves.items(), rows):
+        if row["n_real"] and row["n_fake"]:
+            fpr, tpr, _ = roc_curve(labels, scores)
+            ax.plot(fpr, tpr, label=f"{name} (AUC {100 * row['auc']:.1f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="false positive rate (reals called fake)", ylabel="true positive rate (fakes caught)", title="ROC per generator",
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(report_dir / "roc.png", dpi=120)
+    plt.close(fig)
+    written.append(report_dir / "roc.png")
+
+    shown = [r for r in rows if r["n_fake"]]
+    x = np.arange(len(shown))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(shown) + 2), 4))
+    for offset, key, label in ((-0.2, "acc", "ACC@0.5"), (0.2, "ap", "AP")):
+        ax.bar(x + offset, [100 * np.nan_to_num(r[key]) for r in shown], width=0.4, label=label)
+    ax.set_xticks(x, [r["generator"] for r in shown], rotation=30, ha="right")
+    ax.set(ylabel="%", ylim=(0, 100), title="ACC and AP per generator")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(report_dir / "acc_ap.png", dpi=120)
+    plt.close(fig)
+    written.append(report_dir / "acc_ap.png")
+    return written
+
+
+def evaluate(run_dir: str | Path, test_paths: Sequence[str | Path], report_dir: str | Path | None = None,
+             batch_size: int = 256, device: str = "cpu", plots: bool = True) -> dict:
+    """Score every test cache, print the per-generator table, write metrics.json/.csv (+ plots)."""
+    if not test_paths:
+        raise ValueError("no test caches given (--test)")
+    report_dir = Path(report_dir) if report_dir else Path(run_dir) / "report"
+    _, config, scored = score_caches(run_dir, test_paths, batch_size, device)
+    rows, curves = generator_rows(scored, config.threshold)
+    mean = mean_row(rows)
+    report = {
+        "run": str(run_dir), "threshold": config.threshold, "target_fpr": config.target_fpr,
+        "extraction_fingerprint": config.extraction_fingerprint, "model": config.model.kind,
+        "grouping_rule": GROUPING_RULE, "decision": "fake when p_fake > threshold; acc/real_acc/fake_acc at 0.5",
+        "extraction_errors": {str(c.path): c.num_errors for c in scored}, "rows": rows, "mean": mean,
+    }
+    report_dir.mkdir(parents=True, exist_ok=True)
+    write_json(report_dir / "metrics.json", report)
+    columns = ["generator", *TABLE_COLUMNS, "real_acc@thr", "fake_acc@thr", "n_real", "n_fake", "reals_from", "cache"]
+    with open(report_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows([*rows, mean])
+    print_table(rows, mean, config.threshold)
+    if plots:
+        write_plots(curves, rows, report_dir)
+    logger.info(f"report -> {report_dir}")
+    return report

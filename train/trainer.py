@@ -1,0 +1,287 @@
+"""Fit a detector on cached tensors: select and schedule on validation, calibrate, save.
+
+All Accelerate calls live in this module. A run directory holds
+
+    resume.pt           last finished epoch: model, optimizer, scheduler, RNG, epoch/step, history
+    model.safetensors   weights of the best epoch on the validation metric
+    history.json        per-epoch training loss, learning rate and validation metrics
+    config.json         written last: model, extraction fingerprint, calibrated threshold, provenance
+
+A crash loses at most the epoch in progress: the next run with the same config resumes from
+``resume.pt`` and, with deterministic algorithms on, ends with the same weights as an
+uninterrupted run (the data order depends only on (seed, epoch); the RNG state is restored).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lare2.shared.cache import CacheError
+from lare2.shared.logs import get_logger, progress_bar, rate_text
+from lare2.shared.provenance import provenance
+from lare2.shared.seeding import seed_everything
+from lare2.train.checkpoint import (
+    WEIGHTS_FILE,
+    CheckpointError,
+    DetectorConfig,
+    save_detector,
+    save_weights,
+    score_split,
+    write_json,
+)
+from lare2.train.config import RESUME_FREE_KEYS, TrainConfig
+from lare2.train.data import CacheSplit
+from lare2.train.metrics import calibrate_threshold, detection_metrics
+from lare2.train.models import ModelConfig, build_model
+
+logger = get_logger(__name__)
+
+RESUME_FILE = "resume.pt"
+HISTORY_FILE = "history.json"
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`run_training`."""
+
+    run_dir: Path
+    finished: bool
+    """False when stopped early by ``stop_after_steps``."""
+    best_epoch: int
+    threshold: float | None
+    val_metrics: dict
+
+
+def validation_loss(labels: np.ndarray, p_fake: np.ndarray) -> float:
+    """Mean cross-entropy of the scores (p clipped to [1e-7, 1 - 1e-7])."""
+    p = np.clip(p_fake, 1e-7, 1 - 1e-7)
+    return float(-np.mean(np.where(labels == 1, np.log(p), np.log1p(-p))))
+
+
+def model_config_for(cfg: TrainConfig, split: CacheSplit) -> ModelConfig:
+    layout = split.cache.layout
+    return ModelConfig(
+        kind=cfg.model, pooled_dim=layout.pooled_dim, fmap_shape=tuple(layout.fmap_shape), lare_shape=tuple(layout.lare_shape),
+        num_heads=cfg.num_heads, head_dim=cfg.head_dim, channel_hidden=cfg.channel_hidden, dropout=cfg.dropout,
+    )
+
+
+def _open_splits(cfg: TrainConfig, input_names: tuple[str, ...]) -> tuple[CacheSplit, CacheSplit]:
+    train, val = CacheSplit(cfg.train, input_names), CacheSplit(cfg.val, input_names)
+    if train.fingerprint != val.fingerprint:
+        raise CacheError(f"{cfg.val}: extraction fingerprint {val.fingerprint} differs from {cfg.train}'s {train.fingerprint}; "
+                         "train and validation features must come from the same extraction settings")
+    if train.cache.layout != val.cache.layout:
+        raise CacheError(f"{cfg.val}: layout {val.cache.layout} differs from {cfg.train}'s {train.cache.layout}")
+    for split, role in ((train, "training"), (val, "validation")):
+        labels = split.labels[split.ok]
+        if not ((labels == 0).any() and (labels == 1).any()):
+            raise CacheError(f"{split.path}: the {role} split needs ok samples of both classes, "
+                             f"has {int((labels == 0).sum())} real and {int((labels == 1).sum())} fake")
+    return train, val
+
+
+def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    now = cfg.to_dict()
+    changed = {k: (saved.get(k), now[k]) for k in now if k not in RESUME_FREE_KEYS and saved.get(k) != now[k]}
+    if changed:
+        raise CheckpointError(f"{path}: saved with other settings {changed} (saved, now); use another --out or --no-resume")
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["rng_torch"])
+    if state.get("rng_cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+
+def _rng_state() -> dict:
+    return {"rng_torch": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def run_training(cfg: TrainConfig) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.train``, select on ``cfg.val``, calibrate, write the run directory."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision)
+    if cfg.device == "cuda" and accelerator.device.type != "cuda":
+        raise RuntimeError("device='cuda' but no CUDA device is visible")
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    if accelerator.device.type == "cpu":
+        torch.set_flush_denormal(True)  # near-zero losses make denormal gradients, which crawl on x86 CPUs
+        if cfg.cpu_threads:
+            torch.set_num_threads(cfg.cpu_threads)
+    is_main = accelerator.is_main_process
+    out = Path(cfg.out)
+
+    seed_everything(cfg.seed)
+    probe = CacheSplit(cfg.train, ())
+    model_config = model_config_for(cfg, probe)
+    model = build_model(model_config)
+    train_split, val_split = _open_splits(cfg, type(model).input_names)
+    fingerprint = train_split.fingerprint
+    model.to(accelerator.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr)
+
+    start_epoch, step, history = 0, 0, []
+    best = {"metric": -math.inf, "epoch": -1}
+    resume_path = out / RESUME_FILE
+    if cfg.resume and resume_path.exists():
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        _check_resumable(state["config"], cfg, resume_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state)
+        start_epoch, step, history, best = state["epoch"], state["step"], state["history"], state["best"]
+        logger.info(f"resuming {out} after epoch {start_epoch} (step {step})")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        logger.info(f"{cfg.model}: {sum(p.numel() for p in trainable):,} trainable parameters; "
+                    f"train {train_split.num_ok} / val {val_split.num_ok} ok samples; extraction {fingerprint}")
+
+    model, optimizer_acc = accelerator.prepare(model, optimizer)
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        loss_sum, seen, started = 0.0, 0, time.perf_counter()
+        batches = train_split.epoch_batches(epoch=epoch, seed=cfg.seed, batch_size=cfg.batch_size, shuffle_blocks=cfg.shuffle_blocks,
+                                            rank=accelerator.process_index, world_size=accelerator.num_processes)
+        steps_per_epoch = -(-train_split.num_ok // cfg.batch_size) // accelerator.num_processes
+        with progress_bar("img", disable=not (is_main and cfg.progress)) as bar:
+            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, rate="")
+            for batch in batches:
+                batch = batch.to(accelerator.device)
+                with accelerator.autocast():
+                    logits_B2 = model(batch.pooled, batch.fmap, batch.lare)
+                loss = F.cross_entropy(logits_B2.float(), batch.label)
+                accelerator.backward(loss)
+                if cfg.grad_clip > 0:
+                    accelerator.clip_grad_norm_(trainable, cfg.grad_clip)
+                optimizer_acc.step()
+                optimizer_acc.zero_grad(set_to_none=True)
+                step += 1
+                loss_sum += float(loss.detach()) * len(batch)
+                seen += len(batch)
+                bar.update(task, advance=1, rate=f"loss {loss_sum / seen:.4f}  {rate_text(seen, time.perf_counter() - started)}")
+                if is_main and cfg.log_every and step % cfg.log_every == 0 and not cfg.progress:
+                    logger.info(f"step {step}: loss {loss_sum / seen:.4f}")
+                if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps:
+                    logger.warning(f"stopping after {step} steps (stop_after_steps); nothing of this epoch is saved")
+                    return TrainResult(run_dir=out, finished=False, best_epoch=best["epoch"], threshold=None, val_metrics={})
+
+        raw_model = accelerator.unwrap_model(model)
+        labels, scores, _ = score_split(raw_model, val_split, batch_size=max(cfg.batch_size, 64))
+        val_metrics = detection_metrics(labels, scores)
+        val_metrics["loss"] = validation_loss(labels, scores)
+        metric = val_metrics[cfg.select_metric]
+        scheduler.step(metric)
+        # ties on the selection metric (e.g. AUC saturating at 1) go to the lower validation loss
+        improved = (metric, -val_metrics["loss"]) > (best["metric"], -best.get("loss", math.inf))
+        if improved:
+            best = {"metric": float(metric), "loss": val_metrics["loss"], "epoch": epoch}
+        record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
+                  **{f"val_{k}": v for k, v in val_metrics.items()}}
+        history.append(record)
+        if is_main:
+            logger.info(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}  val loss {val_metrics['loss']:.4f}  acc {val_metrics['acc']:.4f}  "
+                        f"ap {val_metrics['ap']:.4f}  auc {val_metrics['auc']:.4f}{'  (best)' if improved else ''}")
+            if improved:
+                save_weights(raw_model, out / WEIGHTS_FILE)
+            write_json(out / HISTORY_FILE, {"history": history})
+            state = {"model": {k: v.detach().cpu() for k, v in raw_model.state_dict().items()},
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "epoch": epoch + 1, "step": step, "history": history, "best": best, "config": cfg.to_dict(), **_rng_state()}
+            tmp = resume_path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(resume_path)  # atomic: a kill leaves the previous epoch's state intact
+        accelerator.wait_for_everyone()
+
+    return _finish(cfg, accelerator, model_config, val_split, best)
+
+
+def _finish(cfg: TrainConfig, accelerator, model_config: ModelConfig, val_split: CacheSplit, best: dict) -> TrainResult:
+    """Reload the best epoch, calibrate its threshold on validation reals, write config.json."""
+    from safetensors.torch import load_file
+
+    out = Path(cfg.out)
+    model = build_model(model_config)
+    model.load_state_dict(load_file(str(out / WEIGHTS_FILE)))
+    config = calibrated_config_for(
+        model, model_config, val_split, cfg.target_fpr,
+        extra={"best_epoch": best["epoch"] + 1, "select_metric": cfg.select_metric, "train_cache": str(cfg.train), "val_cache": str(cfg.val)},
+    )
+    config.train = cfg.to_dict()
+    threshold, val_metrics = config.threshold, config.val_metrics
+    n_real = val_metrics["n_real"]
+    if accelerator.is_main_process:
+        save_detector(out, model, config)
+        logger.info(f"best epoch {best['epoch'] + 1}: val {cfg.select_metric} {best['metric']:.4f}; threshold {threshold:.4g} "
+                    f"for {cfg.target_fpr:.0%} FPR on {n_real} validation reals -> {out}")
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir=out, finished=True, best_epoch=best["epoch"] + 1, threshold=threshold, val_metrics=val_metrics)
+
+
+def calibrated_config_for(model: nn.Module, model_config: ModelConfig, val_split: CacheSplit, target_fpr: float,
+                          extra: dict) -> DetectorConfig:
+    """A detector config for already-trained weights, calibrated on ``val_split`` reals."""
+    labels, scores, _ = score_split(model.eval(), val_split)
+    threshold = calibrate_threshold(scores[labels == 0], target_fpr)
+    val_metrics = detection_metrics(labels, scores, threshold)
+    val_metrics["fpr@thr"] = float((scores[labels == 0] > threshold).mean())
+    return DetectorConfig(model=model_config, extraction_fingerprint=val_split.fingerprint, threshold=threshold,
+                          target_fpr=target_fpr, val_metrics=val_metrics, extra={**extra, "provenance": provenance()})
+
+
+def convert_reference(checkpoint: str | Path, val: str | Path, out: str | Path, target_fpr: float = 0.05) -> DetectorConfig:
+    """Write a lare2 run directory from a reference ``CLipClassifierWMapV6`` checkpoint.
+
+    The head loads with ``strict=True``; the ``clip_model.*`` part goes to ``backbone.safetensors``
+    (keys ``visual.*``) for extraction, since the reference fine-tunes its backbone. The threshold
+    is calibrated on ``val``'s reals, whose extraction fingerprint the detector adopts.
+    """
+    from safetensors.torch import save_file
+
+    from lare2.train.checkpoint import split_reference_state
+    from lare2.train.models import egre_config_from_state_dict
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not checkpoint.exists():
+        raise CheckpointError(f"{checkpoint}: no such file")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{checkpoint}: expected a state dict, found {type(state).__name__}")
+    head, backbone = split_reference_state(state)
+    val_probe = CacheSplit(val, ())
+    try:
+        model_config = egre_config_from_state_dict(head, tuple(val_probe.cache.layout.lare_shape[1:]))
+    except ValueError as err:
+        raise CheckpointError(f"{checkpoint}: {err}") from err
+    model = build_model(model_config)
+    try:
+        model.load_state_dict(head, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{checkpoint}: head does not load strictly: {err}") from err
+    layout = val_probe.cache.layout
+    have = (layout.pooled_dim, tuple(layout.fmap_shape), tuple(layout.lare_shape))
+    want = (model_config.pooled_dim, model_config.fmap_shape, model_config.lare_shape)
+    if have != want:
+        raise CheckpointError(f"{val}: cache dims (pooled, fmap, lare) = {have}, the checkpoint's head expects {want}")
+    val_split = CacheSplit(val, type(model).input_names)
+    config = calibrated_config_for(model, model_config, val_split, target_fpr,
+                                   extra={"converted_from": str(checkpoint), "val_cache": str(val), "backbone_keys": len(backbone)})
+    save_detector(out, model, config)
+    if backbone:
+        save_file({k: v.contiguous() for k, v in backbone.items()}, str(out / "backbone.safetensors"))
+    logger.info(f"converted {checkpoint} ({len(head)} head tensors, {len(backbone)} backbone tensors) -> {out}")
+    return config
