@@ -19,6 +19,7 @@ app = typer.Typer(
 COMMAND_MODULES = (
     "lare2.shared.manifest_cli",
     "lare2.extract.cli",
+    "lare2.extract.score",
     "lare2.cache_cli",
     "lare2.train.cli",
     "lare2.minigenimage.cli",

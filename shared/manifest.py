@@ -143,20 +143,20 @@ class ImageHeader:
     error: str = ""
 
 
-def _sha256_id(data: bytes) -> str:
+def content_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:SAMPLE_ID_HEX_CHARS]
 
 
 def no_content_id(path: str) -> str:
     """sample_id of a file with no bytes to hash (unreadable or empty): unique per path."""
-    return _sha256_id(f"lare2:no-content:{path}".encode())
+    return content_id(f"lare2:no-content:{path}".encode())
 
 
 def describe_bytes(data: bytes, path: str) -> ImageHeader:
     """Hash ``data`` and read its image header (size, format) without decoding the pixels."""
     if not data:
         return ImageHeader(sample_id=no_content_id(path), error="empty file")
-    sample_id = _sha256_id(data)
+    sample_id = content_id(data)
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size

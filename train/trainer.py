@@ -219,7 +219,9 @@ def _finish(cfg: TrainConfig, accelerator, model_config: ModelConfig, val_split:
     model.load_state_dict(load_file(str(out / WEIGHTS_FILE)))
     config = calibrated_config_for(
         model, model_config, val_split, cfg.target_fpr,
-        extra={"best_epoch": best["epoch"] + 1, "select_metric": cfg.select_metric, "train_cache": str(cfg.train), "val_cache": str(cfg.val)},
+        extra={"best_epoch": best["epoch"] + 1, "select_metric": cfg.select_metric, "train_cache": str(cfg.train), "val_cache": str(cfg.val),
+               # what scoring new images must recompute, exactly as the training features were
+               "extract_config": val_split.cache.attrs.get("extract_config", {})},
     )
     config.train = cfg.to_dict()
     threshold, val_metrics = config.threshold, config.val_metrics
