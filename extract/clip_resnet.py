@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lare2.shared.provenance import fingerprint_state_dict
+from lare2.shared.weights import read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -243,23 +244,13 @@ def read_backbone_state(path: Path) -> dict[str, Tensor]:
     suffix = path.suffix.lower()
     if suffix not in STATE_DICT_SUFFIXES:
         raise ValueError(f"{path}: unsupported backbone file type {suffix!r}; expected one of {STATE_DICT_SUFFIXES}")
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    if _is_torchscript(path):
+    if suffix != ".safetensors" and _is_torchscript(path):
         # Only the archive's tensors are read; its code is never run.
         return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file and the reason
-        reason = str(err).splitlines()[0]
-        raise ValueError(f"{path}: cannot read as a TorchScript archive or a weights-only state dict ({reason})") from err
-    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
-    return state
+        return read_state_dict(path)
+    except ValueError as err:
+        raise ValueError(f"{err} (nor as a TorchScript archive)") from None
 
 
 def visual_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from lare2.extract.clip_resnet import IMAGENET_MEAN, IMAGENET_STD
+
 MIN_SIDE = 8
 BACKBONE_SIZE = 224
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImageError(ValueError):

@@ -29,6 +29,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lare2.extract.toy_tokenizer import toy_vocab, write_toy_tokenizer
 from lare2.shared.provenance import fingerprint_state_dict
+from lare2.shared.weights import read_state_dict
 
 SD_V1_CONFIGS = Path(__file__).resolve().parent / "configs" / "sd-v1"
 """Diffusers-layout component configs of SD v1 (no weights), for single-file checkpoints."""
@@ -169,21 +170,7 @@ def _load_from_hub(hub_id: str) -> dict:
 # ---- single-file checkpoint ---------------------------------------------------------------------
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` or ``.ckpt`` file (pickles load with ``weights_only=True``)."""
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - re-raised with the file and the reason
-            reason = str(err).splitlines()[0]
-            raise ValueError(f"{path}: cannot read as a weights-only torch checkpoint ({reason})") from err
-    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
-    return state
+    return read_state_dict(path)
 
 
 def find_tokenizer(checkpoint: Path, tokenizer: str | Path | None) -> Path:

@@ -254,15 +254,17 @@ def convert_reference(checkpoint: str | Path, val: str | Path, out: str | Path, 
     """
     from safetensors.torch import save_file
 
+    from lare2.shared.weights import read_state_dict
     from lare2.train.checkpoint import split_reference_state
     from lare2.train.models import egre_config_from_state_dict
 
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.exists():
         raise CheckpointError(f"{checkpoint}: no such file")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{checkpoint}: expected a state dict, found {type(state).__name__}")
+    try:
+        state = read_state_dict(checkpoint)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
     head, backbone = split_reference_state(state)
     val_probe = CacheSplit(val, ())
     try:
