@@ -38,12 +38,13 @@ def extract(
     backbone: Optional[str] = typer.Option(None, "--backbone", "--clip", help="CLIP RN50: RN50.pt, a state dict, 'random-rn50' or 'tiny'."),
     batch_size: Optional[int] = typer.Option(None, help="Images per model call."),
     num_workers: Optional[int] = typer.Option(None, help="Decoding workers."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    num_shards: int = typer.Option(1, help="Array jobs sharing this cache."),
-    shard_index: int = typer.Option(0, help="This array job's index in [0, num_shards)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (each process of accelerate launch takes its own GPU)."),
+    num_shards: int = typer.Option(1, help="Independent array jobs sharing this cache (each may run several processes)."),
+    shard_index: int = typer.Option(0, help="This array job's index in [0, num_shards), e.g. $SLURM_ARRAY_TASK_ID."),
     limit: Optional[int] = typer.Option(None, help="Only the first N selected rows."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Reruns always resume; --no-resume refuses an existing cache."),
     set_: list[str] = typer.Option([], "--set", help="Any ExtractConfig field, key=value (repeatable)."),
+    create_only: bool = typer.Option(False, "--create-only", help="Create (or check) the cache, extract nothing: run once before an array of jobs."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     from pathlib import Path
@@ -68,10 +69,12 @@ def extract(
     from lare2.shared.logs import console
 
     try:
-        summary = run_extraction(cfg)
+        summary = run_extraction(cfg, create_only=create_only)
     except (CacheError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
+    if summary.rank != 0:
+        return  # under accelerate launch / torchrun, the main process speaks for the job
     if json_out:
         typer.echo(json.dumps(dataclasses.asdict(summary)))
     else:

@@ -1,27 +1,37 @@
 """Stage 1 job: manifest selection -> LaRE maps + backbone features -> a Zarr cache.
 
 All Accelerate calls live here. Work is split in cache blocks (``chunk_samples`` consecutive
-samples, one chunk of every array): array-job shard ``shard_index`` takes blocks with
-``block % num_shards == shard_index``, and within a job rank ``r`` of ``W`` takes every W-th of
-those. A block is written whole and then marked done, so a rerun after any crash computes exactly
-the blocks that are not done, and a map never depends on how the work was split (SPEC 2.1 seeds).
+samples, one chunk of every array): array-job shard ``shard_index`` owns the blocks with
+``block % num_shards == shard_index``, and the ranks of one job (``accelerate launch``/``torchrun``)
+share that shard's pending blocks with a stride. A block is written whole and then marked done, so
+a rerun after any crash (SIGKILL included) computes exactly the blocks that are not done. A batch
+never spans two blocks, so a block is computed in the same batches however the work is split, and
+a map never depends on the split (SPEC 2.1 seeds): 1 or 8 processes, 1 or 64 array jobs, one run
+or ten resumed ones give the same cache.
+
+Rank 0 of a job creates the cache (atomically, see ``FeatureCache.create``), and finalises it
+(status counts in the attributes) after every rank of the job has finished.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import glob
 import hashlib
-import json
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lare2.extract.images import ImageError, backbone_input, decode_rgb, lare_input
-from lare2.shared.cache import STATUS_ERROR, STATUS_OK, CacheError, CacheExistsError, CacheLayout, FeatureCache
+from lare2.shared.cache import STATUS_ERROR, STATUS_OK, STATUS_PENDING, CacheError, CacheExistsError, CacheLayout, FeatureCache
 from lare2.shared.config import ExtractConfig, diff_identity
 from lare2.shared.logs import get_logger, progress_bar, rate_text
 from lare2.shared.manifest import read_image_bytes, read_manifest, select_rows
@@ -38,6 +48,29 @@ class DecodedSample:
     lare_image: torch.Tensor | None  # [3, S, S] in [-1, 1]
     backbone_image: torch.Tensor | None  # [3, 224, 224] normalised
     error: str
+
+
+@dataclass
+class DecodedBatch:
+    """One batch as the loader yields it: images stacked in the worker, ready for a pinned copy."""
+
+    indices: list[int]
+    """Cache rows of the batch, in order."""
+    errors: list[str]
+    """Per row: "" when decoded, else why not."""
+    lare_images: torch.Tensor
+    """[G, 3, S, S] in [-1, 1]: the G decodable rows, in order (G may be 0)."""
+    backbone_images: torch.Tensor
+    """[G, 3, 224, 224] normalised, same rows."""
+
+    @property
+    def good_indices(self) -> list[int]:
+        return [i for i, e in zip(self.indices, self.errors) if not e]
+
+    def pin_memory(self) -> "DecodedBatch":
+        """Called by the DataLoader (``pin_memory=True``) so the host-to-GPU copy can be non-blocking."""
+        return dataclasses.replace(self, lare_images=self.lare_images.pin_memory(),
+                                   backbone_images=self.backbone_images.pin_memory())
 
 
 class ManifestImages(Dataset):
@@ -58,8 +91,15 @@ class ManifestImages(Dataset):
             return DecodedSample(index, None, None, f"{type(err).__name__}: {err}" if not isinstance(err, ImageError) else str(err))
 
 
-def _collate(samples: list[DecodedSample]) -> list[DecodedSample]:
-    return samples
+def collate_decoded(samples: list[DecodedSample]) -> DecodedBatch:
+    good = [s for s in samples if not s.error]
+    empty = torch.empty(0)
+    return DecodedBatch(
+        indices=[s.index for s in samples],
+        errors=[s.error for s in samples],
+        lare_images=torch.stack([s.lare_image for s in good]) if good else empty,
+        backbone_images=torch.stack([s.backbone_image for s in good]) if good else empty,
+    )
 
 
 def block_batches(cache: FeatureCache, blocks: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -104,13 +144,25 @@ def load_models(cfg: ExtractConfig, device: torch.device) -> Models:
     return Models(lare, backbone, {"sd": diffusion.fingerprint, "backbone": backbone_fp}, layout)
 
 
+def compute_batch(models: Models, samples: list[DecodedSample], prompts: list[str], seeds: list[int],
+                  device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Model outputs for decoded samples (none with an error), as float32 numpy [n, ...] arrays."""
+    return compute_images(models, torch.stack([s.lare_image for s in samples]),
+                          torch.stack([s.backbone_image for s in samples]), prompts, seeds, device)
+
+
 @torch.no_grad()
-def compute_batch(models: Models, samples: list[DecodedSample], prompts: list[str], seeds: list[int], device: torch.device):
-    """Model outputs for the decodable samples of a batch, as float32 numpy [n, ...] arrays."""
-    lare_images = torch.stack([s.lare_image for s in samples]).to(device, non_blocking=True)
-    backbone_images = torch.stack([s.backbone_image for s in samples]).to(device, non_blocking=True)
-    lare_B4hw = models.lare(lare_images, prompts, seeds)
-    out = models.backbone(backbone_images.to(next(models.backbone.parameters()).dtype))
+def compute_images(models: Models, lare_images: torch.Tensor, backbone_images: torch.Tensor, prompts: list[str],
+                   seeds: list[int], device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``lare`` [n, 4, h, w], ``pooled`` [n, D], ``fmap`` [n, Cf, 14, 14] float32 numpy arrays.
+
+    ``lare_images`` [n, 3, S, S] in [-1, 1], ``backbone_images`` [n, 3, 224, 224]; the copies to
+    ``device`` overlap with compute when the inputs are pinned.
+    """
+    lare_images_B3SS = lare_images.to(device, non_blocking=True)
+    backbone_images_B3HW = backbone_images.to(device, non_blocking=True)
+    lare_B4hw = models.lare(lare_images_B3SS, prompts, seeds)
+    out = models.backbone(backbone_images_B3HW.to(next(models.backbone.parameters()).dtype))
     return (
         lare_B4hw.float().cpu().numpy(),
         out.pooled.float().cpu().numpy(),
@@ -124,7 +176,8 @@ def manifest_digest(sample_ids: Sequence[str]) -> str:
 
 
 def open_or_create_cache(cfg: ExtractConfig, rows: dict, root: Path, models: Models, create: bool) -> FeatureCache:
-    identity = cfg.identity(models.fingerprints) | {"manifest_digest": manifest_digest(rows["sample_id"])}
+    identity = cfg.identity(models.fingerprints)
+    digest = manifest_digest(rows["sample_id"])
     out = Path(cfg.out)
     if create and not (out / "zarr.json").exists():
         attrs = {
@@ -132,7 +185,7 @@ def open_or_create_cache(cfg: ExtractConfig, rows: dict, root: Path, models: Mod
             "identity": identity,
             "fingerprints": models.fingerprints,
             "provenance": provenance(),
-            "manifest": {"path": str(Path(cfg.manifest).resolve()), "root": str(root)},
+            "manifest": {"path": str(Path(cfg.manifest).resolve()), "root": str(root), "digest": digest},
         }
         try:
             return FeatureCache.create(out, rows, models.layout, attrs)
@@ -140,7 +193,11 @@ def open_or_create_cache(cfg: ExtractConfig, rows: dict, root: Path, models: Mod
             pass  # another array job created it a moment ago: check it like any existing cache
     if (out / "zarr.json").exists():
         cache = FeatureCache.open(out, mode="r+")
+        # the identity says what each sample holds; the digest, which samples (manifest selection)
         differing = diff_identity(cache.attrs.get("identity", {}), identity)
+        stored_digest = cache.attrs.get("manifest", {}).get("digest")
+        if stored_digest != digest:
+            differing["manifest selection (sample ids)"] = (stored_digest, digest)
         if differing:
             lines = "; ".join(f"{k}: cache has {a!r}, this run {b!r}" for k, a, b in ((k, *v) for k, v in differing.items()))
             raise CacheError(f"{out}: refusing to extract into a cache made with another configuration ({lines}). "
@@ -149,20 +206,68 @@ def open_or_create_cache(cfg: ExtractConfig, rows: dict, root: Path, models: Mod
     raise CacheError(f"{out}: expected the cache created by the main process")
 
 
+# ---- leftovers of killed cache creations ---------------------------------------------------------
+STALE_STAGING_SECONDS = 3600.0
+"""A creation folder untouched this long belongs to a creator that died (creating a cache of
+millions of samples writes into its folder every few seconds)."""
+
+
+def staging_folders(out: Path) -> list[Path]:
+    """Creation folders of the cache at ``out``: ``FeatureCache.create`` builds ``.{name}.creating-*`` beside it."""
+    return sorted(out.parent.glob(f".{glob.escape(out.name)}.creating-*"))
+
+
+def _newest_folder_mtime(folder: Path) -> float:
+    # Every chunk write creates a file (write + rename), which bumps its folder's mtime: no need to stat files.
+    newest = folder.stat().st_mtime
+    for parent, children, _ in os.walk(folder):
+        for child in children:
+            newest = max(newest, os.stat(os.path.join(parent, child)).st_mtime)
+    return newest
+
+
+def remove_stale_staging(out: Path, older_than_s: float = STALE_STAGING_SECONDS) -> list[Path]:
+    """Delete creation folders of ``out`` that nothing wrote to for ``older_than_s``; returns them.
+
+    They are never taken for a cache (that needs ``out/zarr.json``, which appears by an atomic
+    rename); younger ones may belong to a concurrent creator still at work and are left alone.
+    """
+    now = time.time()
+    removed = []
+    for folder in staging_folders(out):
+        if now - _newest_folder_mtime(folder) > older_than_s:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 # ---- the job -----------------------------------------------------------------------------------
+DEVICES = ("auto", "cpu", "cuda")
+PROCESS_GROUP_TIMEOUT_S = 4 * 3600
+"""Collective timeout: covers rank 0 creating a GenImage-size cache (~15 min measured) on a slow file system."""
+
+
 @dataclass
 class Summary:
     cache: str
     samples: int
     computed: int = 0
+    """Samples extracted by this run (all its processes), failed ones included."""
     failed: int = 0
     skipped_blocks: int = 0
+    """Blocks of this run's shard that were already done when it started."""
     seconds: float = 0.0
     counts: dict = field(default_factory=dict)
+    """Status counts of the whole cache after this run (main process only; other ranks: empty)."""
+    processes: int = 1
+    rank: int = 0
+    shard: str = "0/1"
 
     def line(self) -> str:
+        where = f"shard {self.shard}, " if self.shard != "0/1" else ""
         return (f"{self.cache}: computed {self.computed} images ({self.failed} failed) in {self.seconds:.1f} s "
-                f"({rate_text(self.computed, self.seconds)}); {self.skipped_blocks} blocks were already done")
+                f"({rate_text(self.computed, self.seconds)}; {where}{self.processes} processes); "
+                f"{self.skipped_blocks} blocks were already done")
 
 
 def selected_rows(cfg: ExtractConfig) -> tuple[dict, Path]:
@@ -174,89 +279,141 @@ def selected_rows(cfg: ExtractConfig) -> tuple[dict, Path]:
     return {c: table.column(c).to_pylist() for c in columns}, Path(root)
 
 
-def my_blocks(cache: FeatureCache, cfg: ExtractConfig, rank: int, world: int) -> tuple[list[int], int]:
-    """Pending blocks of this array-job shard and rank, and how many of its blocks were already done."""
-    done = cache.done_blocks()
-    shard = [b for b in range(cache.num_blocks) if b % cfg.num_shards == cfg.shard_index]
-    mine = shard[rank::world]
-    return [b for b in mine if not done[b]], sum(bool(done[b]) for b in mine)
+def shard_blocks(num_blocks: int, num_shards: int, shard_index: int) -> list[int]:
+    """Blocks owned by one array-job shard: ``block % num_shards == shard_index``."""
+    return list(range(shard_index, num_blocks, num_shards))
 
 
-def run_extraction(cfg: ExtractConfig) -> Summary:
-    """Extract the manifest selection into ``cfg.out``; safe to rerun (does only what is missing)."""
+def rank_blocks(pending: Sequence[int], rank: int, world: int) -> list[int]:
+    """This rank's share of its job's pending blocks: every ``world``-th, so shares differ by one block at most."""
+    return list(pending[rank::world])
+
+
+def make_accelerator(cfg: ExtractConfig):
+    """An ``Accelerator`` for ``cfg.device``; several CPU processes run as MULTI_CPU over gloo."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
-    device = accelerator.device if cfg.device == "auto" else torch.device(cfg.device)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.device not in DEVICES:
+        raise ValueError(f"device={cfg.device!r}: choose from {DEVICES}")
+    has_cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not has_cuda:
+        raise ValueError("device='cuda' but torch sees no CUDA device; use device=auto or cpu")
+    # Without cpu=True, Accelerate treats processes launched without a GPU as unrelated single
+    # processes, and every one of them would extract the whole selection.
+    # Rank 0 may spend minutes creating a cache of millions of samples while the others wait.
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
+    accelerator = Accelerator(cpu=cfg.device == "cpu" or not has_cuda, kwargs_handlers=[timeout])
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(f"launched as {launched} processes but Accelerate sees {accelerator.num_processes} "
+                           f"({accelerator.distributed_type}); refusing to let each extract everything")
+    return accelerator
+
+
+def run_extraction(cfg: ExtractConfig, *, create_only: bool = False) -> Summary:
+    """Extract the manifest selection into ``cfg.out``; safe to rerun (does only what is missing).
+
+    Run once per process under ``accelerate launch``/``torchrun``; ``cfg.num_shards`` /
+    ``cfg.shard_index`` split the work between independent jobs (each may have several processes).
+    ``create_only``: create (or check) the cache and stop, e.g. once before an array of jobs, so
+    that they do not all build the same empty store at once.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    accelerator = make_accelerator(cfg)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    out = Path(cfg.out)
 
     rows, root = selected_rows(cfg)
     models = load_models(cfg, device)
     with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            for folder in remove_stale_staging(out):
+                log.info("removed %s, left by a cache creation that was killed", folder)
         cache = open_or_create_cache(cfg, rows, root, models, create=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
+    if create_only:
+        accelerator.wait_for_everyone()
+        return Summary(cache=str(cache.path), samples=len(cache), skipped_blocks=int(cache.done_blocks().sum()),
+                       counts=cache.finalize() if accelerator.is_main_process else {}, processes=world, rank=rank,
+                       shard=f"{cfg.shard_index}/{cfg.num_shards}")
+    # One view of what is done, taken before any rank of this job writes: the ranks' shares then
+    # partition the pending blocks exactly, even while other array jobs write theirs.
+    done = [cache.done_blocks()] if accelerator.is_main_process else [None]
+    done = broadcast_object_list(done)[0] if world > 1 else done[0]
+    mine = shard_blocks(cache.num_blocks, cfg.num_shards, cfg.shard_index)
+    pending = [b for b in mine if not done[b]]
+    blocks = rank_blocks(pending, rank, world)
+    if accelerator.is_main_process:
+        log.info("%s: shard %d/%d holds %d blocks, %d done, %d to do on %d processes", out, cfg.shard_index,
+                 cfg.num_shards, len(mine), len(mine) - len(pending), len(pending), world)
 
-    blocks, skipped = my_blocks(cache, cfg, rank, world)
     paths = cache.column("path")
     class_names = cache.column("class_name")
     sample_ids = cache.column("sample_id")
-    dataset = ManifestImages(root, paths, cfg.image_size, cfg.max_image_pixels)
     loader = DataLoader(
-        dataset,
+        ManifestImages(root, paths, cfg.image_size, cfg.max_image_pixels),
         batch_sampler=block_batches(cache, blocks, cfg.batch_size),
         num_workers=cfg.num_workers,
-        collate_fn=_collate,
+        collate_fn=collate_decoded,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
     )
-    summary = Summary(cache=str(cache.path), samples=len(cache), skipped_blocks=skipped)
-    pending: dict[int, dict] = {}  # block -> per-row results gathered so far
+    summary = Summary(cache=str(cache.path), samples=len(cache), skipped_blocks=len(mine) - len(pending),
+                      processes=world, rank=rank, shard=f"{cfg.shard_index}/{cfg.num_shards}")
+    results: dict[int, dict] = {}  # block -> per-row results gathered so far
     started = time.perf_counter()
     total = sum(len(range(*cache.block_slice(b).indices(len(cache)))) for b in blocks)
     with progress_bar(disable=not accelerator.is_local_main_process) as bar:
-        task = bar.add_task(f"extract {Path(cfg.out).name}", total=total, rate="")
+        task = bar.add_task(f"extract {out.name}", total=total, rate="")
         for batch in loader:
-            good = [s for s in batch if s.error == ""]
-            seeds = [sample_seed(cfg.seed, sample_ids[s.index]) for s in good]
-            prompts = [cfg.prompt_for(class_names[s.index]) for s in good]
-            outputs = compute_batch(models, good, prompts, seeds, device) if good else None
-            for s in batch:
-                if s.error:
-                    log.warning("%s: %s", paths[s.index], s.error)
-            _gather(pending, cache, batch, good, outputs, cfg.seed, sample_ids)
-            for block in [b for b, acc in pending.items() if len(acc["rows"]) == acc["size"]]:
-                _flush(cache, block, pending.pop(block), summary)
-            done = summary.computed + sum(len(a["rows"]) for a in pending.values())
+            good = batch.good_indices
+            outputs = compute_images(models, batch.lare_images, batch.backbone_images,
+                                     [cfg.prompt_for(class_names[i]) for i in good],
+                                     [sample_seed(cfg.seed, sample_ids[i]) for i in good], device) if good else None
+            for index, error in zip(batch.indices, batch.errors):
+                if error:
+                    log.warning("%s: %s", paths[index], error)
+            _gather(results, cache, batch, outputs, cfg.seed, sample_ids)
+            for block in [b for b, acc in results.items() if len(acc["rows"]) == acc["size"]]:
+                _flush(cache, block, results.pop(block), summary)
+            progressed = summary.computed + sum(len(a["rows"]) for a in results.values())
             elapsed = time.perf_counter() - started
-            bar.update(task, completed=done, rate=rate_text(done, elapsed))
-    if pending:
-        raise RuntimeError(f"internal: blocks {sorted(pending)} incomplete at the end of the loader")
+            bar.update(task, completed=progressed, rate=rate_text(progressed, elapsed))
+    if results:
+        raise RuntimeError(f"internal: blocks {sorted(results)} incomplete at the end of the loader")
     summary.seconds = time.perf_counter() - started
 
     accelerator.wait_for_everyone()
-    totals = torch.tensor([summary.computed, summary.failed, summary.skipped_blocks], device=device)
-    totals = accelerator.reduce(totals, reduction="sum") if world > 1 else totals
-    summary.computed, summary.failed, summary.skipped_blocks = (int(v) for v in totals.tolist())
+    if world > 1:
+        totals = torch.tensor([summary.computed, summary.failed], dtype=torch.int64, device=device)
+        summary.computed, summary.failed = (int(v) for v in accelerator.reduce(totals, reduction="sum").tolist())
     if accelerator.is_main_process:
         summary.counts = cache.finalize()
+        left = [b for b in mine if not cache.done_blocks()[b]]
+        if left:  # only if a duplicate of this shard raced us; a rerun completes them
+            log.warning("%s: %d blocks of shard %d/%d still pending: %s", out, len(left), cfg.shard_index,
+                        cfg.num_shards, left[:10])
+        elif summary.counts.get(STATUS_PENDING):
+            log.info("%s: this shard is complete; %d samples of other shards still pending", out,
+                     summary.counts[STATUS_PENDING])
     accelerator.wait_for_everyone()
     return summary
 
 
-def _gather(pending: dict, cache: FeatureCache, batch: list[DecodedSample], good: list[DecodedSample], outputs, run_seed: int, sample_ids) -> None:
-    position = {s.index: i for i, s in enumerate(good)}
-    for s in batch:
-        block = s.index // cache.layout.chunk_samples
+def _gather(results: dict, cache: FeatureCache, batch: DecodedBatch, outputs, run_seed: int, sample_ids) -> None:
+    """File a batch's rows under their block: (arrays or None, seed, error)."""
+    position = {index: i for i, index in enumerate(batch.good_indices)}
+    for index, error in zip(batch.indices, batch.errors):
+        block = index // cache.layout.chunk_samples
         sl = cache.block_slice(block)
-        acc = pending.setdefault(block, {"size": sl.stop - sl.start, "rows": {}})
-        if s.error:
-            acc["rows"][s.index] = (None, sample_seed(run_seed, sample_ids[s.index]), s.error)
-        else:
-            i = position[s.index]
-            arrays = tuple(o[i] for o in outputs)
-            bad = [name for name, a in zip(("lare", "pooled", "fmap"), arrays) if not np.isfinite(a).all()]
-            error = f"non-finite model output in {', '.join(bad)}" if bad else ""
-            acc["rows"][s.index] = (None if bad else arrays, sample_seed(run_seed, sample_ids[s.index]), error)
+        acc = results.setdefault(block, {"size": sl.stop - sl.start, "rows": {}})
+        seed = sample_seed(run_seed, sample_ids[index])
+        if error:
+            acc["rows"][index] = (None, seed, error)
+            continue
+        arrays = tuple(o[position[index]] for o in outputs)
+        bad = [name for name, a in zip(("lare", "pooled", "fmap"), arrays) if not np.isfinite(a).all()]
+        acc["rows"][index] = (None if bad else arrays, seed, f"non-finite model output in {', '.join(bad)}" if bad else "")
 
 
 def _flush(cache: FeatureCache, block: int, acc: dict, summary: Summary) -> None:
