@@ -17,6 +17,7 @@ SD          ?= runwayml/stable-diffusion-v1-5
 CLIP        ?= RN50.pt
 CACHE       ?= cache
 EXTRACT_ARGS ?=
+NPROC       ?= 1
 RECOMPUTE   ?= 0
 MANIFEST_ARGS ?=
 
@@ -54,8 +55,8 @@ manifest: setup ## build a manifest: make manifest LAYOUT=genimage SRC=/data/Gen
 	$(LARE2) manifest build $(LAYOUT) $(SRC) -o $(MANIFEST) $(MANIFEST_ARGS)
 	$(LARE2) manifest show $(MANIFEST)
 
-extract: setup ## stage 1 for one split: make extract SPLIT=train SD=/models/sd15 CLIP=/models/RN50.pt
-	$(LARE2) extract --manifest $(MANIFEST) --split $(SPLIT) --sd $(SD) --clip $(CLIP) --out $(CACHE)/$(SPLIT) $(EXTRACT_ARGS)
+extract: setup ## stage 1 for one split: make extract SPLIT=train SD=/models/sd15 CLIP=/models/RN50.pt [NPROC=8: one process per GPU]
+	$(if $(filter 1,$(NPROC)),$(LARE2) extract,$(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) -m lare2.extract) --manifest $(MANIFEST) --split $(SPLIT) --sd $(SD) --clip $(CLIP) --out $(CACHE)/$(SPLIT) $(EXTRACT_ARGS)
 	$(LARE2) cache info $(CACHE)/$(SPLIT)
 
 verify: setup ## prove cache/SPLIT whole against MANIFEST; RECOMPUTE=K re-extracts K samples bit for bit
