@@ -89,9 +89,9 @@ def test_cache_round_trip_equals_recomputation(extracted):
 def test_batch_size_does_not_change_any_map(image_manifest, tmp_path, extracted):
     """Same draws whatever the batching; only float rounding of batched kernels may differ."""
     cfg, _ = extracted
-    other = _config(image_manifest, tmp_path / "cache_b1", batch_size=1)
+    other = _config(image_manifest, tmp_path / "cache_b1", batch_size=1, limit=8)  # two blocks suffice
     run_extraction(other)
-    a, b = FeatureCache.open(cfg.out).read(slice(None)), FeatureCache.open(other.out).read(slice(None))
+    a, b = FeatureCache.open(cfg.out).read(slice(0, 8)), FeatureCache.open(other.out).read(slice(None))
     np.testing.assert_allclose(a["lare"], b["lare"], rtol=1e-5, atol=1e-6)
     for name in ("pooled", "fmap"):  # float16 storage: at most one unit in the last place apart
         np.testing.assert_allclose(a[name].astype(np.float32), b[name].astype(np.float32), rtol=2e-3, atol=1e-4)
