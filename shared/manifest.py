@@ -633,8 +633,11 @@ def build_manifest(kind: str, src: Path | str, **options) -> BuiltManifest:
 
 # ---- writing, reading, selecting ------------------------------------------------------------
 def write_manifest(path: Path | str, rows: pa.Table | Mapping[str, Sequence], *, root: Path | str,
-                   builder: str, builder_args: Mapping | None = None) -> Path:
-    """Write rows (a table or column lists with the manifest columns) as parquet, atomically."""
+                   builder: str, builder_args: Mapping | None = None, record_provenance: bool = True) -> Path:
+    """Write rows (a table or column lists with the manifest columns) as parquet, atomically.
+
+    ``record_provenance=False`` leaves out the time and git SHA, for byte-identical rebuilds.
+    """
     from lare2.shared.provenance import provenance
 
     path = Path(path)
@@ -648,7 +651,7 @@ def write_manifest(path: Path | str, rows: pa.Table | Mapping[str, Sequence], *,
         META_ROOT: str(Path(root).resolve()),
         META_BUILDER: builder,
         META_BUILDER_ARGS: json.dumps(dict(builder_args or {}), default=str),
-        META_PROVENANCE: json.dumps(provenance()),
+        META_PROVENANCE: json.dumps(provenance() if record_provenance else {}),
     }
     table = table.replace_schema_metadata(metadata)
     path.parent.mkdir(parents=True, exist_ok=True)

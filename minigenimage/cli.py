@@ -1,0 +1,54 @@
+"""``lare2 minigenimage``: build the offline benchmark, train the generator zoo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+FAMILIES = ("vae", "ldm-a", "ldm-b", "pixel-ddpm", "gan")
+
+
+def register(app: typer.Typer) -> None:
+    group = typer.Typer(help="MiniGenImage: an offline, CPU-sized GenImage made by the project's own generators.",
+                        no_args_is_help=True)
+
+    @group.command("build")
+    def build_command(
+        out: Path = typer.Option(Path("data/minigenimage"), help="Benchmark folder (generator folders + manifest.parquet)."),
+        preset: str = typer.Option("demo", help="demo (make demo) or tiny (tests)."),
+        seed: int = typer.Option(0, help="Seeds every generated image and every crop."),
+        zoo: Path | None = typer.Option(None, help="Zoo folder (default: the committed zoo)."),
+    ) -> None:
+        """Sample the zoo and crop the photographs into GenImage's layout, with a manifest."""
+        from lare2.minigenimage.build import build, preset as build_preset
+
+        config = build_preset(preset)
+        config.out, config.seed = str(out), seed
+        if zoo is not None:
+            config.zoo = str(zoo)
+        typer.echo(build(config))
+
+    @group.command("zoo")
+    def zoo_command(
+        family: list[str] = typer.Option(list(FAMILIES), help=f"Families to train, in order: {', '.join(FAMILIES)}."),
+        zoo: Path | None = typer.Option(None, help="Zoo folder (default: the committed zoo, overwritten)."),
+    ) -> None:
+        """Train the generator zoo on the CPU (the VAE first: ldm-a and ldm-b decode with it)."""
+        from lare2.minigenimage import train_gan, train_ldm, train_pixel_ddpm, train_vae
+
+        unknown = [f for f in family if f not in FAMILIES]
+        if unknown:
+            raise typer.BadParameter(f"unknown families {unknown}: choose from {FAMILIES}")
+        zoo_args = ["--zoo", str(zoo)] if zoo is not None else []
+        for name in [f for f in FAMILIES if f in family]:
+            if name == "vae":
+                train_vae.main(zoo_args)
+            elif name in ("ldm-a", "ldm-b"):
+                train_ldm.main(["--name", name, *zoo_args])
+            elif name == "pixel-ddpm":
+                train_pixel_ddpm.main(zoo_args)
+            else:
+                train_gan.main(zoo_args)
+
+    app.add_typer(group, name="minigenimage")

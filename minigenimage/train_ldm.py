@@ -1,0 +1,170 @@
+"""Train a latent diffusion model of the zoo (``ldm-a`` or ``ldm-b``) on the VAE latents of the train crops.
+
+The UNet is conditioned through a tiny frozen CLIP text encoder on ``a photo of a {class}``, with SD's
+schedule (1000 steps, scaled-linear betas 0.00085..0.012, epsilon). ``ldm-a`` makes the text encoder,
+toy tokenizer and scheduler; ``ldm-b`` copies them and the VAE from ``ldm-a`` (as SD V1.4 and Wukong
+share SD's VAE) and trains its own UNet, of another width and seed. Either folder loads with diffusers
+``StableDiffusionPipeline.from_pretrained`` / each component's ``from_pretrained``.
+
+    python -m lare2.minigenimage.train_ldm --name ldm-a
+    python -m lare2.minigenimage.train_ldm --name ldm-b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lare2.minigenimage.models import IMAGE_SIZE, latent_unet, sd_scheduler_config, tiny_text_encoder
+from lare2.minigenimage.photos import CLASS_NAMES
+from lare2.minigenimage.zoo import ZOO_DIR, StepLogger, batches, log, record_weights, training_images
+
+PROMPT_TEMPLATE = "a photo of a {}"
+SHARED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": "0.42.0",
+    "vae": ["diffusers", "AutoencoderKL"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDPMScheduler"],
+    "safety_checker": [None, None],
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+    "requires_safety_checker": False,
+}
+
+
+@dataclass(kw_only=True)
+class LdmTrainConfig:
+    """Recipe of one latent diffusion model of the zoo."""
+
+    name: str = "ldm-a"
+    """``ldm-a`` (makes the shared text encoder, tokenizer, scheduler) or ``ldm-b`` (copies them from ldm-a)."""
+    zoo: str = str(ZOO_DIR)
+    """Zoo folder; the model goes to ``<zoo>/<name>``, the VAE is read from ``<zoo>/ldm-a/vae``."""
+    width: int = 32
+    """Channels of the UNet's first block (the second has twice as many)."""
+    seed: int = 0
+    """Seeds the crops, the initial weights, the batches and the noise."""
+    crops_per_photo: int = 100
+    """Training crops per train photograph."""
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.name not in ("ldm-a", "ldm-b"):
+            raise ValueError(f"name={self.name!r}: choose from ('ldm-a', 'ldm-b')")
+        if self.steps < 1 or self.batch_size < 1 or self.width < 8 or self.width % 8:
+            raise ValueError("steps and batch_size must be >= 1, width a multiple of 8")
+
+
+def preset(name: str) -> LdmTrainConfig:
+    """ldm-a: width 32, seed 0; ldm-b: width 24, seed 1 (another model on the same VAE)."""
+    if name == "ldm-a":
+        return LdmTrainConfig(name="ldm-a", width=32, seed=0)
+    if name == "ldm-b":
+        return LdmTrainConfig(name="ldm-b", width=24, seed=1, steps=1000)
+    raise ValueError(f"name={name!r}: choose from ('ldm-a', 'ldm-b')")
+
+
+def write_shared_components(folder: Path, seed: int) -> None:
+    """Tokenizer, text encoder and scheduler of ``ldm-a``."""
+    from diffusers import DDPMScheduler
+
+    from lare2.extract.toy_tokenizer import toy_vocab, write_toy_tokenizer
+
+    write_toy_tokenizer(folder / "tokenizer")
+    tiny_text_encoder(len(toy_vocab()), seed).save_pretrained(folder / "text_encoder", safe_serialization=True)
+    DDPMScheduler(**sd_scheduler_config()).save_pretrained(folder / "scheduler")
+
+
+@torch.no_grad()
+def class_embeddings(folder: Path) -> torch.Tensor:
+    """Text-encoder states of ``a photo of a {class}`` for every class -> [num_classes, 77, hidden]."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder")).eval()
+    prompts = [PROMPT_TEMPLATE.format(name) for name in CLASS_NAMES]
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def train(config: LdmTrainConfig) -> Path:
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    zoo = Path(config.zoo)
+    folder = zoo / config.name
+    source = zoo / "ldm-a"
+    if not (source / "vae" / "config.json").exists():
+        raise FileNotFoundError(f"{source / 'vae'}: no VAE; train it first (python -m lare2.minigenimage.train_vae)")
+    if config.name == "ldm-a":
+        write_shared_components(folder, config.seed)
+    else:
+        for component in SHARED_COMPONENTS:
+            shutil.rmtree(folder / component, ignore_errors=True)
+            shutil.copytree(source / component, folder / component)
+    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+
+    vae = AutoencoderKL.from_pretrained(str(folder / "vae")).eval()
+    scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"))
+    text_BLD = class_embeddings(folder)
+    images_N3HW, classes_N = training_images(config.crops_per_photo, IMAGE_SIZE, config.seed)
+    with torch.no_grad():  # the VAE is frozen: keep each crop's posterior, sample it per step
+        posteriors = [vae.encode(images_N3HW[i:i + 64]).latent_dist for i in range(0, len(images_N3HW), 64)]
+    mean_N4hw = torch.cat([p.mean for p in posteriors])
+    std_N4hw = torch.cat([p.std for p in posteriors])
+    scaling = vae.config.scaling_factor
+
+    torch.manual_seed(config.seed)
+    unet = latent_unet(config.width).train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
+    generator = torch.Generator().manual_seed(config.seed)
+    alphas = scheduler.alphas_cumprod
+    step_log = StepLogger(config.name, config.steps)
+    for step, index_B in enumerate(batches(len(mean_N4hw), config.batch_size, config.steps, generator)):
+        eps_B4hw = torch.randn(mean_N4hw[index_B].shape, generator=generator)
+        z0_B4hw = (mean_N4hw[index_B] + std_N4hw[index_B] * eps_B4hw) * scaling
+        noise_B4hw = torch.randn(z0_B4hw.shape, generator=generator)
+        t_B = torch.randint(0, scheduler.config.num_train_timesteps, (len(index_B),), generator=generator)
+        a_B111 = alphas[t_B].view(-1, 1, 1, 1)
+        zt_B4hw = a_B111.sqrt() * z0_B4hw + (1 - a_B111).sqrt() * noise_B4hw
+        loss = (unet(zt_B4hw, t_B, text_BLD[classes_N[index_B]]).sample - noise_B4hw).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        step_log(step, loss.item())
+
+    unet.eval().save_pretrained(folder / "unet", safe_serialization=True)
+    log.info("%s: saved to %s", config.name, folder)
+    record_weights(zoo, config.name, {"unet": asdict(config) | {"zoo": "minigenimage/zoo"}})
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", default="ldm-a", choices=("ldm-a", "ldm-b"))
+    parser.add_argument("--zoo", default=str(ZOO_DIR))
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+    args = parser.parse_args(argv)
+    config = preset(args.name)
+    config.zoo = args.zoo
+    if args.steps is not None:
+        config.steps = args.steps
+    train(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Train the zoo's pixel-space diffusion model (``pixel-ddpm``, the ADM / GLIDE stand-in).
+
+A class-conditional diffusers ``UNet2DModel`` on 64 x 64 crops of the train photographs, DDPM's cosine
+schedule (ADM's), v-prediction. Writes ``<zoo>/pixel-ddpm/{unet,scheduler}``.
+
+    python -m lare2.minigenimage.train_pixel_ddpm [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lare2.minigenimage.models import IMAGE_SIZE, pixel_scheduler_config, pixel_unet
+from lare2.minigenimage.photos import CLASS_NAMES
+from lare2.minigenimage.zoo import ZOO_DIR, StepLogger, batches, log, record_weights, training_images
+
+
+@dataclass(kw_only=True)
+class PixelDdpmTrainConfig:
+    """Recipe of the zoo's pixel diffusion model."""
+
+    zoo: str = str(ZOO_DIR)
+    """Zoo folder; the model goes to ``<zoo>/pixel-ddpm``."""
+    seed: int = 2
+    """Seeds the crops, the initial weights, the batches and the noise."""
+    crops_per_photo: int = 100
+    """Training crops per train photograph."""
+    steps: int = 500
+    batch_size: int = 8
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.crops_per_photo < 1:
+            raise ValueError("steps, batch_size and crops_per_photo must be >= 1")
+
+
+def train(config: PixelDdpmTrainConfig) -> Path:
+    from diffusers import DDPMScheduler
+
+    images_N3HW, classes_N = training_images(config.crops_per_photo, IMAGE_SIZE, config.seed)
+    scheduler = DDPMScheduler(**pixel_scheduler_config())
+    torch.manual_seed(config.seed)
+    unet = pixel_unet(len(CLASS_NAMES)).train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
+    generator = torch.Generator().manual_seed(config.seed)
+    alphas = scheduler.alphas_cumprod
+    step_log = StepLogger("pixel-ddpm", config.steps, every=25)
+    for step, index_B in enumerate(batches(len(images_N3HW), config.batch_size, config.steps, generator)):
+        x0_B3HW = images_N3HW[index_B]
+        noise_B3HW = torch.randn(x0_B3HW.shape, generator=generator)
+        t_B = torch.randint(0, scheduler.config.num_train_timesteps, (len(index_B),), generator=generator)
+        a_B111 = alphas[t_B].view(-1, 1, 1, 1)
+        xt_B3HW = a_B111.sqrt() * x0_B3HW + (1 - a_B111).sqrt() * noise_B3HW
+        v_B3HW = scheduler.get_velocity(x0_B3HW, noise_B3HW, t_B)
+        loss = (unet(xt_B3HW, t_B, class_labels=classes_N[index_B]).sample - v_B3HW).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        step_log(step, loss.item())
+
+    folder = Path(config.zoo) / "pixel-ddpm"
+    unet.eval().save_pretrained(folder / "unet", safe_serialization=True)
+    scheduler.save_pretrained(folder / "scheduler")
+    log.info("pixel-ddpm: saved to %s", folder)
+    record_weights(Path(config.zoo), "pixel-ddpm", {"unet": asdict(config) | {"zoo": "minigenimage/zoo"}})
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", default=str(ZOO_DIR))
+    parser.add_argument("--steps", type=int, default=PixelDdpmTrainConfig.steps)
+    args = parser.parse_args(argv)
+    train(PixelDdpmTrainConfig(zoo=args.zoo, steps=args.steps))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""MiniGenImage: photographs and their splits, the committed zoo, the benchmark builder.
+
+The builder runs on the committed zoo with a few images per folder; a second build is compared
+file by file, and the generated images are made again straight from the committed weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from lare2.minigenimage.build import BuildConfig, build, fake_plan, png_bytes, preset
+from lare2.minigenimage.photos import CLASS_NAMES, PHOTOS, SPLITS, file_sha256, photo_path, photos_of, random_crops
+from lare2.minigenimage.sampling import CHUNK, load_sampler, sample
+from lare2.minigenimage.zoo import GENERATORS, ZOO_DIR, read_record
+
+TEST_COUNT = 4  # <= CHUNK: each generator's test split is one sampler call, remade exactly below
+assert TEST_COUNT <= CHUNK
+
+
+def tiny_config(out: Path) -> BuildConfig:
+    return BuildConfig(out=str(out), train_count=6, val_count=3, test_count=TEST_COUNT)
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.parquet"}
+
+
+def decode(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("minigenimage") / "bench"
+    build(tiny_config(out))
+    return out
+
+
+# --- photographs -------------------------------------------------------------------------------
+
+def test_photos_are_on_disk_licensed_and_split_by_photograph():
+    assert len({p.name for p in PHOTOS}) == len(PHOTOS) >= 10
+    for photo in PHOTOS:
+        assert photo.licence and photo.credit and photo.split in SPLITS and photo.class_name in CLASS_NAMES
+        assert file_sha256(photo_path(photo)) == photo.sha256, photo.name
+    for split in SPLITS:
+        assert photos_of(split), split
+    # every class a test photograph shows is one the generators were trained on
+    assert {p.class_name for p in photos_of("test")} <= {p.class_name for p in photos_of("train")}
+    assert {p.class_name for p in photos_of("train")} == set(CLASS_NAMES)
+    with pytest.raises(ValueError, match="choose from"):
+        photos_of("holdout")
+
+
+def test_random_crops_are_seeded_and_multiscale():
+    photo = photos_of("train")[0]
+    a, b = random_crops(photo, 5, 64, seed=1), random_crops(photo, 5, 64, seed=1)
+    assert a.shape == (5, 64, 64, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, random_crops(photo, 5, 64, seed=2))
+    assert len({crop.tobytes() for crop in a}) == 5
+
+
+def test_unknown_generator_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="ldm-a"):
+        BuildConfig(generators=["midjourney"])
+    with pytest.raises(ValueError, match="tiny"):
+        preset("huge")
+
+
+# --- the committed zoo -------------------------------------------------------------------------
+
+def test_zoo_weights_load_and_match_recorded_fingerprints():
+    from safetensors.torch import load_file
+
+    from lare2.shared.provenance import fingerprint_state_dict
+
+    record = read_record()
+    assert set(record) == set(GENERATORS)
+    total = 0
+    for generator in GENERATORS:
+        files = record[generator]["files"]
+        assert files, generator
+        for rel, entry in files.items():
+            path = ZOO_DIR / rel
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"], rel
+            assert fingerprint_state_dict(load_file(str(path))) == entry["fingerprint"], rel
+            total += path.stat().st_size
+    assert total < 25 * 2**20, f"zoo is {total / 2**20:.1f} MiB"
+    # ldm-b shares ldm-a's VAE and text encoder (copies), but has its own UNet
+    a, b = record["ldm-a"]["files"], record["ldm-b"]["files"]
+    for part in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert a[f"ldm-a/{part}"]["fingerprint"] == b[f"ldm-b/{part}"]["fingerprint"]
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert a[f"ldm-a/{unet}"]["fingerprint"] != b[f"ldm-b/{unet}"]["fingerprint"]
+
+
+def test_ldm_a_is_a_stable_diffusion_folder_with_sd_schedule():
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    folder = ZOO_DIR / "ldm-a"
+    index = json.loads((folder / "model_index.json").read_text())
+    for component in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
+        assert component in index and (folder / component).is_dir(), component
+    scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"))
+    assert (scheduler.config.beta_schedule, scheduler.config.beta_start, scheduler.config.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    assert scheduler.config.num_train_timesteps == 1000 and scheduler.config.prediction_type == "epsilon"
+    vae = AutoencoderKL.from_pretrained(str(folder / "vae")).eval()
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert z.shape == (1, 4, 8, 8)
+
+
+# --- the benchmark -----------------------------------------------------------------------------
+
+def test_manifest_rows_match_files_and_splits_are_by_photograph(bench: Path):
+    table = pq.read_table(bench / "manifest.parquet")
+    assert table.schema.metadata[b"lare2.root"].decode() == str(bench.resolve())
+    assert str(table.schema.field("label").type) == "int8"
+    rows = table.to_pylist()
+    assert len(rows) == 2 * (6 + 3) + 2 * TEST_COUNT * len(GENERATORS)
+    for row in rows:
+        data = (bench / row["path"]).read_bytes()
+        assert row["sample_id"] == hashlib.sha256(data).hexdigest()[:32]
+        assert (row["width"], row["height"], row["format"], row["error"]) == (64, 64, "PNG", "")
+        folder = {"train": "train", "val": "train", "test": "val"}[row["split"]]
+        assert row["path"].startswith(f"{row['generator']}/{folder}/{'ai' if row['label'] else 'nature'}/")
+        if row["label"] == 0:  # a real crop names its photograph, which must belong to the row's split
+            photo = Path(row["path"]).stem.split("_", 2)[2]  # <split>_<index>_<photo>
+            assert photo in {p.name for p in photos_of(row["split"])}, row["path"]
+    train_rows = [r for r in rows if r["split"] in ("train", "val")]
+    assert {r["generator"] for r in train_rows} == {"ldm-a"}
+    assert {r["generator"] for r in rows if r["split"] == "test"} == set(GENERATORS)
+
+
+@pytest.mark.slow
+def test_rebuild_from_the_same_seed_is_byte_identical(bench: Path, tmp_path: Path):
+    again = tmp_path / "again"
+    build(tiny_config(again))
+    assert file_hashes(again) == file_hashes(bench)
+    first, second = pq.read_table(bench / "manifest.parquet"), pq.read_table(again / "manifest.parquet")
+    assert first.replace_schema_metadata(None).equals(second.replace_schema_metadata(None))
+
+
+@pytest.mark.parametrize("generator", GENERATORS)
+def test_generated_images_come_from_the_committed_weights(bench: Path, generator: str):
+    seeds, classes = fake_plan(generator, "test", TEST_COUNT, seed=0)
+    files = [bench / generator / "val" / "ai" / f"test_{i:05d}_{CLASS_NAMES[c]}.png" for i, c in enumerate(classes)]
+    sampler = load_sampler(generator)
+    remade = sample(sampler, seeds, classes)
+    for pixels, path in zip(remade, files):
+        assert png_bytes(pixels) == path.read_bytes(), path
+
+    # the same seeds through perturbed weights give other images: the pixels depend on the weights
+    net = getattr(sampler, "unet", None) or sampler.net
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    perturbed = sample(sampler, seeds[:2], classes[:2])
+    assert np.abs(perturbed.astype(int) - remade[:2].astype(int)).mean() > 1.0
+
+
+def test_ldm_a_images_match_diffusers_own_pipeline(bench: Path):
+    """An independent path: diffusers' StableDiffusionPipeline on the committed folder, same starting noise."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from lare2.minigenimage.sampling import DDIM_STEPS, start_noise
+    from lare2.minigenimage.train_ldm import PROMPT_TEMPLATE
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(ZOO_DIR / "ldm-a"), safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=False)
+    pipe.set_progress_bar_config(disable=True)
+    seeds, classes = fake_plan("ldm-a", "test", TEST_COUNT, seed=0)
+    images = pipe([PROMPT_TEMPLATE.format(CLASS_NAMES[c]) for c in classes], height=64, width=64,
+                  num_inference_steps=DDIM_STEPS, guidance_scale=1.0, eta=0.0,
+                  latents=start_noise(seeds, (4, 8, 8)), output_type="np").images
+    for i, (image, c) in enumerate(zip(images, classes)):
+        built = decode(bench / "ldm-a" / "val" / "ai" / f"test_{i:05d}_{CLASS_NAMES[c]}.png")
+        assert np.abs(np.round(image * 255).astype(int) - built.astype(int)).max() <= 1
+
+
+def test_generated_images_are_not_real_crops(bench: Path):
+    rows = pq.read_table(bench / "manifest.parquet").to_pylist()
+    fakes = np.stack([decode(bench / r["path"]) for r in rows if r["label"] == 1]).astype(np.float32)
+    reals = np.stack([decode(bench / r["path"]) for r in rows if r["label"] == 0])
+    train_crops = np.concatenate([random_crops(p, 20, 64, seed=0) for p in photos_of("train")])
+    reals = np.concatenate([reals, train_crops]).astype(np.float32)
+    # RMS distance (0..255 scale) from each fake to its nearest real image
+    d2 = (fakes ** 2).sum((1, 2, 3))[:, None] + (reals ** 2).sum((1, 2, 3))[None] - 2 * np.einsum("nhwc,mhwc->nm", fakes, reals)
+    nearest_rms = np.sqrt(np.maximum(d2.min(axis=1), 0) / fakes[0].size)
+    assert nearest_rms.min() > 8.0, np.sort(nearest_rms)[:5]
+    # and they are not all alike (a collapsed generator would repeat one image)
+    assert len({f.tobytes() for f in fakes}) == len(fakes)
+
+
+def test_cli_registers_build_and_zoo():
+    import typer
+    from typer.testing import CliRunner
+
+    from lare2.minigenimage.cli import register
+
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["minigenimage", "--help"])
+    assert result.exit_code == 0 and "build" in result.output and "zoo" in result.output
