@@ -277,10 +277,34 @@ def load_state_strict(module: ModifiedResNet, state: Mapping[str, Tensor], where
 
 
 def build_backbone(config: ModifiedResNetConfig, seed: int = 0) -> ModifiedResNet:
-    """A ModifiedResNet with weights drawn from ``seed`` (the global RNG is left untouched)."""
+    """A ModifiedResNet with weights drawn from ``seed`` (the global RNG is left untouched).
+
+    Fresh BatchNorm statistics (mean 0, variance 1) let the activations of a random tower shrink
+    layer after layer until every image gives the same features; the statistics are therefore
+    set from one pass over seeded noise images, rounded to float16 precision so that the weights
+    (and their fingerprint) do not depend on the machine's thread count.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ModifiedResNet(config)
+        model = ModifiedResNet(config)
+        calibrate_batchnorm(model, torch.randn(16, 3, config.image_size, config.image_size))
+    return model
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, images_B3HW: Tensor) -> None:
+    """Set every BatchNorm's running statistics to those of ``images_B3HW`` flowing through ``model``."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average: one batch gives exactly its statistics
+    model.train()
+    model(images_B3HW)
+    model.eval()
+    for norm in norms:
+        norm.momentum = 0.1
+        norm.running_mean.copy_(norm.running_mean.half().float())
+        norm.running_var.copy_(norm.running_var.half().float())
 
 
 def load_backbone(
