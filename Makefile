@@ -47,8 +47,8 @@ test: setup ## run the whole test suite (slow-marked cases included), 2 workers
 test-fast: setup ## the suite without slow-marked cases
 	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow" $(PYTEST_ARGS)
 
-demo: setup ## the main job on the embedded MiniGenImage: build, extract, train 3 models, evaluate
-	bash scripts/demo.sh
+demo: setup ## the main job on the embedded MiniGenImage: build, extract with ldm-a, train 3 detectors, evaluate on 4 generators
+	$(LARE2) minigenimage demo --out runs/minigenimage
 
 manifest: setup ## build a manifest: make manifest LAYOUT=genimage SRC=/data/GenImage MANIFEST=... MANIFEST_ARGS="--val-fraction 0.05"
 	$(LARE2) manifest build $(LAYOUT) $(SRC) -o $(MANIFEST) $(MANIFEST_ARGS)
@@ -70,7 +70,7 @@ train: setup ## stage 2: fit MODEL (egre|linear|lare-only) on cache/train, selec
 eval: setup ## per-generator report of RUN on every cache/test* cache
 	$(LARE2) eval $(RUN) $(foreach c,$(wildcard $(CACHE)/test*),--test $(c)) --report $(RUN)/report
 
-zoo: setup ## retrain the MiniGenImage generator zoo on the CPU (~30 min; weights are committed)
+zoo: setup ## retrain the MiniGenImage generator zoo on the CPU (~40 min; the weights are committed, not part of demo)
 	$(LARE2) minigenimage zoo
 
 minigenimage: setup ## build the MiniGenImage benchmark into data/minigenimage

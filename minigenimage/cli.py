@@ -51,4 +51,15 @@ def register(app: typer.Typer) -> None:
             else:
                 train_gan.main(zoo_args)
 
+    @group.command("demo")
+    def demo_command(
+        out: Path = typer.Option(Path("runs/minigenimage"), help="Benchmark, caches, runs and reports go under here."),
+        preset: str = typer.Option("demo", help="Benchmark size: demo (the README's table) or a smaller preset of build.py."),
+        seed: int = typer.Option(0, help="Seeds the benchmark, the LaRE draws and training."),
+    ) -> None:
+        """The whole method on MiniGenImage: build, extract with ldm-a, train 3 detectors, evaluate on 4 generators."""
+        from lare2.minigenimage.demo import DemoConfig, run_demo
+
+        run_demo(DemoConfig(out=str(out), build_preset=preset, seed=seed))
+
     app.add_typer(group, name="minigenimage")
