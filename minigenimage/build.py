@@ -64,12 +64,14 @@ class BuildConfig:
 
 
 def preset(name: str) -> BuildConfig:
-    """``demo``: the benchmark of ``make demo``; ``tiny``: a few images per folder (tests)."""
+    """``demo``: the benchmark of ``make demo``; ``ci``: the detection test's; ``tiny``: a few images per folder."""
     if name == "demo":
         return BuildConfig()
+    if name == "ci":
+        return BuildConfig(train_count=96, val_count=40, test_count=48)
     if name == "tiny":
         return BuildConfig(train_count=16, val_count=8, test_count=16)
-    raise ValueError(f"preset={name!r}: choose from ('demo', 'tiny')")
+    raise ValueError(f"preset={name!r}: choose from ('demo', 'ci', 'tiny')")
 
 
 def png_bytes(pixels_HW3: np.ndarray) -> bytes:

@@ -7,8 +7,8 @@
 4. per-generator evaluation of each model on all four generators, and one comparison table.
 
 The backbone is the tiny ModifiedResNet with seeded random weights (no CLIP weights can be had
-offline), so the ``linear`` row measures what random features carry, and EGRE's gain over it is
-the LaRE map's contribution.
+offline), so the ``linear`` row measures what random pooled features carry; ``egre`` adds the
+feature map and the LaRE map, ``lare-only`` the LaRE map alone. The README reads the table.
 """
 
 from __future__ import annotations
