@@ -17,28 +17,23 @@ import torch
 
 from lare2.minigenimage.models import IMAGE_SIZE, GanConfig, GanDiscriminator, GanGenerator
 from lare2.minigenimage.photos import CLASS_NAMES
-from lare2.minigenimage.zoo import ZOO_DIR, StepLogger, batches, log, record_weights, training_images
+from lare2.minigenimage.zoo import StepLogger, ZOO_DIR, ZooTrainConfig, batches, log, record_weights, training_images
 
 
 @dataclass(kw_only=True)
-class GanTrainConfig:
-    """Recipe of the zoo's GAN."""
+class GanTrainConfig(ZooTrainConfig):
+    """Recipe of the zoo's GAN; the generator goes to ``<zoo>/gan``."""
 
-    zoo: str = str(ZOO_DIR)
-    """Zoo folder; the generator goes to ``<zoo>/gan``."""
     seed: int = 3
-    """Seeds the crops, the initial weights, the batches and the noise."""
     width: int = 16
     """Generator / discriminator width (see ``GanConfig``)."""
-    crops_per_photo: int = 100
-    """Training crops per train photograph."""
     steps: int = 800
-    batch_size: int = 32
     lr: float = 2e-4
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.width < 1:
-            raise ValueError("steps, batch_size and width must be >= 1")
+        super().__post_init__()
+        if self.width < 1:
+            raise ValueError("width must be >= 1")
 
 
 def train(config: GanTrainConfig) -> Path:

@@ -22,7 +22,7 @@ import torch
 
 from lare2.minigenimage.models import IMAGE_SIZE, latent_unet, sd_scheduler_config, tiny_text_encoder
 from lare2.minigenimage.photos import CLASS_NAMES
-from lare2.minigenimage.zoo import ZOO_DIR, StepLogger, batches, log, record_weights, training_images
+from lare2.minigenimage.zoo import StepLogger, ZOO_DIR, ZooTrainConfig, batches, log, optimizer_step, record_weights, training_images
 
 PROMPT_TEMPLATE = "a photo of a {}"
 SHARED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
@@ -42,28 +42,21 @@ MODEL_INDEX = {
 
 
 @dataclass(kw_only=True)
-class LdmTrainConfig:
-    """Recipe of one latent diffusion model of the zoo."""
+class LdmTrainConfig(ZooTrainConfig):
+    """Recipe of one latent diffusion model of the zoo: ``<zoo>/<name>``, on ``<zoo>/ldm-a/vae``."""
 
     name: str = "ldm-a"
     """``ldm-a`` (makes the shared text encoder, tokenizer, scheduler) or ``ldm-b`` (copies them from ldm-a)."""
-    zoo: str = str(ZOO_DIR)
-    """Zoo folder; the model goes to ``<zoo>/<name>``, the VAE is read from ``<zoo>/ldm-a/vae``."""
     width: int = 32
     """Channels of the UNet's first block (the second has twice as many)."""
-    seed: int = 0
-    """Seeds the crops, the initial weights, the batches and the noise."""
-    crops_per_photo: int = 100
-    """Training crops per train photograph."""
     steps: int = 1500
-    batch_size: int = 32
-    lr: float = 1e-3
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.name not in ("ldm-a", "ldm-b"):
             raise ValueError(f"name={self.name!r}: choose from ('ldm-a', 'ldm-b')")
-        if self.steps < 1 or self.batch_size < 1 or self.width < 8 or self.width % 8:
-            raise ValueError("steps and batch_size must be >= 1, width a multiple of 8")
+        if self.width < 8 or self.width % 8:
+            raise ValueError("width must be a positive multiple of 8")
 
 
 def preset(name: str) -> LdmTrainConfig:
@@ -140,11 +133,7 @@ def train(config: LdmTrainConfig) -> Path:
         a_B111 = alphas[t_B].view(-1, 1, 1, 1)
         zt_B4hw = a_B111.sqrt() * z0_B4hw + (1 - a_B111).sqrt() * noise_B4hw
         loss = (unet(zt_B4hw, t_B, text_BLD[classes_N[index_B]]).sample - noise_B4hw).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(loss, unet, optimizer, schedule)
         step_log(step, loss.item())
 
     unet.eval().save_pretrained(folder / "unet", safe_serialization=True)

@@ -16,26 +16,16 @@ import torch
 
 from lare2.minigenimage.models import IMAGE_SIZE, pixel_scheduler_config, pixel_unet
 from lare2.minigenimage.photos import CLASS_NAMES
-from lare2.minigenimage.zoo import ZOO_DIR, StepLogger, batches, log, record_weights, training_images
+from lare2.minigenimage.zoo import StepLogger, ZOO_DIR, ZooTrainConfig, batches, log, optimizer_step, record_weights, training_images
 
 
 @dataclass(kw_only=True)
-class PixelDdpmTrainConfig:
-    """Recipe of the zoo's pixel diffusion model."""
+class PixelDdpmTrainConfig(ZooTrainConfig):
+    """Recipe of the zoo's pixel diffusion model; it goes to ``<zoo>/pixel-ddpm``."""
 
-    zoo: str = str(ZOO_DIR)
-    """Zoo folder; the model goes to ``<zoo>/pixel-ddpm``."""
     seed: int = 2
-    """Seeds the crops, the initial weights, the batches and the noise."""
-    crops_per_photo: int = 100
-    """Training crops per train photograph."""
     steps: int = 500
     batch_size: int = 8
-    lr: float = 1e-3
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.crops_per_photo < 1:
-            raise ValueError("steps, batch_size and crops_per_photo must be >= 1")
 
 
 def train(config: PixelDdpmTrainConfig) -> Path:
@@ -58,11 +48,7 @@ def train(config: PixelDdpmTrainConfig) -> Path:
         xt_B3HW = a_B111.sqrt() * x0_B3HW + (1 - a_B111).sqrt() * noise_B3HW
         v_B3HW = scheduler.get_velocity(x0_B3HW, noise_B3HW, t_B)
         loss = (unet(xt_B3HW, t_B, class_labels=classes_N[index_B]).sample - v_B3HW).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(loss, unet, optimizer, schedule)
         step_log(step, loss.item())
 
     folder = Path(config.zoo) / "pixel-ddpm"

@@ -15,29 +15,17 @@ from pathlib import Path
 import torch
 
 from lare2.minigenimage.models import IMAGE_SIZE, tiny_vae
-from lare2.minigenimage.zoo import ZOO_DIR, StepLogger, batches, log, record_weights, training_images
+from lare2.minigenimage.zoo import StepLogger, ZOO_DIR, ZooTrainConfig, batches, log, optimizer_step, record_weights, training_images
 
 
 @dataclass(kw_only=True)
-class VaeTrainConfig:
-    """Recipe of the zoo's VAE."""
+class VaeTrainConfig(ZooTrainConfig):
+    """Recipe of the zoo's VAE; it goes to ``<zoo>/ldm-a/vae``."""
 
-    zoo: str = str(ZOO_DIR)
-    """Zoo folder; the VAE goes to ``<zoo>/ldm-a/vae``."""
-    seed: int = 0
-    """Seeds the crops, the initial weights and the batches."""
-    crops_per_photo: int = 100
-    """Training crops per train photograph."""
     steps: int = 1200
-    """Optimizer steps."""
     batch_size: int = 8
-    lr: float = 1e-3
     kl_weight: float = 1e-6
     """Weight of the KL term (SD's VAE uses ~1e-6: a near-deterministic autoencoder)."""
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.crops_per_photo < 1:
-            raise ValueError("steps, batch_size and crops_per_photo must be >= 1")
 
 
 def train(config: VaeTrainConfig) -> Path:
@@ -54,11 +42,7 @@ def train(config: VaeTrainConfig) -> Path:
         recon_B3HW = vae.decode(posterior.sample(generator=generator)).sample
         loss = (recon_B3HW - x_B3HW).abs().mean() + (recon_B3HW - x_B3HW).pow(2).mean()
         loss = loss + config.kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(loss, vae, optimizer, schedule)
         step_log(step, loss.item())
 
     vae.eval()

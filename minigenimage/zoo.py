@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -98,3 +99,33 @@ def read_record(zoo_dir: Path = ZOO_DIR) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no zoo record; train the zoo first (lare2 minigenimage zoo)")
     return json.loads(path.read_text())
+
+
+@dataclass(kw_only=True)
+class ZooTrainConfig:
+    """What every recipe of the zoo sets; each family's config adds its own fields and defaults."""
+
+    zoo: str = str(ZOO_DIR)
+    """Zoo folder the weights are written to."""
+    seed: int = 0
+    """Seeds the crops, the initial weights, the batches and the noise."""
+    crops_per_photo: int = 100
+    """Training crops per train photograph."""
+    steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 32
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.batch_size, self.crops_per_photo) < 1:
+            raise ValueError("steps, batch_size and crops_per_photo must be >= 1")
+
+
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   schedule: torch.optim.lr_scheduler.LRScheduler, max_grad_norm: float = 1.0) -> None:
+    """Backward, clip the gradient norm, step the optimizer and its schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    schedule.step()
