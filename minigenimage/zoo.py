@@ -72,8 +72,21 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def store_in_half_precision(path: Path) -> None:
+    """Rewrite a float32 safetensors file in float16: half the bytes in git; models upcast on load."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    if all(t.dtype != torch.float32 for t in state.values()):
+        return
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    save_file({k: t.half() if t.dtype == torch.float32 else t for k, t in state.items()}, str(path), metadata=metadata)
+
+
 def record_weights(zoo_dir: Path, family: str, recipe: dict) -> None:
-    """Write the fingerprints of every ``*.safetensors`` under ``zoo_dir/family`` into ``zoo.json``."""
+    """Store every ``*.safetensors`` under ``zoo_dir/family`` in float16 and record its fingerprint in ``zoo.json``."""
     from safetensors.torch import load_file
 
     from lare2.shared.provenance import fingerprint_state_dict, package_versions
@@ -82,6 +95,7 @@ def record_weights(zoo_dir: Path, family: str, recipe: dict) -> None:
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     files = {}
     for path in sorted((zoo_dir / family).rglob("*.safetensors")):
+        store_in_half_precision(path)
         files[path.relative_to(zoo_dir).as_posix()] = {
             "sha256": file_sha256(path),
             "fingerprint": fingerprint_state_dict(load_file(str(path))),
