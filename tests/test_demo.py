@@ -1,8 +1,8 @@
 """The demo on a reduced MiniGenImage: every stage runs on real generated images, and EGRE detects.
 
 Measured (build preset ``ci``: 96 train / 40 val / 48 test images per class, paper recipe):
-egre's ROC-AUC on held-out ldm-a test photographs was 0.83 (seed 0) and 0.72 (seed 1); linear
-0.60 / 0.68; lare-only 0.55 / 0.48. The bar below is "clearly above chance", not the README's
+egre's ROC-AUC on held-out ldm-a test photographs was 0.82 (seed 0) and 0.72 (seed 1); linear
+0.60 / 0.68; lare-only 0.50 / 0.45. The bar below is "clearly above chance", not the README's
 full-size figures.
 """
 
