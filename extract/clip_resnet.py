@@ -250,7 +250,7 @@ def read_backbone_state(path: Path) -> dict[str, Tensor]:
     if suffix not in STATE_DICT_SUFFIXES:
         raise ValueError(f"{path}: unsupported backbone file type {suffix!r}; expected one of {STATE_DICT_SUFFIXES}")
     if suffix != ".safetensors" and _is_torchscript(path):
-        # Only the archive's tensors are read; its code is never run.
+        # Only the archive's tensors are used; its methods are never called (loading still deserialises it).
         return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     try:
         return read_state_dict(path)

@@ -33,6 +33,7 @@ def decode_rgb(data: bytes, *, max_pixels: int = 89_478_485) -> Image.Image:
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard, else it refuses at its default first
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))

@@ -61,13 +61,13 @@ class LareComputer:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         """Text embeddings [B, L, D] (``text_encoder(ids)[0]``); each distinct prompt is encoded once per computer."""
-        new = sorted(set(prompts) - set(self._prompt_embeddings))
-        if new:
-            tokenizer = self.model.tokenizer
-            ids_NL = tokenizer(new, padding="max_length", max_length=tokenizer.model_max_length,
+        tokenizer = self.model.tokenizer
+        # one prompt per call: batched encoding rounds differently with different companions, and a map
+        # must not depend on which prompts a process happened to meet first
+        for prompt in sorted(set(prompts) - set(self._prompt_embeddings)):
+            ids_1L = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
                                truncation=True, return_tensors="pt").input_ids.to(self.device)
-            embeddings_NLD = self.model.text_encoder(ids_NL)[0].to(self.dtype)
-            self._prompt_embeddings.update(zip(new, embeddings_NLD))
+            self._prompt_embeddings[prompt] = self.model.text_encoder(ids_1L)[0][0].to(self.dtype)
         return torch.stack([self._prompt_embeddings[p] for p in prompts])
 
     @torch.no_grad()

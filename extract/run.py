@@ -87,8 +87,10 @@ class ManifestImages(Dataset):
             data = read_image_bytes(self.root, self.paths[index])
             image = decode_rgb(data, max_pixels=self.max_pixels)
             return DecodedSample(index, lare_input(image, self.image_size), backbone_input(image), "")
-        except (ImageError, OSError, KeyError) as err:
-            return DecodedSample(index, None, None, f"{type(err).__name__}: {err}" if not isinstance(err, ImageError) else str(err))
+        except ImageError as err:
+            return DecodedSample(index, None, None, str(err))
+        except Exception as err:  # noqa: BLE001 - any failure of one image is that image's recorded error
+            return DecodedSample(index, None, None, f"{type(err).__name__}: {err}")
 
 
 def collate_decoded(samples: list[DecodedSample]) -> DecodedBatch:
@@ -244,7 +246,7 @@ def remove_stale_staging(out: Path, older_than_s: float = STALE_STAGING_SECONDS)
 # ---- the job -----------------------------------------------------------------------------------
 DEVICES = ("auto", "cpu", "cuda")
 PROCESS_GROUP_TIMEOUT_S = 4 * 3600
-"""Collective timeout: covers rank 0 creating a GenImage-size cache (~15 min measured) on a slow file system."""
+"""Collective timeout: covers rank 0 creating a GenImage-size cache (minutes at that size) on a slow file system."""
 
 
 @dataclass
@@ -389,7 +391,8 @@ def run_extraction(cfg: ExtractConfig, *, create_only: bool = False) -> Summary:
         summary.computed, summary.failed = (int(v) for v in accelerator.reduce(totals, reduction="sum").tolist())
     if accelerator.is_main_process:
         summary.counts = cache.finalize()
-        left = [b for b in mine if not cache.done_blocks()[b]]
+        done = cache.done_blocks()
+        left = [b for b in mine if not done[b]]
         if left:  # only if a duplicate of this shard raced us; a rerun completes them
             log.warning("%s: %d blocks of shard %d/%d still pending: %s", out, len(left), cfg.shard_index,
                         cfg.num_shards, left[:10])
@@ -412,8 +415,10 @@ def _gather(results: dict, cache: FeatureCache, batch: DecodedBatch, outputs, ru
             acc["rows"][index] = (None, seed, error)
             continue
         arrays = tuple(o[position[index]] for o in outputs)
-        bad = [name for name, a in zip(("lare", "pooled", "fmap"), arrays) if not np.isfinite(a).all()]
-        acc["rows"][index] = (None if bad else arrays, seed, f"non-finite model output in {', '.join(bad)}" if bad else "")
+        layout = cache.layout
+        bad = [name for name, a in zip(("lare", "pooled", "fmap"), arrays) if not np.isfinite(a.astype(layout.dtype(name))).all()]
+        error = f"non-finite model output in {', '.join(bad)} (in its storage dtype)" if bad else ""
+        acc["rows"][index] = (None if bad else arrays, seed, error)
 
 
 def _flush(cache: FeatureCache, block: int, acc: dict, summary: Summary) -> None:

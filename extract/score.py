@@ -11,7 +11,6 @@ rule; an image with neither gets the empty prompt (and the table says so).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ def score_images(run_dir: Path, inputs: list[Path], *, sd_model: str | None = No
     from lare2.extract.run import DecodedSample, compute_batch, load_models
     from lare2.shared.cache import CacheError
     from lare2.shared.classnames import class_name_from_filename
-    from lare2.shared.config import ExtractConfig
+    from lare2.shared.config import ExtractConfig, identity_fingerprint
     from lare2.shared.manifest import content_id
     from lare2.shared.seeding import sample_seed
     from lare2.train.checkpoint import load_detector, score_features
@@ -69,7 +68,7 @@ def score_images(run_dir: Path, inputs: list[Path], *, sd_model: str | None = No
     torch_device = torch.device(device)
     models = load_models(cfg, torch_device)
     identity = cfg.identity(models.fingerprints)
-    if hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16] != detector.extraction_fingerprint:
+    if identity_fingerprint(identity) != detector.extraction_fingerprint:
         raise CacheError(f"{run_dir}: the models at hand ({models.fingerprints}) are not those the detector was trained on; "
                          "pass --sd/--clip pointing at the same weights")
 
@@ -84,14 +83,17 @@ def score_images(run_dir: Path, inputs: list[Path], *, sd_model: str | None = No
         as_stored = lambda a, name: a.astype(models.layout.dtype(name)).astype(np.float32)  # noqa: E731
         p_fake = score_features(model, as_stored(pooled, "pooled"), as_stored(fmap, "fmap"), as_stored(lare, "lare")).cpu().numpy()
         for (path, _, prompt, _), p in zip(pending, p_fake):
-            verdicts.append(Verdict(str(path), float(p), bool(p > detector.threshold), prompt))
+            if np.isfinite(p):
+                verdicts.append(Verdict(str(path), float(p), bool(p > detector.threshold), prompt))
+            else:  # never let a failed computation read as "real"
+                verdicts.append(Verdict(str(path), None, None, prompt, "non-finite model output"))
         pending.clear()
 
     for index, path in enumerate(image_files(inputs)):
-        data = path.read_bytes()
         try:
+            data = path.read_bytes()
             image = decode_rgb(data, max_pixels=cfg.max_image_pixels)
-        except ImageError as err:
+        except (ImageError, OSError) as err:
             verdicts.append(Verdict(str(path), None, None, "", str(err)))
             continue
         prompt = cfg.prompt_for(class_name or class_name_from_filename(path.name))

@@ -19,6 +19,7 @@ rename). A failed sample keeps NaN in every array (the fill value) and ``status 
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -81,8 +82,8 @@ class CacheLayout:
     def __post_init__(self) -> None:
         for name in ("feature_dtype", "lare_dtype"):
             value = getattr(self, name)
-            if value not in ("float16", "bfloat16", "float32"):
-                raise ValueError(f"{name}={value!r}: choose float16, float32 (bfloat16 only for features)")
+            if value not in ("float16", "float32"):
+                raise ValueError(f"{name}={value!r}: choose float16 or float32")
         if self.chunk_samples < 1:
             raise ValueError(f"chunk_samples must be >= 1, got {self.chunk_samples}")
 
@@ -154,7 +155,7 @@ class FeatureCache:
             raise CacheError(f"{path}: no samples to cache (the manifest selection is empty)")
         ids = list(rows["sample_id"])
         if len(set(ids)) != n:
-            dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+            dup = sorted(i for i, count in collections.Counter(ids).items() if count > 1)[:5]
             raise CacheError(f"{path}: sample ids must be unique within a cache; duplicates e.g. {dup}")
 
         c = layout.chunk_samples

@@ -88,8 +88,9 @@ class ExtractConfig:
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard_index {self.shard_index} not in [0, num_shards={self.num_shards})")
 
-    # Keys that change what the cache holds. Batch size, workers, device and sharding do not:
-    # a map never depends on them (SPEC 2.1), so they may differ between resumed runs.
+    # Keys that change what the cache holds. Batch size, workers, device and sharding do not change
+    # any draw (SPEC 2.1), so they may differ between resumed runs; batched kernels may then round
+    # differently (~1e-6 relative), which is why recomputation checks are exact only per batch.
     IDENTITY_KEYS = (
         "timestep", "ensemble", "image_size", "prompt_mode", "prompt_template", "prompt_text",
         "seed", "feature_dtype", "compute_dtype", "chunk_samples",
@@ -112,6 +113,14 @@ class ExtractConfig:
         if self.prompt_mode == "class":
             return self.prompt_template.format(class_name) if class_name else ""
         return self.prompt_text if self.prompt_mode == "fixed" else ""
+
+
+def identity_fingerprint(identity: dict) -> str:
+    """sha256 of an extraction identity (sorted JSON): equal iff two caches' features are comparable."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def diff_identity(stored: dict, wanted: dict) -> dict[str, tuple]:

@@ -98,7 +98,7 @@ def test_reference_state_dict_loads_strictly_and_converts(tmp_path) -> None:
     assert (tmp_path / "run" / "backbone.safetensors").exists()
     x = (torch.randn(3, 16), torch.randn(3, 24, 6, 6), torch.rand(3, 4, 16, 16))
     with torch.no_grad():
-        torch.testing.assert_close(score_features(model, *x), head(*x).softmax(-1)[:, 1])
+        torch.testing.assert_close(score_features(model, *x), head(*x).double().softmax(-1)[:, 1])
 
 
 def test_a_head_of_other_dims_is_refused(tmp_path) -> None:

@@ -144,7 +144,8 @@ def score_features(model: nn.Module, pooled: torch.Tensor | np.ndarray | None, f
     model.eval()
     logits_B2 = model(prepare(pooled), prepare(fmap), prepare(lare))
     model.train(was_training)
-    return logits_B2.float().softmax(dim=-1)[:, 1]
+    # float64: a float32 softmax rounds margins above ~17 to exactly 1.0, tying confident fakes with misjudged reals
+    return logits_B2.double().softmax(dim=-1)[:, 1]
 
 
 def split_reference_state(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

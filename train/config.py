@@ -11,7 +11,7 @@ DEVICES = ("auto", "cpu", "cuda")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 # Settings a resumed run may change without invalidating its saved state.
-RESUME_FREE_KEYS = ("epochs", "stop_after_steps", "log_every", "device", "resume", "progress", "cpu_threads")
+RESUME_FREE_KEYS = ("out", "epochs", "stop_after_steps", "log_every", "device", "resume", "progress", "cpu_threads")
 
 
 @dataclass(kw_only=True)

@@ -8,8 +8,6 @@ A block is exactly one Zarr chunk, so each read is contiguous and memory holds o
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 
 from lare2.shared.cache import CacheError, FeatureCache
+from lare2.shared.config import identity_fingerprint
 
 
 def extraction_fingerprint(cache: FeatureCache) -> str:
@@ -25,7 +24,7 @@ def extraction_fingerprint(cache: FeatureCache) -> str:
     identity = cache.attrs.get("identity")
     if not isinstance(identity, dict):
         raise CacheError(f"{cache.path}: the cache records no extraction identity (attrs['identity']); re-extract it with `lare2 extract`")
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return identity_fingerprint(identity)
 
 
 @dataclass

@@ -15,6 +15,7 @@ uninterrupted run (the data order depends only on (seed, epoch); the RNG state i
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.train``, select on ``cfg.val``, calibrate, write the run directory."""
     from accelerate import Accelerator
 
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it set before first use
     accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision)
     if cfg.device == "cuda" and accelerator.device.type != "cuda":
         raise RuntimeError("device='cuda' but no CUDA device is visible")
@@ -178,19 +181,20 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                     logger.info(f"step {step}: loss {loss_sum / seen:.4f}")
                 if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps:
                     logger.warning(f"stopping after {step} steps (stop_after_steps); nothing of this epoch is saved")
-                    return TrainResult(run_dir=out, finished=False, best_epoch=best["epoch"], threshold=None, val_metrics={})
+                    return TrainResult(run_dir=out, finished=False, best_epoch=best["epoch"] + 1, threshold=None, val_metrics={})
 
         raw_model = accelerator.unwrap_model(model)
         labels, scores, _ = score_split(raw_model, val_split, batch_size=max(cfg.batch_size, 64))
         val_metrics = detection_metrics(labels, scores)
         val_metrics["loss"] = validation_loss(labels, scores)
         metric = val_metrics[cfg.select_metric]
+        epoch_lr = optimizer.param_groups[0]["lr"]
         scheduler.step(metric)
         # ties on the selection metric (e.g. AUC saturating at 1) go to the lower validation loss
         improved = (metric, -val_metrics["loss"]) > (best["metric"], -best.get("loss", math.inf))
         if improved:
             best = {"metric": float(metric), "loss": val_metrics["loss"], "epoch": epoch}
-        record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
+        record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1), "lr": epoch_lr,
                   **{f"val_{k}": v for k, v in val_metrics.items()}}
         history.append(record)
         if is_main:
@@ -219,9 +223,7 @@ def _finish(cfg: TrainConfig, accelerator, model_config: ModelConfig, val_split:
     model.load_state_dict(load_file(str(out / WEIGHTS_FILE)))
     config = calibrated_config_for(
         model, model_config, val_split, cfg.target_fpr,
-        extra={"best_epoch": best["epoch"] + 1, "select_metric": cfg.select_metric, "train_cache": str(cfg.train), "val_cache": str(cfg.val),
-               # what scoring new images must recompute, exactly as the training features were
-               "extract_config": val_split.cache.attrs.get("extract_config", {})},
+        extra={"best_epoch": best["epoch"] + 1, "select_metric": cfg.select_metric, "train_cache": str(cfg.train), "val_cache": str(cfg.val)},
     )
     config.train = cfg.to_dict()
     threshold, val_metrics = config.threshold, config.val_metrics
@@ -241,8 +243,11 @@ def calibrated_config_for(model: nn.Module, model_config: ModelConfig, val_split
     threshold = calibrate_threshold(scores[labels == 0], target_fpr)
     val_metrics = detection_metrics(labels, scores, threshold)
     val_metrics["fpr@thr"] = float((scores[labels == 0] > threshold).mean())
+    # what scoring new images must recompute, exactly as the features the detector was calibrated on
+    extract_config = val_split.cache.attrs.get("extract_config", {})
     return DetectorConfig(model=model_config, extraction_fingerprint=val_split.fingerprint, threshold=threshold,
-                          target_fpr=target_fpr, val_metrics=val_metrics, extra={**extra, "provenance": provenance()})
+                          target_fpr=target_fpr, val_metrics=val_metrics,
+                          extra={**extra, "extract_config": extract_config, "provenance": provenance()})
 
 
 def convert_reference(checkpoint: str | Path, val: str | Path, out: str | Path, target_fpr: float = 0.05) -> DetectorConfig:
@@ -282,10 +287,18 @@ def convert_reference(checkpoint: str | Path, val: str | Path, out: str | Path, 
     if have != want:
         raise CheckpointError(f"{val}: cache dims (pooled, fmap, lare) = {have}, the checkpoint's head expects {want}")
     val_split = CacheSplit(val, type(model).input_names)
+    if backbone:
+        # the head expects the fine-tuned backbone's features: extract val (and everything scored) with it
+        out.mkdir(parents=True, exist_ok=True)
+        backbone_path = out / "backbone.safetensors"
+        save_file({k: v.contiguous() for k, v in backbone.items()}, str(backbone_path))
+        used = val_split.cache.attrs.get("extract_config", {}).get("backbone", "")
+        if not used or Path(used).resolve() != backbone_path.resolve():
+            logger.warning(f"{val} was extracted with backbone {used!r}, not the checkpoint's fine-tuned {backbone_path}: "
+                           f"the threshold is calibrated on other features. Extract val with --clip {backbone_path} "
+                           f"and convert again.")
     config = calibrated_config_for(model, model_config, val_split, target_fpr,
                                    extra={"converted_from": str(checkpoint), "val_cache": str(val), "backbone_keys": len(backbone)})
     save_detector(out, model, config)
-    if backbone:
-        save_file({k: v.contiguous() for k, v in backbone.items()}, str(out / "backbone.safetensors"))
     logger.info(f"converted {checkpoint} ({len(head)} head tensors, {len(backbone)} backbone tensors) -> {out}")
     return config
