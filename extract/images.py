@@ -32,6 +32,7 @@ def decode_rgb(data: bytes, *, max_pixels: int = 89_478_485) -> Image.Image:
     """Bytes -> an RGB PIL image (EXIF-rotated), or :class:`ImageError` saying why not."""
     if not data:
         raise ImageError("empty file (0 bytes)")
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
         Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard, else it refuses at its default first
         with warnings.catch_warnings():
@@ -51,6 +52,8 @@ def decode_rgb(data: bytes, *, max_pixels: int = 89_478_485) -> Image.Image:
         raise ImageError("not an image Pillow can identify") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageError(f"cannot decode: {err}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit  # a process-wide setting: leave it as found
     if min(image.size) < MIN_SIDE:
         raise ImageError(f"too small: {image.size[0]}x{image.size[1]} (minimum side {MIN_SIDE} px)")
     try:

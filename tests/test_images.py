@@ -39,8 +39,10 @@ def test_palette_alpha_keeps_its_colours():
 def test_bomb_limit_is_configurable():
     from tests.bad_images import decompression_bomb
 
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     with pytest.raises(ImageError, match="decompression bomb.*limit of 1000"):
         decode_rgb(decompression_bomb(side=40), max_pixels=1000)
+    assert Image.MAX_IMAGE_PIXELS == pillow_limit  # the process-wide setting is left as found
 
 
 def test_lare_input_is_bicubic_256_in_minus1_1():
