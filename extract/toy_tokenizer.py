@@ -10,7 +10,6 @@ import json
 import string
 from pathlib import Path
 
-from transformers import CLIPTokenizer
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
@@ -36,7 +35,3 @@ def write_toy_tokenizer(folder: str | Path, model_max_length: int = 77) -> Path:
         "pad_token": SPECIAL_TOKENS[1],
     }))
     return folder
-
-
-def load_toy_tokenizer(folder: str | Path) -> CLIPTokenizer:
-    return CLIPTokenizer.from_pretrained(str(folder))

@@ -6,11 +6,9 @@ what a cache holds; appending to a cache made with another identity is refused, 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 PROMPT_MODES = ("class", "fixed", "empty")
-PREDICTION_TARGETS = ("auto", "epsilon", "v_prediction")
 
 
 @dataclass(kw_only=True)
@@ -105,10 +103,6 @@ class ExtractConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
     def prompt_for(self, class_name: str) -> str:
         if self.prompt_mode == "class":
             return self.prompt_template.format(class_name) if class_name else ""
@@ -147,7 +141,3 @@ def preset(name: str, **overrides) -> ExtractConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return PRESETS[name](**overrides)
-
-
-def resolve_path(p: str | Path) -> Path:
-    return Path(p).expanduser().resolve()

@@ -21,11 +21,6 @@ def sample_seed(run_seed: int, sample_id: str) -> int:
     return int.from_bytes(digest[:8], "big") & ((1 << SEED_BITS) - 1)
 
 
-def sample_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A fresh generator for one sample."""
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch once at the start of a run."""
     random.seed(seed)

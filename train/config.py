@@ -99,10 +99,6 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
 
 # ---- presets ------------------------------------------------------------------------------------
 def paper(**overrides) -> TrainConfig:
