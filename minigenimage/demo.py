@@ -31,7 +31,7 @@ class DemoConfig:
     out: str = "runs/minigenimage"
     """Everything goes under here: ``data/`` (benchmark), ``cache/`` (stage 1), ``<model>/`` (runs)."""
     build_preset: str = "demo"
-    """MiniGenImage size: ``demo`` (the README's table) or ``tiny`` (tests)."""
+    """MiniGenImage size: ``demo`` (the README's table), ``ci`` (the detection test) or ``tiny``."""
     models: list[str] = field(default_factory=lambda: list(MODELS))
     """Detectors to train and compare."""
     train_preset: str = "paper"
