@@ -114,3 +114,28 @@ def test_stage_2_never_loads_diffusers_or_the_extractor() -> None:
             "bad = [m for m in sys.modules if m.split('.')[0] == 'diffusers' or m.startswith('lare2.extract')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_set_resume_false_starts_afresh(data, tmp_path) -> None:
+    assert main(train_args(data, tmp_path / "run", "--stop-after-steps", "7")) == 3
+    # resuming with another lr is refused (test above); --set resume=false must not be overridden by the flag default
+    assert main(train_args(data, tmp_path / "run", "--lr", "0.01", "--set", "resume=false")) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr"] == 0.01
+
+
+def test_pending_samples_are_counted_and_reported(tmp_path, caplog) -> None:
+    import logging
+
+    from lare2.train.data import CacheSplit
+    from tests.tiny_caches import CHUNK, ERROR_INDICES, build_tiny_cache
+
+    cache = build_tiny_cache(tmp_path, images=False)
+    lare2_logger = logging.getLogger("lare2")
+    lare2_logger.addHandler(caplog.handler)
+    try:
+        split = CacheSplit(cache.path, ("lare",))
+    finally:
+        lare2_logger.removeHandler(caplog.handler)
+    assert (split.num_pending, split.num_errors) == (CHUNK, len(ERROR_INDICES))
+    assert split.num_ok == len(cache.ids) - CHUNK - len(ERROR_INDICES)
+    assert any("4 of 24 samples are still pending" in r.getMessage() for r in caplog.records)

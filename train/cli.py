@@ -62,7 +62,8 @@ def train_command(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
     target_fpr: Optional[float] = typer.Option(None, help="FPR on validation reals for the calibrated threshold."),
     set_: List[str] = typer.Option([], "--set", help="Any other TrainConfig field: --set KEY=VALUE (repeatable)."),
-    resume: bool = typer.Option(True, help="Resume from the run directory's saved epoch when present."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume",
+                                          help="Resume from the run directory's saved epoch when present [default: resume]."),
     stop_after_steps: Optional[int] = typer.Option(None, hidden=True, help="Debug: stop without saving after N steps."),
 ) -> None:
     """Fit a detector on cached features; select and calibrate on the validation cache."""
@@ -74,7 +75,8 @@ def train_command(
     named = {"model": model, "train": train, "val": val, "out": out, "epochs": epochs, "batch_size": batch_size, "lr": lr,
              "seed": seed, "device": device, "target_fpr": target_fpr, "stop_after_steps": stop_after_steps}
     overrides.update({k: v for k, v in named.items() if v is not None})
-    overrides["resume"] = resume
+    if resume is not None:  # an explicit flag wins over --set resume=...
+        overrides["resume"] = resume
     cfg = make_preset(preset, **overrides)
     result = run_training(cfg)
     if not result.finished:

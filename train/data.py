@@ -15,8 +15,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from lare2.shared.cache import CacheError, FeatureCache
+from lare2.shared.cache import STATUS_ERROR, STATUS_PENDING, CacheError, FeatureCache
 from lare2.shared.config import identity_fingerprint
+from lare2.shared.logs import get_logger
+
+log = get_logger(__name__)
 
 
 def extraction_fingerprint(cache: FeatureCache) -> str:
@@ -68,6 +71,12 @@ class CacheSplit:
             raise CacheError(f"{self.path}: labels must be 0 (real) or 1 (fake), found {sorted(bad)}")
         self.ok = ok
         self.labels = labels
+        status = self.cache.column("status")
+        self.num_pending = int((status == STATUS_PENDING).sum())
+        self.num_errors = int((status == STATUS_ERROR).sum())
+        if self.num_pending:  # an unfinished extraction: say so, the figures cover only part of the data
+            log.warning("%s: %d of %d samples are still pending (extraction not finished) and are left out; "
+                        "rerun the extraction to complete the cache", self.path, self.num_pending, len(status))
         self.ok_blocks = [b for b in range(self.cache.num_blocks) if ok[self.cache.block_slice(b)].any()]
 
     @property
