@@ -48,3 +48,12 @@ def test_calibration_with_ties_never_exceeds_the_target() -> None:
     assert (reals > calibrate_threshold(reals, 0.05)).mean() <= 0.05
     with pytest.raises(ValueError, match="no real"):
         calibrate_threshold(np.empty(0), 0.05)
+
+
+def test_balanced_accuracy_weighs_both_classes_equally() -> None:
+    labels = np.array([0] * 8 + [1] * 2)
+    scores = np.array([0.1] * 8 + [0.9, 0.2])  # reals all right, one fake of two right
+    plain, balanced = detection_metrics(labels, scores, 0.5), detection_metrics(labels, scores, 0.5, balanced=True)
+    assert plain["acc"] == pytest.approx(0.9) and plain["acc@thr"] == pytest.approx(0.9)
+    assert balanced["acc"] == pytest.approx(0.75) and balanced["acc@thr"] == pytest.approx(0.75)
+    assert balanced["real_acc"] == plain["real_acc"] == 1.0 and balanced["fake_acc"] == 0.5

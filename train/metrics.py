@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import accuracy_score, average_precision_score, balanced_accuracy_score, roc_auc_score, roc_curve
 
 TPR_AT_FPR = (0.01, 0.05)
 
@@ -39,10 +39,12 @@ def _class_accuracy(labels: np.ndarray, predicted_fake: np.ndarray, cls: int) ->
     return float((predicted_fake[mask] == bool(cls)).mean()) if mask.any() else float("nan")
 
 
-def detection_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float | None = None) -> dict[str, float]:
+def detection_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float | None = None, *,
+                      balanced: bool = False) -> dict[str, float]:
     """ACC/real ACC/fake ACC at 0.5, AP, ROC-AUC, TPR at 1% and 5% FPR, ACC at ``threshold``, counts.
 
-    ``acc`` is accuracy over all samples. Ranking metrics (AP, AUC, TPR@FPR) need both classes and
+    ``acc`` is accuracy over all samples, or with ``balanced`` the mean of the real and fake
+    accuracies (for a row whose reals are pooled from elsewhere and so outnumber its fakes). Ranking metrics (AP, AUC, TPR@FPR) need both classes and
     are NaN otherwise; the class accuracies are NaN for an absent class.
     """
     labels = np.asarray(labels).astype(np.int64)
@@ -53,8 +55,9 @@ def detection_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float |
         raise ValueError("scores contain NaN or inf")
     predicted = scores > 0.5
     both = (labels == 0).any() and (labels == 1).any()
+    accuracy = balanced_accuracy_score if balanced and both else accuracy_score
     out = {
-        "acc": float(accuracy_score(labels, predicted.astype(np.int64))) if labels.size else float("nan"),
+        "acc": float(accuracy(labels, predicted.astype(np.int64))) if labels.size else float("nan"),
         "real_acc": _class_accuracy(labels, predicted, 0),
         "fake_acc": _class_accuracy(labels, predicted, 1),
         "ap": float(average_precision_score(labels, scores)) if both else float("nan"),
@@ -64,7 +67,7 @@ def detection_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float |
         out[f"tpr@{target:g}fpr"] = tpr_at_fpr(labels, scores, target) if both else float("nan")
     if threshold is not None:
         calibrated = scores > threshold
-        out["acc@thr"] = float(accuracy_score(labels, calibrated.astype(np.int64))) if labels.size else float("nan")
+        out["acc@thr"] = float(accuracy(labels, calibrated.astype(np.int64))) if labels.size else float("nan")
         out["real_acc@thr"] = _class_accuracy(labels, calibrated, 0)
         out["fake_acc@thr"] = _class_accuracy(labels, calibrated, 1)
     out["n_real"] = int((labels == 0).sum())

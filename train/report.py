@@ -29,7 +29,8 @@ logger = get_logger(__name__)
 
 GROUPING_RULE = (
     "one row per generator with fakes in a test cache; reals from the same generator, else the same cache, "
-    "else all test caches; reals-only generators are reported but left out of the mean; mean = unweighted over rows with fakes"
+    "else all test caches (pooled reals: ACC is balanced, the mean of real and fake ACC); "
+    "reals-only generators are reported but left out of the mean; mean = unweighted over rows with fakes"
 )
 TABLE_COLUMNS = ("acc", "real_acc", "fake_acc", "ap", "auc", "tpr@0.01fpr", "tpr@0.05fpr", "acc@thr")
 HEADERS = {"generator": "generator", "acc": "ACC", "real_acc": "real", "fake_acc": "fake", "ap": "AP", "auc": "AUC",
@@ -82,7 +83,7 @@ def generator_rows(scored: Sequence[ScoredCache], threshold: float) -> tuple[lis
             labels = np.concatenate([np.zeros(reals.size, np.int64), np.ones(fakes.size, np.int64)])
             scores = np.concatenate([reals, fakes])
             row = {"generator": name, "cache": str(cache.path), "reals_from": reals_from if fakes.size else "reals only",
-                   **detection_metrics(labels, scores, threshold)}
+                   **detection_metrics(labels, scores, threshold, balanced=reals_from != "generator")}
             rows.append(row)
             curves[name] = (labels, scores)
     return rows, curves
