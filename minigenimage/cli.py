@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -56,10 +57,13 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("runs/minigenimage"), help="Benchmark, caches, runs and reports go under here."),
         preset: str = typer.Option("demo", help="Benchmark size: demo (the README's table) or a smaller preset of build.py."),
         seed: int = typer.Option(0, help="Seeds the benchmark, the LaRE draws and training."),
+        backbone: str = typer.Option("small", help="Stage-1 image backbone: small, tiny, or a CLIP RN50 weight file."),
+        epochs: Optional[int] = typer.Option(None, help="Training epochs per detector [default: DemoConfig's]."),
     ) -> None:
         """The whole method on MiniGenImage: build, extract with ldm-a, train 3 detectors, evaluate on 4 generators."""
         from lare2.minigenimage.demo import DemoConfig, run_demo
 
-        run_demo(DemoConfig(out=str(out), build_preset=preset, seed=seed))
+        extra = {} if epochs is None else {"epochs": epochs}
+        run_demo(DemoConfig(out=str(out), build_preset=preset, seed=seed, backbone=backbone, **extra))
 
     app.add_typer(group, name="minigenimage")

@@ -1,9 +1,15 @@
-"""The demo on a reduced MiniGenImage: every stage runs on real generated images, and EGRE detects.
+"""The demo on MiniGenImage: every stage runs on real generated images, and EGRE detects ldm-a on
+photographs it never saw.
 
-Measured (build preset ``ci``: 96 train / 40 val / 48 test images per class, paper recipe):
-egre's ROC-AUC on held-out ldm-a test photographs was 0.82 (seed 0) and 0.72 (seed 1); linear
-0.60 / 0.68; lare-only 0.50 / 0.45. The bar below is "clearly above chance", not the README's
-full-size figures.
+Measured with this test's settings (build preset ``demo``: 240 train / 80 val / 120 test images per
+class, ``small`` random backbone, paper recipe, 40 epochs), egre on the held-out ldm-a test split:
+
+    seed 0: ACC@0.5 0.883, AUC 0.938 (this test)   seed 1: 0.938, 0.989   seed 2: 0.838, 0.923
+
+The issue's target, ACC@0.5 >= 0.90, is met by seed 1 only: the misses are the reals of one or two
+smooth test photographs (moon, cell) that a detector calls fake as a whole; README "MiniGenImage".
+The bars below sit under the seed-0 figures with a margin for thread-count rounding. The reduced
+``ci`` preset (96 / 40 / 48) was tried and is too small to learn from: ACC 0.74, AUC 0.84.
 """
 
 from __future__ import annotations
@@ -18,21 +24,23 @@ from lare2.minigenimage.zoo import GENERATORS
 pytestmark = pytest.mark.slow
 
 
-def test_reduced_demo_detects_ldm_a_on_unseen_photographs(tmp_path, capsys):
-    reports = run_demo(DemoConfig(out=str(tmp_path), build_preset="ci", models=["egre", "lare-only"]))
+def test_demo_detects_ldm_a_on_unseen_photographs(tmp_path, capsys):
+    reports = run_demo(DemoConfig(out=str(tmp_path), models=["egre", "lare-only"]))
     egre = {row["generator"]: row for row in reports["egre"]["rows"]}
 
     # every generator is evaluated, with its own held-out reals and fakes
     assert sorted(egre) == sorted(GENERATORS)
-    assert all(row["n_real"] == 48 and row["n_fake"] == 48 and row["reals_from"] == "generator" for row in egre.values())
+    assert all(row["n_real"] == 120 and row["n_fake"] == 120 and row["reals_from"] == "generator" for row in egre.values())
     # the calibrated threshold comes from validation reals only
     assert reports["egre"]["target_fpr"] == pytest.approx(0.05)
 
-    figures = {model: {r["generator"]: {k: r[k] for k in ("acc", "real_acc", "fake_acc", "ap", "auc")} for r in rep["rows"]}
+    figures = {model: {r["generator"]: {k: round(r[k], 3) for k in ("acc", "real_acc", "fake_acc", "ap", "auc")} for r in rep["rows"]}
                for model, rep in reports.items()}
     with capsys.disabled():  # the figures of every generator, in the CI log
-        print("\nreduced MiniGenImage:", json.dumps(figures, indent=1))
-    assert egre["ldm-a"]["auc"] >= 0.65, figures
+        print("\nMiniGenImage demo (seed 0):", json.dumps(figures, indent=1))
+    assert egre["ldm-a"]["acc"] >= 0.85, figures
+    assert egre["ldm-a"]["auc"] >= 0.90, figures
+    assert egre["ldm-a"]["fake_acc"] >= 0.90, figures
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["reports"]) == {"egre", "lare-only"}
