@@ -142,3 +142,17 @@ def test_pending_samples_are_counted_and_reported(tmp_path, caplog) -> None:
     assert (split.num_pending, split.num_errors) == (CHUNK, len(ERROR_INDICES))
     assert split.num_ok == len(cache.ids) - CHUNK - len(ERROR_INDICES)
     assert any("4 of 24 samples are still pending" in r.getMessage() for r in caplog.records)
+
+
+def test_same_generator_in_caches_with_the_same_folder_name(data, tmp_path) -> None:
+    from lare2.train.report import generator_rows, score_caches
+
+    run = tmp_path / "run"
+    assert main(train_args(data, run, "--epochs", "1")) == 0
+    paths = [write_synthetic_cache(tmp_path / d / "test", num_samples=32, signal="lare", seed=s, layout=LAYOUT,
+                                   generators=("sd",)).path for d, s in (("a", 7), ("b", 8))]
+    _, config, scored = score_caches(run, paths)
+    rows, curves = generator_rows(scored, config.threshold)
+    # one row and one curve per cache: the names must not collide, or a curve would overwrite the other
+    assert len({r["generator"] for r in rows}) == len(curves) == 2
+    assert [r["cache"] for r in rows] == [str(p) for p in paths]

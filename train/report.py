@@ -79,7 +79,7 @@ def generator_rows(scored: Sequence[ScoredCache], threshold: float) -> tuple[lis
             reals_from = "generator"
             if fakes.size and not reals.size:
                 reals, reals_from = (cache_reals, "cache") if cache_reals.size else (all_real_scores, "all tests")
-            name = str(generator) if names.count(str(generator)) == 1 else f"{generator} [{cache.path.name}]"
+            name = _row_name(str(generator), cache.path, names, [c.path for c in scored])
             labels = np.concatenate([np.zeros(reals.size, np.int64), np.ones(fakes.size, np.int64)])
             scores = np.concatenate([reals, fakes])
             row = {"generator": name, "cache": str(cache.path), "reals_from": reals_from if fakes.size else "reals only",
@@ -87,6 +87,16 @@ def generator_rows(scored: Sequence[ScoredCache], threshold: float) -> tuple[lis
             rows.append(row)
             curves[name] = (labels, scores)
     return rows, curves
+
+
+def _row_name(generator: str, cache_path: Path, generator_names: list[str], cache_paths: list[Path]) -> str:
+    """The generator's name; when several caches hold it, with its cache's folder name, or the full
+    path when two caches share a folder name (names key the plots' curves, so they must be unique)."""
+    if generator_names.count(generator) == 1:
+        return generator
+    if [p.name for p in cache_paths].count(cache_path.name) == 1:
+        return f"{generator} [{cache_path.name}]"
+    return f"{generator} [{cache_path}]"
 
 
 def mean_row(rows: Sequence[dict]) -> dict:
