@@ -119,7 +119,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     if accelerator.device.type == "cpu":
-        torch.set_flush_denormal(True)  # near-zero losses make denormal gradients, which crawl on x86 CPUs
+        # near-zero losses make denormal gradients, which crawl on x86 CPUs; this reaches the calling thread
+        # and threads started after it, so a long-lived process should set it before its first parallel op
+        torch.set_flush_denormal(True)
         if cfg.cpu_threads:
             torch.set_num_threads(cfg.cpu_threads)
     is_main = accelerator.is_main_process
