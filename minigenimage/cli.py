@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -58,12 +58,17 @@ def register(app: typer.Typer) -> None:
         preset: str = typer.Option("demo", help="Benchmark size: demo (the README's table) or a smaller preset of build.py."),
         seed: int = typer.Option(0, help="Seeds the benchmark, the LaRE draws and training."),
         backbone: str = typer.Option("small", help="Stage-1 image backbone: small, tiny, or a CLIP RN50 weight file."),
-        epochs: Optional[int] = typer.Option(None, help="Training epochs per detector [default: DemoConfig's]."),
+        epochs: Optional[int] = typer.Option(None, help="Training epochs per detector (default: 40)."),
+        model: List[str] = typer.Option([], help="Detector to train, repeatable (default: egre, linear and lare-only)."),
     ) -> None:
         """The whole method on MiniGenImage: build, extract with ldm-a, train 3 detectors, evaluate on 4 generators."""
         from lare2.minigenimage.demo import DemoConfig, run_demo
 
-        extra = {} if epochs is None else {"epochs": epochs}
-        run_demo(DemoConfig(out=str(out), build_preset=preset, seed=seed, backbone=backbone, **extra))
+        extra = ({} if epochs is None else {"epochs": epochs}) | ({"models": list(model)} if model else {})
+        try:
+            config = DemoConfig(out=str(out), build_preset=preset, seed=seed, backbone=backbone, **extra)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
+        run_demo(config)
 
     app.add_typer(group, name="minigenimage")
