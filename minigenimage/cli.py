@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
     @group.command("build")
     def build_command(
         out: Path = typer.Option(Path("data/minigenimage"), help="Benchmark folder (generator folders + manifest.parquet)."),
-        preset: str = typer.Option("demo", help="demo (make demo) or tiny (tests)."),
+        preset: str = typer.Option("demo", help="demo (make demo), reduced or tiny (tests)."),
         seed: int = typer.Option(0, help="Seeds every generated image and every crop."),
         zoo: Path | None = typer.Option(None, help="Zoo folder (default: the committed zoo)."),
     ) -> None:

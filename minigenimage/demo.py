@@ -31,7 +31,8 @@ class DemoConfig:
     out: str = "runs/minigenimage"
     """Everything goes under here: ``data/`` (benchmark), ``cache/`` (stage 1), ``<model>/`` (runs)."""
     build_preset: str = "demo"
-    """MiniGenImage size: ``demo`` (the README's table), ``ci`` (the detection test) or ``tiny``."""
+    """MiniGenImage size: ``demo`` (the README's table), ``reduced`` (96 / 40 / 48 per class; too
+    small to learn well) or ``tiny``."""
     models: list[str] = field(default_factory=lambda: list(MODELS))
     """Detectors to train and compare."""
     backbone: str = "small"

@@ -8,8 +8,8 @@ class, ``small`` random backbone, paper recipe, 40 epochs), egre on the held-out
 
 The issue's target, ACC@0.5 >= 0.90, is met by seed 1 only: the misses are the reals of one or two
 smooth test photographs (moon, cell) that a detector calls fake as a whole; README "MiniGenImage".
-The bars below sit under the seed-0 figures with a margin for thread-count rounding. The reduced
-``ci`` preset (96 / 40 / 48) was tried and is too small to learn from: ACC 0.74, AUC 0.84.
+The bars below sit under the seed-0 figures with a margin for thread-count rounding. The
+``reduced`` build preset (96 / 40 / 48) was tried and is too small to learn from: ACC 0.74, AUC 0.84.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def train_command(
     target_fpr: Optional[float] = typer.Option(None, help="FPR on validation reals for the calibrated threshold."),
     set_: List[str] = typer.Option([], "--set", help="Any other TrainConfig field: --set KEY=VALUE (repeatable)."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume",
-                                          help="Resume from the run directory's saved epoch when present [default: resume]."),
+                                          help="Resume from the run directory's saved epoch when present (default: resume)."),
     stop_after_steps: Optional[int] = typer.Option(None, hidden=True, help="Debug: stop without saving after N steps."),
 ) -> None:
     """Fit a detector on cached features; select and calibrate on the validation cache."""

@@ -44,8 +44,9 @@ def detection_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float |
     """ACC/real ACC/fake ACC at 0.5, AP, ROC-AUC, TPR at 1% and 5% FPR, ACC at ``threshold``, counts.
 
     ``acc`` is accuracy over all samples, or with ``balanced`` the mean of the real and fake
-    accuracies (for a row whose reals are pooled from elsewhere and so outnumber its fakes). Ranking metrics (AP, AUC, TPR@FPR) need both classes and
-    are NaN otherwise; the class accuracies are NaN for an absent class.
+    accuracies (for a row whose reals are pooled from elsewhere and so outnumber its fakes).
+    Ranking metrics (AP, AUC, TPR@FPR) need both classes and are NaN otherwise; the class
+    accuracies are NaN for an absent class.
     """
     labels = np.asarray(labels).astype(np.int64)
     scores = np.asarray(scores, dtype=np.float64)
