@@ -8,7 +8,6 @@ Writes ``<zoo>/gan/generator.safetensors`` and ``<zoo>/gan/config.json`` (the ge
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 
 from lare2.minigenimage.models import IMAGE_SIZE, GanConfig, GanDiscriminator, GanGenerator
 from lare2.minigenimage.photos import CLASS_NAMES
-from lare2.minigenimage.zoo import StepLogger, ZOO_DIR, ZooTrainConfig, batches, log, record_weights, training_images
+from lare2.minigenimage.zoo import StepLogger, ZooTrainConfig, batches, log, record_weights, recipe_from_args, training_images
 
 
 @dataclass(kw_only=True)
@@ -86,11 +85,7 @@ def load_generator(folder: Path) -> GanGenerator:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zoo", default=str(ZOO_DIR))
-    parser.add_argument("--steps", type=int, default=GanTrainConfig.steps)
-    args = parser.parse_args(argv)
-    train(GanTrainConfig(zoo=args.zoo, steps=args.steps))
+    train(recipe_from_args(GanTrainConfig, __doc__.splitlines()[0], argv))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ schedule (ADM's), v-prediction. Writes ``<zoo>/pixel-ddpm/{unet,scheduler}``.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 
 from lare2.minigenimage.models import IMAGE_SIZE, pixel_scheduler_config, pixel_unet
 from lare2.minigenimage.photos import CLASS_NAMES
-from lare2.minigenimage.zoo import StepLogger, ZOO_DIR, ZooTrainConfig, batches, log, optimizer_step, record_weights, training_images
+from lare2.minigenimage.zoo import StepLogger, ZooTrainConfig, batches, log, optimizer_step, record_weights, recipe_from_args, training_images
 
 
 @dataclass(kw_only=True)
@@ -60,11 +59,7 @@ def train(config: PixelDdpmTrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zoo", default=str(ZOO_DIR))
-    parser.add_argument("--steps", type=int, default=PixelDdpmTrainConfig.steps)
-    args = parser.parse_args(argv)
-    train(PixelDdpmTrainConfig(zoo=args.zoo, steps=args.steps))
+    train(recipe_from_args(PixelDdpmTrainConfig, __doc__.splitlines()[0], argv))
 
 
 if __name__ == "__main__":

@@ -8,14 +8,13 @@ scaled latents have unit standard deviation, as SD's 0.18215 does for its VAE.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from lare2.minigenimage.models import IMAGE_SIZE, tiny_vae
-from lare2.minigenimage.zoo import StepLogger, ZOO_DIR, ZooTrainConfig, batches, log, optimizer_step, record_weights, training_images
+from lare2.minigenimage.zoo import StepLogger, ZooTrainConfig, batches, log, optimizer_step, record_weights, recipe_from_args, training_images
 
 
 @dataclass(kw_only=True)
@@ -58,12 +57,7 @@ def train(config: VaeTrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zoo", default=str(ZOO_DIR))
-    parser.add_argument("--steps", type=int, default=VaeTrainConfig.steps)
-    parser.add_argument("--seed", type=int, default=VaeTrainConfig.seed)
-    args = parser.parse_args(argv)
-    train(VaeTrainConfig(zoo=args.zoo, steps=args.steps, seed=args.seed))
+    train(recipe_from_args(VaeTrainConfig, __doc__.splitlines()[0], argv))
 
 
 if __name__ == "__main__":

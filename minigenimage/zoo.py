@@ -11,6 +11,7 @@ Layout of ``minigenimage/zoo/``::
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import time
@@ -143,3 +144,13 @@ def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
     schedule.step()
+
+
+def recipe_from_args(config_type: type[ZooTrainConfig], description: str, argv: list[str] | None) -> ZooTrainConfig:
+    """The command line of a family's training script: ``--zoo``, ``--steps``, ``--seed`` (defaults: the recipe's)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--zoo", default=str(ZOO_DIR))
+    parser.add_argument("--steps", type=int, default=config_type.steps)
+    parser.add_argument("--seed", type=int, default=config_type.seed)
+    args = parser.parse_args(argv)
+    return config_type(zoo=args.zoo, steps=args.steps, seed=args.seed)
