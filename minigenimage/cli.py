@@ -60,13 +60,14 @@ def register(app: typer.Typer) -> None:
         backbone: str = typer.Option("small", help="Stage-1 image backbone: small, tiny, or a CLIP RN50 weight file."),
         epochs: Optional[int] = typer.Option(None, help="Training epochs per detector (default: 40)."),
         model: List[str] = typer.Option([], help="Detector to train, repeatable (default: egre, linear and lare-only)."),
+        zoo: Optional[Path] = typer.Option(None, help="Generator zoo to sample and take ldm-a from (default: the committed zoo)."),
     ) -> None:
         """The whole method on MiniGenImage: build, extract with ldm-a, train 3 detectors, evaluate on 4 generators."""
         from lare2.minigenimage.demo import DemoConfig, run_demo
 
         extra = ({} if epochs is None else {"epochs": epochs}) | ({"models": list(model)} if model else {})
         try:
-            config = DemoConfig(out=str(out), build_preset=preset, seed=seed, backbone=backbone, **extra)
+            config = DemoConfig(out=str(out), build_preset=preset, seed=seed, backbone=backbone, zoo=str(zoo or ""), **extra)
         except ValueError as err:
             raise typer.BadParameter(str(err)) from None
         run_demo(config)

@@ -45,6 +45,9 @@ class DemoConfig:
     480, 20 epochs (200 steps) stop while validation AUC still climbs, and it levels off by about 30."""
     seed: int = 0
     """Seeds the benchmark, the LaRE draws and training."""
+    zoo: str = ""
+    """Generator zoo to sample, and whose ``ldm-a`` computes the LaRE maps; empty: the committed zoo.
+    ``lare2 minigenimage zoo --zoo DIR`` retrains one elsewhere without touching the committed weights."""
     batch_size: int = 16
     """Images per stage-1 model call."""
 
@@ -52,13 +55,20 @@ class DemoConfig:
         unknown = sorted(set(self.models) - set(MODELS))
         if unknown:
             raise ValueError(f"models {unknown}: choose from {MODELS}")
+        if self.zoo and not (Path(self.zoo) / "ldm-a" / "unet").is_dir():
+            raise ValueError(f"zoo={self.zoo!r}: no ldm-a/unet there; train one with `lare2 minigenimage zoo --zoo {self.zoo}`")
+
+    @property
+    def zoo_dir(self) -> Path:
+        from lare2.minigenimage.zoo import ZOO_DIR
+
+        return Path(self.zoo) if self.zoo else ZOO_DIR
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the four steps; returns ``{model: evaluation report}`` and writes ``summary.json``."""
     from lare2.extract.run import run_extraction
     from lare2.minigenimage.build import build, preset as build_preset
-    from lare2.minigenimage.zoo import ZOO_DIR
     from lare2.minigenimage.models import IMAGE_SIZE
     from lare2.shared.config import paper
     from lare2.train.config import preset as train_preset
@@ -74,14 +84,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     console.rule("[bold]1/4 MiniGenImage: crops of real photographs + images from the 4 generators of the zoo")
     build_config = build_preset(cfg.build_preset)
-    build_config.out, build_config.seed = str(out / "data"), cfg.seed
+    build_config.out, build_config.seed, build_config.zoo = str(out / "data"), cfg.seed, str(cfg.zoo_dir)
     manifest = build(build_config)
 
     console.rule(f"[bold]2/4 Stage 1: LaRE maps with ldm-a (t=200, 4 draws, {IMAGE_SIZE} px) + backbone features")
     caches = {}
     for split in ("train", "val", "test"):
         extract_config = paper(manifest=str(manifest), out=str(out / "cache" / split), split=split,
-                               sd_model=str(ZOO_DIR / "ldm-a"), backbone=cfg.backbone, image_size=IMAGE_SIZE,
+                               sd_model=str(cfg.zoo_dir / "ldm-a"), backbone=cfg.backbone, image_size=IMAGE_SIZE,
                                batch_size=cfg.batch_size, num_workers=0, seed=cfg.seed)
         console.print(run_extraction(extract_config).line())
         caches[split] = extract_config.out

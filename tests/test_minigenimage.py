@@ -214,3 +214,45 @@ def test_cli_registers_build_and_zoo():
     register(app)
     result = CliRunner().invoke(app, ["minigenimage", "--help"])
     assert result.exit_code == 0 and "build" in result.output and "zoo" in result.output
+
+
+def test_demo_samples_and_extracts_with_the_zoo_it_is_given(tmp_path: Path, monkeypatch):
+    import shutil
+
+    import typer
+    from typer.testing import CliRunner
+
+    import lare2.extract.run
+    import lare2.minigenimage.build
+    from lare2.minigenimage.cli import register
+    from lare2.minigenimage.demo import DemoConfig, run_demo
+
+    app = typer.Typer()
+    register(app)
+    missing = CliRunner().invoke(app, ["minigenimage", "demo", "--zoo", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
+    assert missing.exit_code != 0 and "no ldm-a/unet" in missing.output
+    assert not (tmp_path / "run").exists()
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(ZOO_DIR / "ldm-a", zoo / "ldm-a")
+    seen = {}
+
+    def fake_build(config):
+        seen["build_zoo"] = config.zoo
+        return tmp_path / "manifest.parquet"
+
+    class Stop(Exception):
+        pass
+
+    def fake_extraction(config):
+        seen["sd_model"] = config.sd_model
+        raise Stop
+
+    monkeypatch.setattr(lare2.minigenimage.build, "build", fake_build)
+    monkeypatch.setattr(lare2.extract.run, "run_extraction", fake_extraction)
+    with pytest.raises(Stop):
+        run_demo(DemoConfig(out=str(tmp_path / "run"), zoo=str(zoo)))
+    assert seen == {"build_zoo": str(zoo), "sd_model": str(zoo / "ldm-a")}
+    with pytest.raises(Stop):
+        run_demo(DemoConfig(out=str(tmp_path / "run2")))
+    assert seen == {"build_zoo": str(ZOO_DIR), "sd_model": str(ZOO_DIR / "ldm-a")}
