@@ -1,6 +1,6 @@
 """``lare2 cache ...``: see what a cache holds and prove it whole.
 
-info, ls, show, verify, diff, stats, export. Each prints rich tables, or with ``--json`` one
+info, ls, show, verify, diff, stats, export, pack. Each prints rich tables, or with ``--json`` one
 JSON document on stdout for scripts. Exit codes: 0 fine, 1 problems found (verify) or runs
 that disagree (diff), 2 bad usage (no such cache, unknown id, bad option).
 The logic lives in ``lare2.shared.inspect`` / ``lare2.shared.wds_export``, imported inside the
@@ -349,3 +349,27 @@ def export(
         return
     _console().print(f"wrote {sum(summary['sizes'].values())} samples in {len(summary['shards'])} shards to "
                      f"{summary['out']} (exported {summary['exported']}, skipped {summary['skipped']})")
+
+
+@cache_app.command()
+def pack(
+    path: PathArg,
+    out: Annotated[Path, typer.Argument(help="Folder for the packed copy (must not exist).")],
+    shard_blocks: Annotated[int, typer.Option(help="Blocks (chunks) per shard file.")] = 64,
+    json: JsonOpt = False,
+) -> None:
+    """Copy a finished cache into Zarr shards of many blocks each: far fewer files, same values."""
+    from lare2.shared.cache import pack_cache
+
+    def file_count(folder: Path) -> int:
+        return sum(1 for f in folder.rglob("*") if f.is_file())
+
+    with _usage_errors():
+        packed = pack_cache(path, out, shard_blocks=shard_blocks, progress=not json)
+    summary = {"source": str(path), "out": str(out), "shard_blocks": shard_blocks, "samples": len(packed),
+               "files_before": file_count(path), "files_after": file_count(out)}
+    if json:
+        _print_json(summary)
+        return
+    _console().print(f"packed {summary['samples']} samples from {path} into {out}: {summary['files_before']} files -> "
+                     f"{summary['files_after']} ({shard_blocks} blocks per shard)")

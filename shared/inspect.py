@@ -85,13 +85,21 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def _chunk_file(cache: FeatureCache, arr: zarr.Array, coords: tuple[int, ...]) -> Path:
-    """Where a chunk lives on disk (zarr v3 default key encoding: ``c/0/0/0/0``)."""
+    """The file of stored chunk (or shard) ``coords`` (zarr v3 default key encoding: ``c/0/0/0/0``)."""
     return cache.path / arr.path / arr.metadata.encode_chunk_key(coords)
 
 
+def _samples_per_file(arr: zarr.Array) -> int:
+    return (arr.shards or arr.chunks)[0]
+
+
 def _block_chunk_coords(arr: zarr.Array, block: int) -> tuple[int, ...]:
-    # every array of a cache is chunked along samples only: block b is chunk (b, 0, ..., 0)
-    return (block,) + (0,) * (arr.ndim - 1)
+    # every array of a cache is stored along samples only: block b is in file (b // blocks per file, 0, ..., 0)
+    return (block // (_samples_per_file(arr) // arr.chunks[0]),) + (0,) * (arr.ndim - 1)
+
+
+def _file_count(arr: zarr.Array) -> int:
+    return math.ceil(arr.shape[0] / _samples_per_file(arr))
 
 
 def _is_variable_string(arr: zarr.Array) -> bool:
@@ -118,6 +126,7 @@ def array_info(cache: FeatureCache) -> list[dict]:
             "shape": list(arr.shape),
             "dtype": str(arr.dtype),
             "chunks": list(arr.chunks),
+            "shards": list(arr.shards) if arr.shards else None,
             "nbytes": nbytes,
             "bytes_on_disk": on_disk,
             "compression_ratio": (nbytes / on_disk) if nbytes is not None and on_disk else None,
@@ -424,7 +433,7 @@ def _check_chunks_and_values(
     for name in ("meta/sample_id", "meta/status"):  # never all-fill, so every chunk must be on disk
         arr = arrays.get(name)
         if arr is not None:
-            missing += [f"{name}/{arr.metadata.encode_chunk_key((b,))}" for b in range(arr.nchunks)
+            missing += [f"{name}/{arr.metadata.encode_chunk_key((b,))}" for b in range(_file_count(arr))
                         if not _chunk_file(cache, arr, (b,)).is_file()]
 
     nonfinite: dict[str, list[int]] = {name: [] for name in ARRAY_NAMES}

@@ -59,8 +59,10 @@ def write_tiny_manifest(path: Path, rows: dict, root: Path) -> None:
     write_manifest(path, {**rows, **extra}, root=root, builder="folders")
 
 
-def build_tiny_cache(tmp: Path, name: str = "cache", *, seed: int = 0, images: bool = True) -> TinyCache:
-    """Write images, a manifest and a cache under ``tmp``; arrays drawn from ``seed``."""
+def build_tiny_cache(tmp: Path, name: str = "cache", *, seed: int = 0, images: bool = True, complete: bool = False) -> TinyCache:
+    """Write images, a manifest and a cache under ``tmp``; arrays drawn from ``seed``.
+
+    ``complete``: block ``PENDING_BLOCK`` is written too (all ok), so no block is pending."""
     rng = np.random.default_rng(seed)
     rows = manifest_rows()
     root = tmp / "images"
@@ -84,7 +86,7 @@ def build_tiny_cache(tmp: Path, name: str = "cache", *, seed: int = 0, images: b
     cache = FeatureCache.create(tmp / name, rows, LAYOUT, attrs)
     labels = np.asarray(rows["label"])
     for block in range(cache.num_blocks):
-        if block == PENDING_BLOCK:
+        if block == PENDING_BLOCK and not complete:
             continue
         sl = cache.block_slice(block)
         n = sl.stop - sl.start

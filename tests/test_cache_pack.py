@@ -1,0 +1,103 @@
+"""`lare2 cache pack`: a finished cache copied into Zarr shards of several blocks; every value, column
+and attribute kept, far fewer files, verify and training read it as before, damage still caught."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lare2.cli import app
+from lare2.shared.cache import ARRAY_NAMES, META_COLUMNS, CacheError, FeatureCache, pack_cache
+from lare2.train.data import CacheSplit
+from tests.tiny_caches import CHUNK, NUM_SAMPLES, build_tiny_cache
+
+runner = CliRunner()
+SHARD_BLOCKS = 4  # 6 blocks of 4 samples -> 2 shards per array, the second one partial
+
+
+def cache_cli(*args) -> tuple[int, str]:
+    result = runner.invoke(app, ["cache", *map(str, args)])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """(source, packed) paths: a complete tiny cache and its packed copy made through the CLI."""
+    tmp = tmp_path_factory.mktemp("pack")
+    source = build_tiny_cache(tmp, complete=True).path
+    code, out = cache_cli("pack", source, tmp / "packed", "--shard-blocks", SHARD_BLOCKS, "--json")
+    assert code == 0, out
+    summary = json.loads(out)
+    assert summary["samples"] == NUM_SAMPLES
+    return source, tmp / "packed", summary
+
+
+def test_pack_keeps_every_value_column_and_attribute_in_fewer_files(packed):
+    source, out, summary = packed
+    assert summary["files_after"] < summary["files_before"] / 2, summary
+    src, dst = FeatureCache.open(source), FeatureCache.open(out)
+    assert dst.shard_blocks == SHARD_BLOCKS and src.shard_blocks == 1
+    assert dst.group["fmap"].shards[0] == SHARD_BLOCKS * CHUNK and dst.group["fmap"].chunks[0] == CHUNK
+    for name in ARRAY_NAMES:
+        np.testing.assert_array_equal(dst.read(slice(None), [name])[name], src.read(slice(None), [name])[name])
+    for column in META_COLUMNS:
+        assert list(dst.column(column)) == list(src.column(column)), column
+    np.testing.assert_array_equal(dst.done_blocks(), src.done_blocks())
+    assert {k: v for k, v in dst.attrs.items() if k != "packed"} == src.attrs
+    assert dst.attrs["packed"] == {"shard_blocks": SHARD_BLOCKS, "source": str(source)}
+    # random access (as `cache show` and scoring do) reads the right rows
+    rows = [21, 2, 13]
+    np.testing.assert_array_equal(dst.read(rows, ["lare"])["lare"], src.read(rows, ["lare"])["lare"])
+
+
+def test_training_batches_and_fingerprint_are_unchanged(packed):
+    source, out, _ = packed
+    a, b = CacheSplit(source, ("pooled", "fmap", "lare")), CacheSplit(out, ("pooled", "fmap", "lare"))
+    assert a.fingerprint == b.fingerprint and a.num_ok == b.num_ok
+    kwargs = dict(epoch=1, seed=3, batch_size=5, shuffle_blocks=2)
+    for batch_a, batch_b in zip(a.epoch_batches(**kwargs), b.epoch_batches(**kwargs), strict=True):
+        np.testing.assert_array_equal(batch_a.index, batch_b.index)
+        for name in ("pooled", "fmap", "lare", "label"):
+            assert torch.equal(getattr(batch_a, name), getattr(batch_b, name)), name
+
+
+def test_verify_passes_the_packed_cache_and_catches_a_damaged_shard(packed, tmp_path):
+    import shutil
+
+    _, out, _ = packed
+    code, report = cache_cli("verify", out, "--json")
+    assert code == 0 and json.loads(report)["errors"] == [], report
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    (damaged / "fmap" / "c" / "1" / "0" / "0" / "0").write_bytes(b"\x00garbage" * 64)
+    (damaged / "lare" / "c" / "0" / "0" / "0" / "0").unlink()
+    code, report = cache_cli("verify", damaged, "--json")
+    errors = [item for f in json.loads(report)["errors"] if f["check"] == "chunks" for item in f["items"]]
+    assert code == 1
+    assert "lare/c/0/0/0/0" in errors  # the first shard: blocks 0-3
+    assert any(item.startswith("fmap/c/1/0/0/0") for item in errors)  # the second shard: blocks 4-5
+
+
+def test_a_packed_cache_refuses_writes(packed):
+    _, out, _ = packed
+    cache = FeatureCache.open(out, mode="r+")
+    with pytest.raises(CacheError, match="read-only"):
+        cache.write_block(0, lare=np.zeros((CHUNK, 4, 32, 32)), pooled=np.zeros((CHUNK, 16)),
+                          fmap=np.zeros((CHUNK, 16, 14, 14)), seed=[0] * CHUNK, status=["ok"] * CHUNK, error=[""] * CHUNK)
+    with pytest.raises(CacheError, match="already packed"):
+        pack_cache(out, out.parent / "twice", shard_blocks=2, progress=False)
+
+
+def test_pack_refuses_an_unfinished_cache_and_an_existing_folder(tmp_path, packed):
+    unfinished = build_tiny_cache(tmp_path).path  # block 5 pending
+    code, out = cache_cli("pack", unfinished, tmp_path / "out")
+    assert code == 2 and "pending" in out and "lare2 extract" in out
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.creating-*"))
+    source, existing, _ = packed
+    code, out = cache_cli("pack", source, existing)
+    assert code == 2 and "already exists" in out
