@@ -130,7 +130,8 @@ def info(path: PathArg, json: JsonOpt = False) -> None:
         arrays.add_column(column)
     for a in report["arrays"]:
         ratio = "-" if a["compression_ratio"] is None else f"{a['compression_ratio']:.2f}"
-        arrays.add_row(a["name"], str(a["shape"]), a["dtype"], str(a["chunks"]), _fmt_bytes(a["nbytes"]),
+        chunks = str(a["chunks"]) if a["shards"] is None else f"{a['chunks']} in shards of {a['shards'][0]}"
+        arrays.add_row(a["name"], str(a["shape"]), a["dtype"], chunks, _fmt_bytes(a["nbytes"]),
                        _fmt_bytes(a["bytes_on_disk"]), ratio)
     console.print(arrays)
     console.print(_key_values("extraction config", report["extract_config"]))

@@ -49,6 +49,8 @@ def test_pack_keeps_every_value_column_and_attribute_in_fewer_files(packed):
     np.testing.assert_array_equal(dst.done_blocks(), src.done_blocks())
     assert {k: v for k, v in dst.attrs.items() if k != "packed"} == src.attrs
     assert dst.attrs["packed"] == {"shard_blocks": SHARD_BLOCKS, "source": str(source)}
+    code, info = cache_cli("info", out)
+    assert code == 0 and f"in shards of {SHARD_BLOCKS * CHUNK}" in info
     # random access (as `cache show` and scoring do) reads the right rows
     rows = [21, 2, 13]
     np.testing.assert_array_equal(dst.read(rows, ["lare"])["lare"], src.read(rows, ["lare"])["lare"])
