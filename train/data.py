@@ -94,34 +94,61 @@ class CacheSplit:
         arrays = self.cache.read(sl, self.names)
         return {n: a[keep] for n, a in arrays.items()}, np.arange(sl.start, sl.stop)[keep]
 
-    def epoch_batches(self, *, epoch: int, seed: int, batch_size: int, shuffle_blocks: int,
-                      rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-        """Shuffled batches for one epoch; the order depends only on (seed, epoch)."""
+    def _block_ok_count(self, block: int) -> int:
+        return int(self.ok[self.cache.block_slice(block)].sum())
+
+    def _epoch_windows(self, epoch: int, seed: int, shuffle_blocks: int,
+                       world_size: int = 1) -> tuple[np.random.Generator, list[list[int]]]:
+        """The epoch's shuffled blocks, grouped into windows of ``shuffle_blocks`` (fewer when there are
+        too few blocks to give every rank one); the generator that shuffles inside the windows."""
+        if len(self.ok_blocks) < world_size:
+            raise CacheError(f"{self.path}: {len(self.ok_blocks)} blocks hold ok samples, fewer than the {world_size} "
+                             "ranks; train on fewer processes")
         rng = np.random.default_rng([seed, epoch])
         blocks = [self.ok_blocks[i] for i in rng.permutation(len(self.ok_blocks))]
-        total_batches = -(-self.num_ok // batch_size)
-        # every rank takes the same number of steps; the last partial round is dropped when world > 1
-        usable = total_batches if world_size == 1 else total_batches // world_size * world_size
+        size = shuffle_blocks if world_size == 1 else max(1, min(shuffle_blocks, len(blocks) // world_size))
+        return rng, [blocks[s:s + size] for s in range(0, len(blocks), size)]
+
+    def num_batches(self, *, batch_size: int, shuffle_blocks: int, world_size: int = 1, epoch: int = 0, seed: int = 0) -> int:
+        """Batches each rank yields in one epoch: all of them (the last may be partial) on one rank; on
+        several, as many full batches as the rank with the fewest samples has, so that all take the same steps."""
+        if world_size == 1:
+            return -(-self.num_ok // batch_size)
+        _, windows = self._epoch_windows(epoch, seed, shuffle_blocks, world_size)
+        per_rank = [sum(self._block_ok_count(b) for w in windows[r::world_size] for b in w) for r in range(world_size)]
+        return min(per_rank) // batch_size
+
+    def epoch_batches(self, *, epoch: int, seed: int, batch_size: int, shuffle_blocks: int,
+                      rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+        """Shuffled batches for one epoch; the order depends only on (seed, epoch, world_size).
+
+        Windows of ``shuffle_blocks`` blocks go to the ranks in turn, and a rank reads only its own, so
+        the ranks together read the split once per epoch. Every rank takes ``num_batches`` steps.
+        """
+        rng, windows = self._epoch_windows(epoch, seed, shuffle_blocks, world_size)
+        usable = self.num_batches(batch_size=batch_size, shuffle_blocks=shuffle_blocks, world_size=world_size,
+                                  epoch=epoch, seed=seed)
+        mine = [w for w in range(len(windows)) if w % world_size == rank]
         pending: dict[str, np.ndarray] | None = None
         pending_index = np.empty(0, dtype=np.int64)
         batch_no = 0
-        for start in range(0, len(blocks), shuffle_blocks):
-            parts = [self.read_block(b) for b in blocks[start:start + shuffle_blocks]]
-            window = {n: np.concatenate([p[0][n] for p in parts]) for n in self.names}
-            index = np.concatenate([p[1] for p in parts])
-            order = rng.permutation(len(index))
-            window, index = {n: a[order] for n, a in window.items()}, index[order]
+        for w, window_blocks in enumerate(windows):
+            # every rank draws every window's permutation, so that the generator stays in step across ranks
+            order = rng.permutation(sum(self._block_ok_count(b) for b in window_blocks))
+            if w % world_size != rank:
+                continue
+            parts = [self.read_block(b) for b in window_blocks]
+            window = {n: np.concatenate([p[0][n] for p in parts])[order] for n in self.names}
+            index = np.concatenate([p[1] for p in parts])[order]
             if pending is not None:  # samples left over from the previous window lead the next batch
                 window = {n: np.concatenate([pending[n], window[n]]) for n in self.names}
                 index = np.concatenate([pending_index, index])
-            last_window = start + shuffle_blocks >= len(blocks)
-            full = len(index) if last_window else len(index) // batch_size * batch_size
+            full = len(index) if w == mine[-1] else len(index) // batch_size * batch_size
             for lo in range(0, full, batch_size):
                 if batch_no >= usable:
                     return
-                if batch_no % world_size == rank:
-                    sel = slice(lo, min(lo + batch_size, full))
-                    yield _to_batch({n: a[sel] for n, a in window.items()}, self.labels[index[sel]], index[sel])
+                sel = slice(lo, min(lo + batch_size, full))
+                yield _to_batch({n: a[sel] for n, a in window.items()}, self.labels[index[sel]], index[sel])
                 batch_no += 1
             pending = {n: a[full:] for n, a in window.items()}
             pending_index = index[full:]

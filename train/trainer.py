@@ -162,7 +162,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         loss_sum, seen, started = 0.0, 0, time.perf_counter()
         batches = train_split.epoch_batches(epoch=epoch, seed=cfg.seed, batch_size=cfg.batch_size, shuffle_blocks=cfg.shuffle_blocks,
                                             rank=accelerator.process_index, world_size=accelerator.num_processes)
-        steps_per_epoch = -(-train_split.num_ok // cfg.batch_size) // accelerator.num_processes
+        steps_per_epoch = train_split.num_batches(batch_size=cfg.batch_size, shuffle_blocks=cfg.shuffle_blocks,
+                                                  world_size=accelerator.num_processes, epoch=epoch, seed=cfg.seed)
         with progress_bar("img", disable=not (is_main and cfg.progress)) as bar:
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, rate="")
             for batch in batches:
