@@ -67,3 +67,28 @@ def test_more_ranks_than_blocks_is_refused(split):
     with pytest.raises(CacheError, match="fewer than the"):
         next(split.epoch_batches(epoch=0, seed=0, batch_size=BATCH, shuffle_blocks=4, rank=0,
                                  world_size=len(split.ok_blocks) + 1))
+
+
+@pytest.mark.slow
+def test_two_process_training_runs_in_step_to_the_end(tmp_path):
+    """A real 2-rank job (torchrun, gloo on CPU): both ranks take the same steps, so none waits forever."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    layout = CacheLayout(pooled_dim=16, fmap_shape=(16, 7, 7), lare_shape=(4, 16, 16), chunk_samples=16)
+    write_synthetic_cache(tmp_path / "train", num_samples=200, signal="lare", seed=1, layout=layout)
+    write_synthetic_cache(tmp_path / "val", num_samples=64, signal="lare", seed=2, layout=layout)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lare2.train", "train"]
+    args = ["--preset", "debug", "--model", "egre", "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+            "--out", str(tmp_path / "run"), "--epochs", "2", "--batch-size", "16", "--device", "cpu",
+            "--set", "progress=false", "--set", "head_dim=8"]
+    done = subprocess.run([*launch, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    history = json.loads((tmp_path / "run" / "history.json").read_text())["history"]
+    split = CacheSplit(tmp_path / "train", ("lare",))
+    steps = [split.num_batches(batch_size=16, shuffle_blocks=8, world_size=2, epoch=e, seed=0) for e in (0, 1)]
+    assert [h["step"] for h in history] == [steps[0], steps[0] + steps[1]]
+    assert (tmp_path / "run" / "config.json").exists()
