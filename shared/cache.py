@@ -293,10 +293,17 @@ class FeatureCache:
         self._meta_cache.clear()
 
     def finalize(self) -> dict:
-        """Record counts per status in the attributes; returns them."""
+        """Counts per status; recorded in the attributes once every block is done.
+
+        Safe when several jobs finish at once: block markers are read before the status column, and a
+        block's statuses are written before its marker, so all markers done means the counts are final.
+        An unfinished cache gets no record, which a job that counted early could otherwise leave stale.
+        """
+        complete = bool(self.done_blocks().all())
         status = self.group["meta"]["status"][:]
         counts = {s: int((status == s).sum()) for s in (STATUS_OK, STATUS_ERROR, STATUS_PENDING)}
-        self.group.attrs["counts"] = counts
+        if complete:
+            self.group.attrs["counts"] = counts
         return counts
 
     # ---- reading --------------------------------------------------------------------------

@@ -379,3 +379,20 @@ def test_stats_groups_and_png(tiny, tmp_path):
 
     code, out, _ = run("stats", tiny.path)
     assert code == 0 and "nature" in out and "fake" in out
+
+
+def test_counts_are_recorded_only_once_the_cache_is_finished(tmp_path):
+    """Concurrent jobs each count when they end: a count taken before another job's last block must
+    not be recorded, or it would stay stale after the other job's correct count (verify: counts)."""
+    from tests.tiny_caches import LAYOUT
+
+    cache = FeatureCache.open(build_tiny_cache(tmp_path, images=False).path, mode="r+")
+    early = cache.finalize()  # job A ends while block PENDING_BLOCK is still being computed by job B
+    assert early["pending"] == CHUNK and "counts" not in cache.attrs
+    n = CHUNK
+    cache.write_block(PENDING_BLOCK, lare=np.ones((n, *LAYOUT.lare_shape)), pooled=np.ones((n, LAYOUT.pooled_dim)),
+                      fmap=np.ones((n, *LAYOUT.fmap_shape)), seed=range(n), status=["ok"] * n, error=[""] * n)
+    final = cache.finalize()  # job B ends
+    assert final["pending"] == 0 and FeatureCache.open(cache.path).attrs["counts"] == final
+    code, report = run_json("verify", cache.path)
+    assert not [f for f in report["errors"] if f["check"] == "counts"]

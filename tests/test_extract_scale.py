@@ -152,7 +152,7 @@ def test_concurrent_array_jobs_race_to_create_one_store(manifest, reference, tmp
         assert job.returncode == 0, stderr[-3000:]
     assert sum(_last_json(stdout)["computed"] for stdout, _ in results) == NUM_GOOD + 1  # each block once
     assert staging_folders(out) == []  # the creators that lost the race cleaned up after themselves
-    FeatureCache.open(out, mode="r+").finalize()  # the last job to finish may have counted before another wrote
+    # no recount here: whichever job counted last, only a count of the finished cache was recorded
     _assert_same_cache(out, reference)
 
 
