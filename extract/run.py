@@ -442,21 +442,33 @@ def _flush(cache: FeatureCache, block: int, acc: dict, summary: Summary) -> None
 
 # ---- re-computation for verification -----------------------------------------------------------
 def recompute_samples(cache_path: str | Path, indices: Sequence[int], *, sd_model: str | None = None,
-                      backbone: str | None = None, device: str = "cpu") -> dict[str, np.ndarray]:
-    """Recompute rows ``indices`` of a cache with its own config (models overridable).
+                      backbone: str | None = None, device: str = "auto",
+                      compute_dtype: str | None = None) -> dict[str, np.ndarray]:
+    """Recompute rows ``indices`` of a cache with its own config (models, device and compute dtype overridable).
 
     Each requested row is recomputed inside the same batch it was extracted in (same block, same
     ``batch_size``, same failed neighbours left out), so on the same hardware and software the
     result equals the cache bit for bit; batched kernels round differently for other batch
-    compositions (~1e-6 relative). Returns ``lare``/``pooled``/``fmap`` in the storage dtypes, with
-    NaN rows for images that fail to decode.
+    compositions (~1e-6 relative), other devices and other compute dtypes (compare those with a
+    tolerance). ``device`` ``auto`` takes CUDA when present. Returns ``lare``/``pooled``/``fmap``
+    in the storage dtypes, with NaN rows for images that fail to decode.
     """
+    from lare2.shared.inspect import RecomputeUnavailable
+
     cache = FeatureCache.open(cache_path)
     stored = dict(cache.attrs["extract_config"])
     if sd_model:
         stored["sd_model"] = sd_model
     if backbone:
         stored["backbone"] = backbone
+    if compute_dtype:
+        stored["compute_dtype"] = compute_dtype
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and stored.get("compute_dtype", "float32") != "float32":
+        raise RecomputeUnavailable(
+            f"{cache_path} was computed in {stored['compute_dtype']}, which needs a GPU (no CUDA device here); "
+            "recompute on this CPU in float32 and compare with a tolerance: --compute-dtype float32 --tolerance 0.01")
     stored.update(device=device, num_workers=0)
     cfg = ExtractConfig(**stored)
     torch_device = torch.device(device)

@@ -220,20 +220,27 @@ def verify(
     seed: Annotated[int, typer.Option(help="Seed choosing the samples to recompute.")] = 0,
     sd_model: Annotated[Optional[str], typer.Option(help="Override the cache's SD model for --recompute.")] = None,
     backbone: Annotated[Optional[str], typer.Option(help="Override the cache's backbone for --recompute.")] = None,
+    device: Annotated[str, typer.Option(help="Device for --recompute: auto (CUDA when present), cpu or cuda.")] = "auto",
+    compute_dtype: Annotated[Optional[str], typer.Option(
+        help="Override the cache's compute dtype for --recompute (float32 on a CPU for a GPU's float16 cache).")] = None,
+    tolerance: Annotated[float, typer.Option(
+        help="0: bit for bit. Else a sample matches when max |difference| <= tolerance x its max |value| "
+             "(for another device or compute dtype, e.g. 0.01).")] = 0.0,
     json: JsonOpt = False,
 ) -> None:
     """Prove a cache whole; exit 1 on any problem.
 
     Every chunk readable, no NaN/Inf in ok samples, ids unique, metadata equal to the manifest,
     fingerprints consistent; pending blocks are a warning. --recompute K re-extracts K random ok
-    samples and compares them bit for bit (skipped, with the reason, when the models are not at hand).
+    samples and compares them bit for bit, or within --tolerance (skipped, with the reason, when
+    the models or the device are not at hand).
     """
     from lare2.shared.inspect import verify_cache
 
     with _usage_errors():
         report = verify_cache(path, manifest=manifest, recompute=recompute, seed=seed, sd_model=sd_model,
-                              backbone=backbone, recompute_fn=_load_recompute_fn() if recompute else None,
-                              progress=not json)
+                              backbone=backbone, device=device, compute_dtype=compute_dtype, tolerance=tolerance,
+                              recompute_fn=_load_recompute_fn() if recompute else None, progress=not json)
     if json:
         _print_json(report.to_dict())
     else:

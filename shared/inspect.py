@@ -371,12 +371,13 @@ class VerifyReport:
 
 
 RecomputeFn = Callable[..., Mapping[str, np.ndarray]]
-"""``fn(cache_path, indices, sd_model=None, backbone=None) -> {"lare": [K,...], "pooled": ..., "fmap": ...}``,
+"""``fn(cache_path, indices, sd_model=None, backbone=None, device="auto", compute_dtype=None)
+-> {"lare": [K,...], "pooled": ..., "fmap": ...}``,
 as ``lare2.extract.run.recompute_samples`` (shared/ never imports the extractor: callers pass it)."""
 
 
 class RecomputeUnavailable(RuntimeError):
-    """Raised by a recompute function when the extractor or the models are not at hand."""
+    """Raised by a recompute function when the extractor, the models or the device are not at hand."""
 
 
 def manifest_selection(path: str | Path, extract_config: Mapping[str, Any] | None) -> pa.Table:
@@ -570,8 +571,10 @@ def _check_fingerprints(cache: FeatureCache, report: VerifyReport) -> None:
                    + ", ".join(f"{k} ({in_identity.get(k)} vs {fingerprints.get(k)})" for k in differing), differing)
 
 
-def compare_recomputed(cache: FeatureCache, indices: np.ndarray, recomputed: Mapping[str, np.ndarray]) -> dict:
-    """Bit-for-bit comparison of recomputed rows with the stored ones, per array.
+def compare_recomputed(cache: FeatureCache, indices: np.ndarray, recomputed: Mapping[str, np.ndarray],
+                       tolerance: float = 0.0) -> dict:
+    """Comparison of recomputed rows with the stored ones, per array: bit for bit, or with ``tolerance`` > 0,
+    a sample matches when its largest difference is at most ``tolerance`` x its largest stored magnitude.
 
     Recomputed values are cast to the stored dtype first (as the writer does).
     """
@@ -587,9 +590,13 @@ def compare_recomputed(cache: FeatureCache, indices: np.ndarray, recomputed: Map
         if new.shape != old.shape:
             raise ValueError(f"recomputed {name} has shape {new.shape}, the cache holds {old.shape}")
         k = len(old)
-        # bytes, not values: NaN == NaN and -0.0 != 0.0, as "bit for bit" means
-        same = [old[i].tobytes() == new[i].tobytes() for i in range(k)]
         diff = np.abs(old.astype(np.float64) - new.astype(np.float64))
+        if tolerance > 0:
+            scale = [np.nanmax(np.abs(old[i].astype(np.float64)), initial=0.0) for i in range(k)]
+            same = [np.array_equal(np.isnan(old[i]), np.isnan(new[i]))
+                    and np.nanmax(diff[i], initial=0.0) <= tolerance * scale[i] for i in range(k)]
+        else:  # bytes, not values: NaN == NaN and -0.0 != 0.0, as "bit for bit" means
+            same = [old[i].tobytes() == new[i].tobytes() for i in range(k)]
         result[name] = {
             "compared": True,
             "mismatched": [str(ids[indices[i]]) for i in range(k) if not same[i]],
@@ -599,7 +606,8 @@ def compare_recomputed(cache: FeatureCache, indices: np.ndarray, recomputed: Map
 
 
 def _check_recompute(cache: FeatureCache, report: VerifyReport, k: int, seed: int, recompute_fn: RecomputeFn | None,
-                     sd_model: str | None, backbone: str | None) -> None:
+                     sd_model: str | None, backbone: str | None, device: str = "auto", compute_dtype: str | None = None,
+                     tolerance: float = 0.0) -> None:
     if any(f.check == "chunks" for f in report.errors):
         report.add("recompute", "warning", "skipped: the cache has missing or unreadable chunks")
         return
@@ -612,12 +620,13 @@ def _check_recompute(cache: FeatureCache, report: VerifyReport, k: int, seed: in
         report.add("recompute", "warning", "skipped: no extractor was given to recompute with")
         return
     try:
-        recomputed = recompute_fn(cache.path, [int(i) for i in indices], sd_model=sd_model, backbone=backbone)
-    except (RecomputeUnavailable, OSError, CacheError) as err:  # models not at hand, or other weights than the cache's
+        recomputed = recompute_fn(cache.path, [int(i) for i in indices], sd_model=sd_model, backbone=backbone,
+                                  device=device, compute_dtype=compute_dtype)
+    except (RecomputeUnavailable, OSError, CacheError) as err:  # models or device not at hand, other weights
         report.add("recompute", "warning", f"skipped: {err}")
         return
-    result = compare_recomputed(cache, indices, recomputed)
-    report.recompute = {"indices": [int(i) for i in indices], "arrays": result}
+    result = compare_recomputed(cache, indices, recomputed, tolerance)
+    report.recompute = {"indices": [int(i) for i in indices], "tolerance": tolerance, "arrays": result}
     report.checked["recomputed_samples"] = len(indices)
     for name, r in result.items():
         if r["mismatched"]:
@@ -634,6 +643,9 @@ def verify_cache(
     recompute_fn: RecomputeFn | None = None,
     sd_model: str | None = None,
     backbone: str | None = None,
+    device: str = "auto",
+    compute_dtype: str | None = None,
+    tolerance: float = 0.0,
     progress: bool = False,
 ) -> VerifyReport:
     """Prove a cache whole, or list why it is not.
@@ -643,7 +655,8 @@ def verify_cache(
     the recorded counts; ids non-empty and unique; metadata equal to the manifest selection
     (``manifest``, default the one recorded in the cache when it exists); identity fingerprints
     equal to the recorded fingerprints; with ``recompute`` K > 0, K random ok samples re-extracted
-    with ``recompute_fn`` (see :data:`RecomputeFn`) match bit for bit; it is skipped, with a
+    with ``recompute_fn`` (see :data:`RecomputeFn`) on ``device`` match bit for bit (or within
+    ``tolerance``, relative, for another device or ``compute_dtype``); it is skipped, with a
     warning saying why, when the function is None or raises :class:`RecomputeUnavailable`,
     ``OSError`` (weights not found) or ``CacheError`` (other weights than the cache's).
     Pending blocks are a warning (incomplete), not an error.
@@ -666,7 +679,9 @@ def verify_cache(
                    f"({recorded or 'none'}) is not at hand")
     _check_fingerprints(cache, report)
     if recompute > 0:
-        _check_recompute(cache, report, recompute, seed, recompute_fn, sd_model, backbone)
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        _check_recompute(cache, report, recompute, seed, recompute_fn, sd_model, backbone, device, compute_dtype, tolerance)
     return report
 
 

@@ -247,7 +247,7 @@ def _fake_recompute(change_index: int | None = None):
     """Stands in for the extractor: returns what the cache holds, one sample's lare nudged."""
     calls = []
 
-    def recompute(cache_path, indices, sd_model=None, backbone=None):
+    def recompute(cache_path, indices, sd_model=None, backbone=None, device="auto", compute_dtype=None):
         calls.append(list(indices))
         arrays = FeatureCache.open(cache_path).read(indices)
         arrays["pooled"] = arrays["pooled"].astype(np.float32)  # cast back to the stored dtype by verify
@@ -277,6 +277,20 @@ def test_verify_recompute_catches_a_one_ulp_mismatch(tiny, monkeypatch):
     assert _errors(report, "recompute") == [tiny.ids[ok_indices()[0]]]
     assert 0 < report["recompute"]["arrays"]["lare"]["max_abs_diff"] < 1e-6
     assert report["recompute"]["arrays"]["fmap"]["mismatched"] == []
+    # another device or dtype: a relative tolerance accepts rounding, not a real change
+    code, report = run_json("verify", tiny.path, "--recompute", str(len(ok_indices())), "--tolerance", "1e-4")
+    assert code == 0 and report["recompute"]["tolerance"] == 1e-4
+
+
+def test_verify_recompute_tolerance_still_catches_a_real_change(tiny, monkeypatch):
+    def changed(cache_path, indices, **kwargs):
+        arrays = FeatureCache.open(cache_path).read(indices)
+        arrays["lare"][0] *= 1.05  # 5%: more than float16 rounding
+        return arrays
+
+    monkeypatch.setattr(cache_cli, "_load_recompute_fn", lambda: changed)
+    code, report = run_json("verify", tiny.path, "--recompute", "3", "--tolerance", "0.01")
+    assert code == 1 and len(_errors(report, "recompute")) == 1
 
 
 def test_verify_recompute_is_skipped_without_the_extractor(tiny, monkeypatch):
@@ -321,6 +335,15 @@ def test_verify_recompute_with_the_real_extractor(tmp_path):
 
     code, report = run_json("verify", tmp_path / "cache", "--recompute", "2", "--sd-model", tmp_path / "no_such_model")
     assert code == 0 and any(w["message"].startswith("skipped:") for w in report["warnings"] if w["check"] == "recompute")
+
+    # a cache computed in float16 (on a GPU): on this CPU, skipped with the way out; recomputed in float32 within a tolerance
+    group.attrs["extract_config"] = {**group.attrs["extract_config"], "compute_dtype": "float16"}
+    code, report = run_json("verify", tmp_path / "cache", "--recompute", "2", "--device", "cpu")
+    (skipped,) = [w for w in report["warnings"] if w["check"] == "recompute"]
+    assert code == 0 and "needs a GPU" in skipped["message"] and "--compute-dtype float32" in skipped["message"]
+    code, report = run_json("verify", tmp_path / "cache", "--recompute", "2", "--device", "cpu",
+                            "--compute-dtype", "float32", "--tolerance", "0.01")
+    assert code == 0 and report["checked"]["recomputed_samples"] == 2
 
 
 # ---- diff ---------------------------------------------------------------------------------------
