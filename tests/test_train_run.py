@@ -52,6 +52,19 @@ def test_resume_after_a_kill_gives_the_same_weights(data, tmp_path) -> None:
     assert a["threshold"] == b["threshold"] and a["val_metrics"] == b["val_metrics"]
 
 
+def test_resume_restores_the_best_weights_it_recorded(data, tmp_path) -> None:
+    """resume.pt carries the best weights: a kill between writing a new best and resume.pt (or a lost
+    model.safetensors) cannot leave weights that disagree with the recorded best epoch."""
+    run = tmp_path / "run"
+    assert main(train_args(data, run, "--epochs", "2")) == 0
+    best = {k: v.clone() for k, v in load_file(run / "model.safetensors").items()}  # not a view of the file
+    assert all(torch.equal(best[k], v) for k, v in torch.load(run / "resume.pt", weights_only=True)["best_model"].items())
+    (run / "model.safetensors").write_bytes(b"")  # as if the weights of another epoch had been half-written there
+    assert main(train_args(data, run, "--epochs", "2")) == 0  # resumes after the last epoch: straight to calibration
+    restored = load_file(run / "model.safetensors")
+    assert restored.keys() == best.keys() and all(torch.equal(restored[k], best[k]) for k in best)
+
+
 def test_changed_settings_refuse_to_resume(data, tmp_path) -> None:
     assert main(train_args(data, tmp_path / "run", "--stop-after-steps", "7")) == 3
     with pytest.raises(CheckpointError, match="lr"):

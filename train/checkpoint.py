@@ -80,8 +80,10 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     tmp.replace(path)  # atomic: a crash never leaves half a config
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+def save_weights(model: nn.Module | Mapping[str, torch.Tensor], path: Path) -> None:
+    """A model's weights (or a state dict) as safetensors, written atomically."""
+    source = model.state_dict() if isinstance(model, nn.Module) else model
+    state = {k: v.detach().cpu().contiguous() for k, v in source.items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(state, str(tmp))
     tmp.replace(path)

@@ -141,10 +141,15 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
     start_epoch, step, history = 0, 0, []
     best = {"metric": -math.inf, "epoch": -1}
+    best_weights: dict[str, torch.Tensor] | None = None  # kept in resume.pt too: the pair stays consistent
     resume_path = out / RESUME_FILE
     if cfg.resume and resume_path.exists():
         state = torch.load(resume_path, map_location="cpu", weights_only=True)
         _check_resumable(state["config"], cfg, resume_path)
+        best_weights = state.get("best_model")
+        if best_weights is not None and is_main:
+            # a kill between saving a new best and saving resume.pt left a best that resume.pt does not know
+            save_weights(best_weights, out / WEIGHTS_FILE)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -204,9 +209,10 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             logger.info(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}  val loss {val_metrics['loss']:.4f}  acc {val_metrics['acc']:.4f}  "
                         f"ap {val_metrics['ap']:.4f}  auc {val_metrics['auc']:.4f}{'  (best)' if improved else ''}")
             if improved:
+                best_weights = {k: v.detach().cpu().clone() for k, v in raw_model.state_dict().items()}
                 save_weights(raw_model, out / WEIGHTS_FILE)
             write_json(out / HISTORY_FILE, {"history": history})
-            state = {"model": {k: v.detach().cpu() for k, v in raw_model.state_dict().items()},
+            state = {"model": {k: v.detach().cpu() for k, v in raw_model.state_dict().items()}, "best_model": best_weights,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "epoch": epoch + 1, "step": step, "history": history, "best": best, "config": cfg.to_dict(), **_rng_state()}
             tmp = resume_path.with_suffix(".tmp")
