@@ -116,8 +116,17 @@ def measure_reads(source: Path, folder: Path, blocks: int, seed: int = 0) -> dic
     cache = FeatureCache.create(folder, rows, src.layout, {})
     for b in range(blocks):
         cache.write_block(b, **block, seed=meta["seed"], status=meta["status"], error=meta["error"])
+    return {"samples": n, **_time_reads(cache, seed),
+            "note": "warm page cache (just written); cold reads on a shared file system are slower"}
+
+
+def _time_reads(cache, seed: int) -> dict:
+    """Every block once in random order, then 64 random single samples; and the files the cache takes."""
+    from lare2.shared.cache import ARRAY_NAMES
+
+    n, c = len(cache), cache.layout.chunk_samples
     rng = random.Random(seed)
-    order = list(range(blocks))
+    order = list(range(cache.num_blocks))
     rng.shuffle(order)
     started = time.perf_counter()
     for b in order:
@@ -129,10 +138,19 @@ def measure_reads(source: Path, folder: Path, blocks: int, seed: int = 0) -> dic
     for i in singles:
         cache.read([i])
     single_seconds = time.perf_counter() - started
-    return {"samples": n, "block_reads": {"samples_per_s": round(n / block_seconds, 1),
-                                          "raw_mb_per_s": round(n * raw / block_seconds / 1e6, 1)},
-            "single_sample_reads": {"samples_per_s": round(len(singles) / single_seconds, 1)},
-            "note": "warm page cache (just written); cold reads on a shared file system are slower"}
+    return {"files": sum(1 for f in Path(cache.path).rglob("*") if f.is_file()),
+            "block_reads": {"samples_per_s": round(n / block_seconds, 1),
+                            "raw_mb_per_s": round(n * raw / block_seconds / 1e6, 1)},
+            "single_sample_reads": {"samples_per_s": round(len(singles) / single_seconds, 1)}}
+
+
+def measure_packed_reads(source: Path, folder: Path, shard_blocks: int, seed: int = 0) -> dict:
+    """The read cache packed into shards of ``shard_blocks`` blocks (``lare2 cache pack``), read the same way."""
+    from lare2.shared.cache import pack_cache
+
+    started = time.perf_counter()
+    packed = pack_cache(source, folder, shard_blocks=shard_blocks, progress=False)
+    return {"shard_blocks": shard_blocks, "pack_seconds": round(time.perf_counter() - started, 2), **_time_reads(packed, seed)}
 
 
 def measure_creation(folder: Path, samples: int) -> dict:
@@ -251,6 +269,12 @@ def markdown(results: dict) -> str:
         lines.append(f"| cache reads, random blocks | {reads['block_reads']['samples_per_s']} samples/s "
                      f"({reads['block_reads']['raw_mb_per_s']} MB/s decoded) |")
         lines.append(f"| cache reads, random single samples | {reads['single_sample_reads']['samples_per_s']} samples/s |")
+    packed = results.get("packed_reads")
+    if reads and packed:
+        lines.append(f"| packed cache ({packed['shard_blocks']} blocks per shard), random blocks | "
+                     f"{packed['block_reads']['samples_per_s']} samples/s, {packed['files']} files instead of {reads['files']} "
+                     f"(packed in {packed['pack_seconds']} s) |")
+        lines.append(f"| packed cache, random single samples | {packed['single_sample_reads']['samples_per_s']} samples/s |")
     creation = results.get("creation")
     if creation:
         lines.append(f"| cache creation, {creation['samples']:,} samples | {creation['seconds']} s, {creation['files']:,} files "
@@ -286,6 +310,8 @@ def run(
 
         _log("cache reads")
         results["reads"] = measure_reads(work / "rn50", work / "reads", read_blocks)
+        _log("packed cache reads")
+        results["packed_reads"] = measure_packed_reads(work / "reads", work / "packed", shard_blocks=min(64, read_blocks))
         if create_samples:
             _log(f"cache creation for {create_samples} samples")
             results["creation"] = measure_creation(work / "created", create_samples)
