@@ -18,7 +18,7 @@ rename). A failed sample keeps NaN in every array (the fill value) and ``status 
 
 A finished cache can be *packed* (:func:`pack_cache`, ``lare2 cache pack``): the same arrays, chunks
 and attributes, with K blocks per Zarr v3 shard, so one file holds K chunks. A cache of N samples then
-takes ~13 N / (C K) files instead of ~13 N / C (GenImage's 1.35 M images: ~550k files at C = 32, ~8.6k
+takes ~13 N / (C K) files instead of ~13 N / C (GenImage's 2.68 M images: ~1.1 M files at C = 32, ~17k
 at K = 64), which cluster file systems and copies need. Readers see no difference. A packed cache is
 read-only for the extractor: writing a block would rewrite its whole shard, which concurrent writers
 would race on.
