@@ -138,7 +138,9 @@ def _time_reads(cache, seed: int) -> dict:
     for i in singles:
         cache.read([i])
     single_seconds = time.perf_counter() - started
-    return {"files": sum(1 for f in Path(cache.path).rglob("*") if f.is_file()),
+    from lare2.shared.inspect import folder_file_count
+
+    return {"files": folder_file_count(cache.path),
             "block_reads": {"samples_per_s": round(n / block_seconds, 1),
                             "raw_mb_per_s": round(n * raw / block_seconds / 1e6, 1)},
             "single_sample_reads": {"samples_per_s": round(len(singles) / single_seconds, 1)}}

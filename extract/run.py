@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from lare2.extract.images import ImageError, backbone_input, decode_rgb, lare_input
 from lare2.shared.cache import STATUS_ERROR, STATUS_OK, STATUS_PENDING, CacheError, CacheExistsError, CacheLayout, FeatureCache
 from lare2.shared.config import ExtractConfig, diff_identity
+from lare2.shared.inspect import RecomputeUnavailable
 from lare2.shared.logs import get_logger, progress_bar, rate_text
 from lare2.shared.manifest import read_image_bytes, read_manifest, select_rows
 from lare2.shared.provenance import provenance
@@ -453,8 +454,6 @@ def recompute_samples(cache_path: str | Path, indices: Sequence[int], *, sd_mode
     tolerance). ``device`` ``auto`` takes CUDA when present. Returns ``lare``/``pooled``/``fmap``
     in the storage dtypes, with NaN rows for images that fail to decode.
     """
-    from lare2.shared.inspect import RecomputeUnavailable
-
     cache = FeatureCache.open(cache_path)
     stored = dict(cache.attrs["extract_config"])
     if sd_model:

@@ -368,14 +368,12 @@ def pack(
 ) -> None:
     """Copy a finished cache into Zarr shards of many blocks each: far fewer files, same values."""
     from lare2.shared.cache import pack_cache
-
-    def file_count(folder: Path) -> int:
-        return sum(1 for f in folder.rglob("*") if f.is_file())
+    from lare2.shared.inspect import folder_file_count
 
     with _usage_errors():
         packed = pack_cache(path, out, shard_blocks=shard_blocks, progress=not json)
     summary = {"source": str(path), "out": str(out), "shard_blocks": shard_blocks, "samples": len(packed),
-               "files_before": file_count(path), "files_after": file_count(out)}
+               "files_before": folder_file_count(path), "files_after": folder_file_count(out)}
     if json:
         _print_json(summary)
         return

@@ -84,6 +84,11 @@ def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
+def folder_file_count(folder: str | Path) -> int:
+    """Files under ``folder`` (what inode quotas count)."""
+    return sum(1 for f in Path(folder).rglob("*") if f.is_file())
+
+
 def _chunk_file(cache: FeatureCache, arr: zarr.Array, coords: tuple[int, ...]) -> Path:
     """The file of stored chunk (or shard) ``coords`` (zarr v3 default key encoding: ``c/0/0/0/0``)."""
     return cache.path / arr.path / arr.metadata.encode_chunk_key(coords)

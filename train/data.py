@@ -77,7 +77,8 @@ class CacheSplit:
         if self.num_pending:  # an unfinished extraction: say so, the figures cover only part of the data
             log.warning("%s: %d of %d samples are still pending (extraction not finished) and are left out; "
                         "rerun the extraction to complete the cache", self.path, self.num_pending, len(status))
-        self.ok_blocks = [b for b in range(self.cache.num_blocks) if ok[self.cache.block_slice(b)].any()]
+        self.ok_per_block = [int(ok[self.cache.block_slice(b)].sum()) for b in range(self.cache.num_blocks)]
+        self.ok_blocks = [b for b, count in enumerate(self.ok_per_block) if count]
 
     @property
     def num_ok(self) -> int:
@@ -94,9 +95,6 @@ class CacheSplit:
         arrays = self.cache.read(sl, self.names)
         return {n: a[keep] for n, a in arrays.items()}, np.arange(sl.start, sl.stop)[keep]
 
-    def _block_ok_count(self, block: int) -> int:
-        return int(self.ok[self.cache.block_slice(block)].sum())
-
     def _epoch_windows(self, epoch: int, seed: int, shuffle_blocks: int,
                        world_size: int = 1) -> tuple[np.random.Generator, list[list[int]]]:
         """The epoch's shuffled blocks, grouped into windows of ``shuffle_blocks`` (fewer when there are
@@ -112,10 +110,13 @@ class CacheSplit:
     def num_batches(self, *, batch_size: int, shuffle_blocks: int, world_size: int = 1, epoch: int = 0, seed: int = 0) -> int:
         """Batches each rank yields in one epoch: all of them (the last may be partial) on one rank; on
         several, as many full batches as the rank with the fewest samples has, so that all take the same steps."""
+        windows = [] if world_size == 1 else self._epoch_windows(epoch, seed, shuffle_blocks, world_size)[1]
+        return self._steps(windows, batch_size, world_size)
+
+    def _steps(self, windows: list[list[int]], batch_size: int, world_size: int) -> int:
         if world_size == 1:
             return -(-self.num_ok // batch_size)
-        _, windows = self._epoch_windows(epoch, seed, shuffle_blocks, world_size)
-        per_rank = [sum(self._block_ok_count(b) for w in windows[r::world_size] for b in w) for r in range(world_size)]
+        per_rank = [sum(self.ok_per_block[b] for w in windows[r::world_size] for b in w) for r in range(world_size)]
         return min(per_rank) // batch_size
 
     def epoch_batches(self, *, epoch: int, seed: int, batch_size: int, shuffle_blocks: int,
@@ -126,15 +127,14 @@ class CacheSplit:
         the ranks together read the split once per epoch. Every rank takes ``num_batches`` steps.
         """
         rng, windows = self._epoch_windows(epoch, seed, shuffle_blocks, world_size)
-        usable = self.num_batches(batch_size=batch_size, shuffle_blocks=shuffle_blocks, world_size=world_size,
-                                  epoch=epoch, seed=seed)
+        usable = self._steps(windows, batch_size, world_size)
         mine = [w for w in range(len(windows)) if w % world_size == rank]
         pending: dict[str, np.ndarray] | None = None
         pending_index = np.empty(0, dtype=np.int64)
         batch_no = 0
         for w, window_blocks in enumerate(windows):
             # every rank draws every window's permutation, so that the generator stays in step across ranks
-            order = rng.permutation(sum(self._block_ok_count(b) for b in window_blocks))
+            order = rng.permutation(sum(self.ok_per_block[b] for b in window_blocks))
             if w % world_size != rank:
                 continue
             parts = [self.read_block(b) for b in window_blocks]
