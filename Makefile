@@ -8,13 +8,14 @@ LARE2       := $(VENV)/bin/lare2
 # CPU build from local disk by default; e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124" on GPU nodes.
 TORCH_SPEC  ?= torch==2.13.0
 
-# Stage 1 inputs (override on the command line: make extract SPLIT=val SD=/models/sd15 CLIP=/models/RN50.pt)
+# Stage 1 inputs (override on the command line: make extract SPLIT=val SD=/models/sd15 CLIP=/models/RN50.pt).
+# SD and CLIP are local paths (placeholders: put the weights there or point elsewhere); never a hub id.
 MANIFEST    ?= data_manifests/genimage.parquet
 LAYOUT      ?= genimage
 SRC         ?= /data/GenImage
 SPLIT       ?= train
-SD          ?= runwayml/stable-diffusion-v1-5
-CLIP        ?= RN50.pt
+SD          ?= models/stable-diffusion-v1-5
+CLIP        ?= models/RN50.pt
 CACHE       ?= cache
 EXTRACT_ARGS ?=
 NPROC       ?= 1
@@ -25,21 +26,47 @@ MANIFEST_ARGS ?=
 MODEL       ?= egre
 RUN         ?= runs/$(MODEL)
 TRAIN_ARGS  ?=
+CKPT        ?= models/lare2_reference.pth
 PYTEST_ARGS ?=
 
-.DEFAULT_GOAL := help
-.PHONY: help setup test test-fast demo manifest extract verify export-wds train eval zoo minigenimage bench clean
+# `make help` lists these with their current values
+HELP_VARS := MANIFEST LAYOUT SRC SPLIT SD CLIP CACHE NPROC RECOMPUTE EXTRACT_ARGS MANIFEST_ARGS MODEL RUN TRAIN_ARGS CKPT \
+             TORCH_SPEC PYTEST_ARGS
+HELP_MANIFEST      := manifest parquet (manifest, extract, verify)
+HELP_LAYOUT        := manifest builder: genimage, folders, list or webdataset
+HELP_SRC           := dataset folder the manifest is built from
+HELP_SPLIT         := split to extract/verify/export: train, val or test (cache goes to CACHE/SPLIT)
+HELP_SD            := Stable Diffusion v1.5: a LOCAL diffusers folder or .safetensors/.ckpt (placeholder path, not a hub id)
+HELP_CLIP          := CLIP RN50 weights: a LOCAL RN50.pt or state dict (placeholder path)
+HELP_CACHE         := folder holding the caches (CACHE/train, CACHE/val, CACHE/test*)
+HELP_NPROC         := extraction processes (1: plain; >1: accelerate launch, one per GPU)
+HELP_RECOMPUTE     := verify: re-extract this many samples and compare bit for bit
+HELP_EXTRACT_ARGS  := more lare2 extract options, e.g. "--timestep 280 --set batch_size=16"
+HELP_MANIFEST_ARGS := more lare2 manifest build options, e.g. "--val-fraction 0.05"
+HELP_MODEL         := detector: egre, linear or lare-only
+HELP_RUN           := run directory (train, eval, convert, calibrate)
+HELP_TRAIN_ARGS    := more lare2 train options, e.g. "--preset debug --epochs 3"
+HELP_CKPT          := reference LaRE^2 checkpoint for make convert (placeholder path)
+HELP_TORCH_SPEC    := what setup installs torch from (CPU build by default)
+HELP_PYTEST_ARGS   := more pytest options for make test / test-fast
 
-help: ## list the targets
+.DEFAULT_GOAL := help
+.PHONY: help setup test test-fast demo manifest extract verify export-wds train eval convert calibrate zoo minigenimage bench clean
+
+help: ## list the targets and the variables (with their current values)
+	@echo "Targets:"
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@echo ""
+	@echo "Variables (make TARGET VAR=value; [current value]):"
+	@$(foreach v,$(HELP_VARS),printf '  %-14s %s [%s]\n' '$(v)' '$(HELP_$(v))' '$($(v))';)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[extract,demo,dev]"
 	touch $@
 
-setup: $(VENV)/.installed ## create .venv: torch (TORCH_SPEC, CPU build by default) first, then lare2 with dev extras
+setup: $(VENV)/.installed ## create .venv: torch (TORCH_SPEC, CPU build by default) first, then lare2 with extract, demo and dev extras
 
 test: setup ## run the whole test suite (slow-marked cases included), 2 workers
 	$(PY) -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
@@ -69,6 +96,12 @@ train: setup ## stage 2: fit MODEL (egre|linear|lare-only) on cache/train, selec
 
 eval: setup ## per-generator report of RUN on every cache/test* cache
 	$(LARE2) eval $(RUN) $(foreach c,$(wildcard $(CACHE)/test*),--test $(c)) --report $(RUN)/report
+
+convert: setup ## reference checkpoint CKPT -> uncalibrated RUN (then extract val with CLIP=RUN/backbone.safetensors, make calibrate)
+	$(LARE2) convert-reference $(CKPT) --out $(RUN)
+
+calibrate: setup ## set RUN's threshold on cache/val reals (after make convert, or to recalibrate a trained run)
+	$(LARE2) calibrate $(RUN) --val $(CACHE)/val
 
 zoo: setup ## retrain the MiniGenImage generator zoo on the CPU (~40 min; the weights are committed, not part of demo)
 	$(LARE2) minigenimage zoo

@@ -138,7 +138,7 @@ def _time_reads(cache, seed: int) -> dict:
     for i in singles:
         cache.read([i])
     single_seconds = time.perf_counter() - started
-    from lare2.shared.inspect import folder_file_count
+    from lare2.shared.cache.chunks import folder_file_count
 
     return {"files": folder_file_count(cache.path),
             "block_reads": {"samples_per_s": round(n / block_seconds, 1),
@@ -178,7 +178,8 @@ def measure_full_size(manifest: Path, images: int, ensemble: int = 4) -> dict:
 
     from lare2.extract.clip_resnet import load_backbone
     from lare2.extract.lare import LareComputer
-    from lare2.extract.models import SD_V1_CONFIGS, LatentDiffusion, build_tiny_sd, ddpm_scheduler_from
+    from lare2.extract.models import SD_V1_CONFIGS, LatentDiffusion, ddpm_scheduler_from
+    from lare2.extract.tiny_models import build_tiny_sd
     from lare2.extract.run import ManifestImages
     from lare2.shared.manifest import read_manifest
 

@@ -1,5 +1,11 @@
 """``lare2 extract``: stage 1 from the command line (also ``python -m lare2.extract`` for
-``accelerate launch``). A preset plus a few overrides; any other field through ``--set key=value``."""
+``accelerate launch``). A preset, the paper's knobs as options, any other ExtractConfig field
+through ``--set key=value`` (converted by the field's type).
+
+``--resume`` (the default) continues a cache made with the same settings (a changed setting is
+refused, naming it); ``--no-resume`` refuses a cache already at ``--out``. Exit codes: see
+``lare2.shared.cli_errors`` (0 done, 2 bad usage or input with one ``error:`` line).
+"""
 
 from __future__ import annotations
 
@@ -9,70 +15,60 @@ from typing import Optional
 
 import typer
 
-EXTRACT_HELP = "Compute LaRE maps + backbone features for a manifest selection into a Zarr cache (reruns resume)."
+from lare2.shared.cli_errors import fail, user_errors
 
-
-def _parse_overrides(pairs: list[str]) -> dict:
-    from lare2.shared.config import ExtractConfig
-
-    fields = {f.name: f for f in dataclasses.fields(ExtractConfig)}
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in fields:
-            raise typer.BadParameter(f"--set {pair!r}: expected key=value with key one of {sorted(fields)}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value  # a bare string
-    return overrides
+EXTRACT_HELP = ("Compute LaRE maps + backbone features for a manifest selection into a Zarr cache. "
+                "Reruns resume; --no-resume refuses an existing cache.")
 
 
 def extract(
     manifest: str = typer.Option(..., "--manifest", "-m", help="Parquet manifest (lare2 manifest build)."),
-    out: str = typer.Option("cache/train", "--out", "-o", help="Cache directory (created or resumed)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Cache directory (created or resumed); default cache/SPLIT, or cache/all without --split."),
     split: Optional[str] = typer.Option(None, help="Only this split (train/val/test)."),
     generator: list[str] = typer.Option([], "--generator", "-g", help="Only these generators (repeatable)."),
-    preset: str = typer.Option("paper", help="Settings preset: paper (SPEC 2.1) or debug (tiny models)."),
+    preset: str = typer.Option("paper", help="Settings preset: paper (docs/method.md §1) or debug (tiny models)."),
     sd: Optional[str] = typer.Option(None, "--sd", help="Latent diffusion model: diffusers folder, .safetensors/.ckpt, hub id, or 'tiny'."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", "--clip", help="CLIP RN50: RN50.pt, a state dict, 'random-rn50' or 'tiny'."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="CLIP RN50: RN50.pt, a state dict, 'random-rn50' or 'tiny'."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", hidden=True, help="Old spelling of --clip."),
+    timestep: Optional[int] = typer.Option(None, help="Diffusion timestep t in [0, 1000) (paper: 200)."),
+    ensemble: Optional[int] = typer.Option(None, help="Noise draws per image averaged into the map (paper: 4)."),
+    prompt_mode: Optional[str] = typer.Option(None, help="class (template with the class name), fixed (--set prompt_text=...) or empty."),
+    image_size: Optional[int] = typer.Option(None, help="Resize side before the VAE, a multiple of 8 (paper: 256)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per model call."),
     num_workers: Optional[int] = typer.Option(None, help="Decoding workers."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (each process of accelerate launch takes its own GPU)."),
+    device: Optional[str] = typer.Option(None, help="auto (CUDA when present, default) | cpu | cuda (each process of accelerate launch takes its own GPU)."),
     num_shards: int = typer.Option(1, help="Independent array jobs sharing this cache (each may run several processes)."),
     shard_index: int = typer.Option(0, help="This array job's index in [0, num_shards), e.g. $SLURM_ARRAY_TASK_ID."),
     limit: Optional[int] = typer.Option(None, help="Only the first N selected rows."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Reruns always resume; --no-resume refuses an existing cache."),
+    resume: bool = typer.Option(True, "--resume/--no-resume",
+                                help="--resume: continue the cache at --out when its settings match. "
+                                     "--no-resume: refuse when --out already holds a cache."),
     set_: list[str] = typer.Option([], "--set", help="Any ExtractConfig field, key=value (repeatable)."),
     create_only: bool = typer.Option(False, "--create-only", help="Create (or check) the cache, extract nothing: run once before an array of jobs."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     from pathlib import Path
 
-    from lare2.shared.cache import CacheError
+    from lare2.shared.config import ExtractConfig
     from lare2.shared.config import preset as make_preset
+    from lare2.shared.settings import parse_overrides
 
-    overrides = {k: v for k, v in dict(manifest=manifest, out=out, split=split, generators=list(generator),
-                                       sd_model=sd, backbone=backbone, batch_size=batch_size, num_workers=num_workers,
-                                       device=device, num_shards=num_shards, shard_index=shard_index, limit=limit).items()
-                 if v is not None}
-    overrides |= _parse_overrides(set_)
-    try:
+    with user_errors():
+        named = dict(manifest=manifest, out=out, split=split, generators=list(generator) or None, sd_model=sd,
+                     backbone=clip or backbone, timestep=timestep, ensemble=ensemble, prompt_mode=prompt_mode,
+                     image_size=image_size, batch_size=batch_size, num_workers=num_workers, device=device,
+                     num_shards=num_shards, shard_index=shard_index, limit=limit)
+        overrides = parse_overrides(set_, ExtractConfig) | {k: v for k, v in named.items() if v is not None}
         cfg = make_preset(preset, **overrides)
-    except (TypeError, ValueError) as err:
-        raise typer.BadParameter(str(err)) from None
     if not resume and (Path(cfg.out) / "zarr.json").exists():
-        typer.echo(f"error: {cfg.out} exists and --no-resume was given", err=True)
-        raise typer.Exit(2)
+        fail(f"{cfg.out}: a cache already exists there and --no-resume was given; choose a new --out "
+             "(or drop --no-resume to continue it)")
 
     from lare2.extract.run import run_extraction
     from lare2.shared.logs import console
 
-    try:
+    with user_errors():
         summary = run_extraction(cfg, create_only=create_only)
-    except (CacheError, FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
     if summary.rank != 0:
         return  # under accelerate launch / torchrun, the main process speaks for the job
     if json_out:

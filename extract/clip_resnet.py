@@ -1,4 +1,4 @@
-"""OpenAI CLIP's ModifiedResNet image tower (SPEC 2.2), written out with the official key names.
+"""OpenAI CLIP's ModifiedResNet image tower (docs/method.md §2), written out with the official key names.
 
 Differences from a torchvision ResNet: a 3-conv stem closed by an average pool; strided
 bottlenecks downsample with an average pool (anti-aliasing) before a stride-1 conv, on both the
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lare2.extract.models import ModelNotFoundError, ModelSourceError  # torch only: diffusers loads lazily
 from lare2.shared.provenance import fingerprint_state_dict
 from lare2.shared.weights import read_state_dict
 
@@ -248,7 +249,7 @@ def read_backbone_state(path: Path) -> dict[str, Tensor]:
     """The tensors of a backbone file, keys as stored (``visual.*`` or bare)."""
     suffix = path.suffix.lower()
     if suffix not in STATE_DICT_SUFFIXES:
-        raise ValueError(f"{path}: unsupported backbone file type {suffix!r}; expected one of {STATE_DICT_SUFFIXES}")
+        raise ModelSourceError(f"{path}: unsupported backbone file type {suffix!r}; expected one of {STATE_DICT_SUFFIXES}")
     if suffix != ".safetensors" and _is_torchscript(path):
         # Only the archive's tensors are used; its methods are never called (loading still deserialises it).
         return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
@@ -312,6 +313,12 @@ def calibrate_batchnorm(model: nn.Module, images_B3HW: Tensor) -> None:
         norm.running_var.copy_(norm.running_var.half().float())
 
 
+NAMED_BACKBONES = {"random-rn50": rn50_config, "tiny": tiny_config, "small": small_config}
+"""Seeded random towers, by name: full-size RN50, and two millisecond ones for tests and the debug preset."""
+BACKBONE_REMEDY = (f"pass an RN50.pt TorchScript archive, a state dict ({'/'.join(STATE_DICT_SUFFIXES)}, "
+                   f"keys visual.* or bare), or one of {', '.join(repr(n) for n in NAMED_BACKBONES)}")
+
+
 def load_backbone(
     spec: str | Path,
     *,
@@ -326,24 +333,24 @@ def load_backbone(
     same whichever file format held them and whatever ``dtype`` the module runs in.
     """
     spec = str(spec)
-    if spec == "tiny":
-        module = build_backbone(tiny_config())
-    elif spec == "small":
-        module = build_backbone(small_config())
-    elif spec == "random-rn50":
-        module = build_backbone(rn50_config())
+    if spec in NAMED_BACKBONES:
+        module = build_backbone(NAMED_BACKBONES[spec]())
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(
-                f"backbone {spec!r} not found: expected a file (RN50.pt TorchScript archive, or a state dict "
-                f"{'/'.join(STATE_DICT_SUFFIXES)} with keys visual.* or bare), 'random-rn50', 'tiny' or 'small'"
-            )
+            resolved = str(path.resolve())
+            if path.is_dir():
+                what = ": a folder, not a weight file"
+            elif path.suffix.lower() in STATE_DICT_SUFFIXES or any(sep in spec for sep in ("/", "\\", "~")):
+                what = ": no such file" + (f" ({resolved})" if resolved != spec else "")
+            else:
+                what = f": not a file on disk ({resolved}) nor a named backbone"
+            raise ModelNotFoundError(f"backbone {spec!r} not found{what}; {BACKBONE_REMEDY}")
         state = visual_state(read_backbone_state(path))
         try:
             config = infer_config(state)
         except (KeyError, ValueError) as err:
-            raise ValueError(f"{path}: {err.args[0]}; found keys like {sorted(state)[:5]}") from err
+            raise ModelSourceError(f"{path}: {err.args[0]}; found keys like {sorted(state)[:5]}") from err
         module = ModifiedResNet(config)
         load_state_strict(module, state, str(path))
     module.float()

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageOps
 
 from lare2.extract.clip_resnet import IMAGENET_MEAN, IMAGENET_STD
+from lare2.shared.config import MAX_IMAGE_PIXELS
 
 MIN_SIDE = 8
 BACKBONE_SIZE = 224
@@ -28,7 +29,7 @@ class ImageError(ValueError):
     """An image that cannot be used; the message is the reason stored in the cache."""
 
 
-def decode_rgb(data: bytes, *, max_pixels: int = 89_478_485) -> Image.Image:
+def decode_rgb(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Bytes -> an RGB PIL image (EXIF-rotated), or :class:`ImageError` saying why not."""
     if not data:
         raise ImageError("empty file (0 bytes)")

@@ -1,4 +1,4 @@
-"""Stable Diffusion-style latent diffusion models for the LaRE map (SPEC 2.1).
+"""Stable Diffusion-style latent diffusion models for the LaRE map (docs/method.md §1.1).
 
 ``load_latent_diffusion(spec)`` accepts
 - a local diffusers folder (``vae/ unet/ text_encoder/ tokenizer/ scheduler/``, the
@@ -6,9 +6,15 @@
 - a single-file checkpoint (``.safetensors`` / ``.ckpt``, original LDM keys), built with the SD v1
   component configs shipped in ``configs/sd-v1``; its CLIP tokenizer comes from ``tokenizer=`` or
   from a ``tokenizer/`` folder (or ``vocab.json`` + ``merges.txt``) next to the checkpoint;
-- a hub id ``org/name``, only when a model hub is reachable (``HF_HUB_OFFLINE`` unset);
-- ``tiny``: seeded random weights in SD's geometry (4 latent channels, x8 downsampling), for
-  tests and the demo.
+- a hub id ``org/name``, only when it does not look like a path (no leading ``.``, ``/`` or ``~``,
+  a single slash, no weight-file suffix), is not on disk, and a model hub is reachable
+  (``HF_HUB_OFFLINE`` unset and the endpoint answers within a few seconds);
+- ``tiny``: seeded random weights in SD's geometry (``lare2.extract.tiny_models``), for tests, the
+  debug preset and benchmarks.
+
+Anything else raises a one-line ``ModelSourceError`` naming the argument, what was tried and the
+remedy. diffusers and transformers are imported on first load, so the errors (and the constants)
+are cheap to import.
 
 Whatever the scheduler subfolder names (SD v1.5 ships ``PNDMScheduler``), the model gets a
 ``DDPMScheduler`` from that config: only ``alphas_cumprod`` and ``add_noise`` are used.
@@ -16,20 +22,22 @@ Whatever the scheduler subfolder names (SD v1.5 ships ``PNDMScheduler``), the mo
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from lare2.extract.toy_tokenizer import toy_vocab, write_toy_tokenizer
 from lare2.shared.provenance import fingerprint_state_dict
 from lare2.shared.weights import read_state_dict
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 SD_V1_CONFIGS = Path(__file__).resolve().parent / "configs" / "sd-v1"
 """Diffusers-layout component configs of SD v1 (no weights), for single-file checkpoints."""
@@ -39,11 +47,25 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 LDM_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.")
 """Key prefixes of the UNet, VAE and CLIP text encoder in an original (LDM) SD v1 checkpoint."""
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+"""``org/name``: one slash, no leading ``.``/``/``/``~``, no backslash or drive letter."""
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+"""A spec ending in one of these names a file, never a hub id."""
+HUB_PROBE_TIMEOUT_S = 3.0
+SD_REMEDY = (f"pass a diffusers folder ({' '.join(f'{c}/' for c in COMPONENT_FOLDERS)}), "
+             f"a {'/'.join(SINGLE_FILE_SUFFIXES)} file, or 'tiny'")
 
-# SD's training noise schedule (SPEC 4): the tiny model uses it too, so t=200 means the same noise level.
+# SD's training noise schedule (docs/method.md §1.1): the tiny model uses it too, so t=200 means the same noise level.
 SD_BETA_START, SD_BETA_END, SD_TRAIN_STEPS = 0.00085, 0.012, 1000
 SD_VAE_SCALING_FACTOR = 0.18215
+
+
+class ModelSourceError(ValueError):
+    """A model argument (``--sd``, ``--clip``) that names nothing loadable; the message is one line."""
+
+
+class ModelNotFoundError(ModelSourceError, FileNotFoundError):
+    """Nothing loadable where the argument points (a ``FileNotFoundError`` too)."""
 
 
 @dataclass(kw_only=True)
@@ -87,29 +109,22 @@ def load_latent_diffusion(
     """
     spec = str(spec)
     if spec == "tiny":
-        parts = build_tiny_sd(seed=0)
-        source = "tiny"
-    else:
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            parts = _load_diffusers_folder(path)
-        elif path.is_file():
-            if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-                raise ValueError(
-                    f"{path}: unsupported model file type {path.suffix!r}; expected a single-file checkpoint "
-                    f"({', '.join(SINGLE_FILE_SUFFIXES)}) or a diffusers folder with {'/, '.join(COMPONENT_FOLDERS)}/"
-                )
-            parts = _load_single_file(path, tokenizer, Path(config))
-        elif HUB_ID.match(spec) and not _hub_offline():
-            parts = _load_from_hub(spec)
-        else:
-            offline = " (HF_HUB_OFFLINE is set, so hub ids are not tried)" if HUB_ID.match(spec) and _hub_offline() else ""
-            raise FileNotFoundError(
-                f"latent diffusion model {spec!r} not found{offline}: expected a diffusers folder with subfolders "
-                f"{', '.join(f'{c}/' for c in COMPONENT_FOLDERS)}, a single-file checkpoint "
-                f"({', '.join(SINGLE_FILE_SUFFIXES)}), a hub id 'org/name' when a hub is reachable, or 'tiny'"
+        from lare2.extract.tiny_models import build_tiny_sd
+
+        return _finish(**build_tiny_sd(seed=0), source="tiny", device=device, dtype=dtype)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        parts = _load_diffusers_folder(path)
+    elif path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelSourceError(
+                f"{path}: unsupported model file type {path.suffix!r}; expected a single-file checkpoint "
+                f"({', '.join(SINGLE_FILE_SUFFIXES)}) or a diffusers folder with {'/, '.join(COMPONENT_FOLDERS)}/"
             )
-        source = str(path.resolve()) if path.exists() else spec
+        parts = _load_single_file(path, tokenizer, Path(config))
+    else:
+        parts = _load_from_hub(spec, path)
+    source = str(path.resolve()) if path.exists() else spec
     return _finish(**parts, source=source, device=device, dtype=dtype)
 
 
@@ -129,6 +144,8 @@ def _finish(*, vae, unet, text_encoder, tokenizer, scheduler, source: str, devic
 
 def ddpm_scheduler_from(folder: str | Path, subfolder: str | None = "scheduler") -> DDPMScheduler:
     """A ``DDPMScheduler`` from a scheduler config, whatever scheduler class the config names."""
+    from diffusers import DDPMScheduler
+
     config = DDPMScheduler.load_config(str(folder), subfolder=subfolder)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     return DDPMScheduler.from_config(config)
@@ -138,10 +155,15 @@ def ddpm_scheduler_from(folder: str | Path, subfolder: str | None = "scheduler")
 def _load_diffusers_folder(folder: Path) -> dict:
     missing = [c for c in COMPONENT_FOLDERS if not (folder / c).is_dir()]
     if missing:
-        raise FileNotFoundError(
+        files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in SINGLE_FILE_SUFFIXES)
+        hint = f"; it holds {', '.join(files[:3])}: pass that file instead" if files else ""
+        raise ModelNotFoundError(
             f"{folder}: not a diffusers model folder, missing subfolder(s) {', '.join(f'{c}/' for c in missing)} "
-            f"(expected {', '.join(f'{c}/' for c in COMPONENT_FOLDERS)} as in runwayml/stable-diffusion-v1-5)"
+            f"(expected {', '.join(f'{c}/' for c in COMPONENT_FOLDERS)} as in runwayml/stable-diffusion-v1-5){hint}"
         )
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
     return {
         "vae": AutoencoderKL.from_pretrained(str(folder), subfolder="vae", local_files_only=True),
         "unet": UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", local_files_only=True),
@@ -156,15 +178,54 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-def _load_from_hub(hub_id: str) -> dict:
-    """Each component from the hub (or the local hub cache), in the diffusers layout."""
-    return {
-        "vae": AutoencoderKL.from_pretrained(hub_id, subfolder="vae"),
-        "unet": UNet2DConditionModel.from_pretrained(hub_id, subfolder="unet"),
-        "text_encoder": CLIPTextModel.from_pretrained(hub_id, subfolder="text_encoder"),
-        "tokenizer": CLIPTokenizer.from_pretrained(hub_id, subfolder="tokenizer"),
-        "scheduler": ddpm_scheduler_from(hub_id),
-    }
+def looks_like_hub_id(spec: str) -> bool:
+    """``org/name`` and nothing path-like (see ``HUB_ID``), without a weight-file suffix."""
+    return bool(HUB_ID.match(spec)) and not spec.lower().endswith(WEIGHT_FILE_SUFFIXES)
+
+
+def hub_unavailable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why hub ids cannot be tried now, or ``None`` when the hub endpoint answers (any HTTP status)."""
+    if _hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        return f"hub unreachable ({endpoint}: {reason})"
+    return None
+
+
+def _source_error(spec: str, path: Path, as_hub_id: str, cls: type = ModelNotFoundError) -> ModelSourceError:
+    """The one-line error for ``spec``, not on disk at ``path``: what was tried as a hub id, and the remedy."""
+    resolved = str(path.resolve())
+    where = f" (no {resolved})" if resolved != spec else ""
+    return cls(f"latent diffusion model {spec!r}: not a folder or file on disk{where}; {as_hub_id}; {SD_REMEDY}")
+
+
+def _load_from_hub(spec: str, path: Path) -> dict:
+    """Each component of hub id ``spec`` (not on disk at ``path``), in the diffusers layout; one clear error
+    without network traffic when ``spec`` looks like a path or the hub is offline or unreachable."""
+    if not looks_like_hub_id(spec):
+        raise _source_error(spec, path, "not a hub id either ('org/name', without a path prefix or file suffix)")
+    if reason := hub_unavailable():
+        raise _source_error(spec, path, f"as a hub id: {reason}")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        return {
+            "vae": AutoencoderKL.from_pretrained(spec, subfolder="vae"),
+            "unet": UNet2DConditionModel.from_pretrained(spec, subfolder="unet"),
+            "text_encoder": CLIPTextModel.from_pretrained(spec, subfolder="text_encoder"),
+            "tokenizer": CLIPTokenizer.from_pretrained(spec, subfolder="tokenizer"),
+            "scheduler": ddpm_scheduler_from(spec),
+        }
+    except (OSError, ValueError) as err:  # no such repo, gated, no such subfolder, connection lost
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise _source_error(spec, path, f"as a hub id: {first}", cls=ModelSourceError) from err
 
 
 # ---- single-file checkpoint ---------------------------------------------------------------------
@@ -180,7 +241,7 @@ def find_tokenizer(checkpoint: Path, tokenizer: str | Path | None) -> Path:
         if all((folder / f).is_file() for f in TOKENIZER_FILES):
             return folder
     where = f"in {candidates[0]}" if tokenizer else f"in {candidates[0]} or {candidates[1]}"
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"{checkpoint}: a single-file checkpoint carries no CLIP tokenizer and none was found {where}; "
         f"pass tokenizer=FOLDER or put a tokenizer/ folder ({' + '.join(TOKENIZER_FILES)}, e.g. from "
         f"runwayml/stable-diffusion-v1-5) next to the checkpoint"
@@ -188,13 +249,15 @@ def find_tokenizer(checkpoint: Path, tokenizer: str | Path | None) -> Path:
 
 
 def _load_single_file(path: Path, tokenizer: str | Path | None, config_folder: Path) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import SingleFileComponentError, create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     tokenizer_folder = find_tokenizer(path, tokenizer)  # fail before reading gigabytes
     checkpoint = read_checkpoint(path)
     missing = [p for p in LDM_PREFIXES if not any(k.startswith(p) for k in checkpoint)]
     if missing:
-        raise ValueError(
+        raise ModelSourceError(
             f"{path}: not a Stable Diffusion v1 single-file checkpoint: no keys under {', '.join(missing)} "
             f"(found e.g. {sorted(checkpoint)[:3]})"
         )
@@ -205,7 +268,7 @@ def _load_single_file(path: Path, tokenizer: str | Path | None, config_folder: P
         text_encoder = create_diffusers_clip_model_from_ldm(
             CLIPTextModel, checkpoint, subfolder="text_encoder", config=config, local_files_only=True)
     except (KeyError, ValueError, RuntimeError, SingleFileComponentError) as err:
-        raise ValueError(
+        raise ModelSourceError(
             f"{path}: not a Stable Diffusion v1 single-file checkpoint matching {config_folder} "
             f"({err})"
         ) from err
@@ -214,60 +277,3 @@ def _load_single_file(path: Path, tokenizer: str | Path | None, config_folder: P
         "tokenizer": CLIPTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True),
         "scheduler": ddpm_scheduler_from(config_folder),
     }
-
-
-# ---- tiny model ---------------------------------------------------------------------------------
-def tiny_component_configs() -> dict[str, dict]:
-    """Configs of the tiny SD (SPEC 4): SD's geometry, millisecond forward passes on a CPU."""
-    vocab = toy_vocab()
-    return {
-        "vae": dict(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-            block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256, scaling_factor=SD_VAE_SCALING_FACTOR,
-        ),
-        "unet": dict(
-            sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
-        ),
-        "text_encoder": dict(
-            vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, projection_dim=64,
-            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        ),
-        "scheduler": dict(
-            num_train_timesteps=SD_TRAIN_STEPS, beta_start=SD_BETA_START, beta_end=SD_BETA_END,
-            beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
-        ),
-    }
-
-
-def build_tiny_sd(seed: int = 0) -> dict:
-    """The tiny SD's components with weights drawn from ``seed`` (the global RNG is left untouched)."""
-    configs = tiny_component_configs()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(**configs["vae"])
-        unet = UNet2DConditionModel(**configs["unet"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = CLIPTokenizer.from_pretrained(str(write_toy_tokenizer(tmp)))
-    return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "scheduler": DDPMScheduler(**configs["scheduler"])}
-
-
-def save_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
-    """Write the tiny SD as a diffusers folder (safetensors weights); loadable offline by ``load_latent_diffusion``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    parts = build_tiny_sd(seed)
-    for name in ("vae", "unet", "text_encoder"):
-        parts[name].save_pretrained(folder / name, safe_serialization=True)
-    parts["scheduler"].save_pretrained(folder / "scheduler")
-    write_toy_tokenizer(folder / "tokenizer")
-    model_index = json.loads((SD_V1_CONFIGS / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
-    return folder

@@ -6,7 +6,7 @@ samples, one chunk of every array): array-job shard ``shard_index`` owns the blo
 share that shard's pending blocks with a stride. A block is written whole and then marked done, so
 a rerun after any crash (SIGKILL included) computes exactly the blocks that are not done. A batch
 never spans two blocks, so a block is computed in the same batches however the work is split, and
-a map never depends on the split (SPEC 2.1 seeds): 1 or 8 processes, 1 or 64 array jobs, one run
+a map never depends on the split (per-sample seeds, docs/method.md §1.5): 1 or 8 processes, 1 or 64 array jobs, one run
 or ten resumed ones give the same cache.
 
 Rank 0 of a job creates the cache (atomically, see ``FeatureCache.create``), and finalises it
@@ -31,12 +31,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lare2.extract.images import ImageError, backbone_input, decode_rgb, lare_input
-from lare2.shared.cache import STATUS_ERROR, STATUS_OK, STATUS_PENDING, CacheError, CacheExistsError, CacheLayout, FeatureCache
+from lare2.shared.cache import ARRAY_NAMES, STATUS_ERROR, STATUS_OK, STATUS_PENDING, CacheError, CacheExistsError, CacheLayout, FeatureCache
 from lare2.shared.config import ExtractConfig, diff_identity
-from lare2.shared.inspect import RecomputeUnavailable
+from lare2.shared.cache.errors import RecomputeUnavailable
 from lare2.shared.logs import get_logger, progress_bar, rate_text
-from lare2.shared.manifest import read_image_bytes, read_manifest, select_rows
+from lare2.shared.manifest import CACHE_COLUMNS, read_image_bytes, read_manifest_metadata, read_selection
 from lare2.shared.provenance import provenance
+from lare2.shared.devices import resolve_device
 from lare2.shared.seeding import sample_seed
 
 log = get_logger(__name__)
@@ -147,17 +148,25 @@ def load_models(cfg: ExtractConfig, device: torch.device) -> Models:
     return Models(lare, backbone, {"sd": diffusion.fingerprint, "backbone": backbone_fp}, layout)
 
 
+def stored_config(stored: dict, device: torch.device, *, sd_model: str | None = None, backbone: str | None = None,
+                  compute_dtype: str | None = None) -> ExtractConfig:
+    """A recorded extraction config (a cache's or a detector's), to recompute its features in this
+    process: the models and compute dtype may be given anew, the device is this one, decoding runs inline."""
+    overrides = {k: v for k, v in dict(sd_model=sd_model, backbone=backbone, compute_dtype=compute_dtype).items() if v}
+    return ExtractConfig.from_dict(stored, **overrides, device=device.type, num_workers=0)
+
+
 def compute_batch(models: Models, samples: list[DecodedSample], prompts: list[str], seeds: list[int],
-                  device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Model outputs for decoded samples (none with an error), as float32 numpy [n, ...] arrays."""
+                  device: torch.device) -> dict[str, np.ndarray]:
+    """Model outputs for decoded samples (none with an error): ``compute_images``'s arrays."""
     return compute_images(models, torch.stack([s.lare_image for s in samples]),
                           torch.stack([s.backbone_image for s in samples]), prompts, seeds, device)
 
 
 @torch.no_grad()
 def compute_images(models: Models, lare_images: torch.Tensor, backbone_images: torch.Tensor, prompts: list[str],
-                   seeds: list[int], device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``lare`` [n, 4, h, w], ``pooled`` [n, D], ``fmap`` [n, Cf, 14, 14] float32 numpy arrays.
+                   seeds: list[int], device: torch.device) -> dict[str, np.ndarray]:
+    """Float32 numpy arrays by cache array name: ``lare`` [n, 4, h, w], ``pooled`` [n, D], ``fmap`` [n, Cf, 14, 14].
 
     ``lare_images`` [n, 3, S, S] in [-1, 1], ``backbone_images`` [n, 3, 224, 224]; the copies to
     ``device`` overlap with compute when the inputs are pinned.
@@ -166,11 +175,8 @@ def compute_images(models: Models, lare_images: torch.Tensor, backbone_images: t
     backbone_images_B3HW = backbone_images.to(device, non_blocking=True)
     lare_B4hw = models.lare(lare_images_B3SS, prompts, seeds)
     out = models.backbone(backbone_images_B3HW.to(next(models.backbone.parameters()).dtype))
-    return (
-        lare_B4hw.float().cpu().numpy(),
-        out.pooled.float().cpu().numpy(),
-        out.fmap.float().cpu().numpy(),
-    )
+    outputs = {"lare": lare_B4hw, "pooled": out.pooled, "fmap": out.fmap}
+    return {name: outputs[name].float().cpu().numpy() for name in ARRAY_NAMES}
 
 
 # ---- the cache: create, or reopen with the same identity ---------------------------------------
@@ -245,7 +251,6 @@ def remove_stale_staging(out: Path, older_than_s: float = STALE_STAGING_SECONDS)
 
 
 # ---- the job -----------------------------------------------------------------------------------
-DEVICES = ("auto", "cpu", "cuda")
 PROCESS_GROUP_TIMEOUT_S = 4 * 3600
 """Collective timeout: covers rank 0 creating a GenImage-size cache (minutes at that size) on a slow file system."""
 
@@ -274,12 +279,11 @@ class Summary:
 
 
 def selected_rows(cfg: ExtractConfig) -> tuple[dict, Path]:
-    table, root = read_manifest(cfg.manifest)
-    table = select_rows(table, split=cfg.split, generators=cfg.generators, limit=cfg.limit)
+    table = read_selection(cfg.manifest, split=cfg.split, generators=cfg.generators, limit=cfg.limit)
     if table.num_rows == 0:
         raise CacheError(f"{cfg.manifest}: no rows for split={cfg.split!r} generators={cfg.generators or 'all'}")
-    columns = ("sample_id", "path", "label", "generator", "split", "class_name")
-    return {c: table.column(c).to_pylist() for c in columns}, Path(root)
+    root = read_manifest_metadata(cfg.manifest)["root"]
+    return {c: table.column(c).to_pylist() for c in CACHE_COLUMNS}, Path(root)
 
 
 def shard_blocks(num_blocks: int, num_shards: int, shard_index: int) -> list[int]:
@@ -297,11 +301,7 @@ def make_accelerator(cfg: ExtractConfig):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    if cfg.device not in DEVICES:
-        raise ValueError(f"device={cfg.device!r}: choose from {DEVICES}")
-    has_cuda = torch.cuda.is_available()
-    if cfg.device == "cuda" and not has_cuda:
-        raise ValueError("device='cuda' but torch sees no CUDA device; use device=auto or cpu")
+    has_cuda = resolve_device(cfg.device).type == "cuda"  # refuses cuda without a device
     # Without cpu=True, Accelerate treats processes launched without a GPU as unrelated single
     # processes, and every one of them would extract the whole selection.
     # Rank 0 may spend minutes creating a cache of millions of samples while the others wait.
@@ -415,9 +415,8 @@ def _gather(results: dict, cache: FeatureCache, batch: DecodedBatch, outputs, ru
         if error:
             acc["rows"][index] = (None, seed, error)
             continue
-        arrays = tuple(o[position[index]] for o in outputs)
-        layout = cache.layout
-        bad = [name for name, a in zip(("lare", "pooled", "fmap"), arrays) if not np.isfinite(a.astype(layout.dtype(name))).all()]
+        arrays = {name: values[position[index]] for name, values in outputs.items()}
+        bad = [name for name, a in arrays.items() if not np.isfinite(a.astype(cache.layout.dtype(name))).all()]
         error = f"non-finite model output in {', '.join(bad)} (in its storage dtype)" if bad else ""
         acc["rows"][index] = (None if bad else arrays, seed, error)
 
@@ -426,7 +425,7 @@ def _flush(cache: FeatureCache, block: int, acc: dict, summary: Summary) -> None
     sl = cache.block_slice(block)
     n = sl.stop - sl.start
     layout = cache.layout
-    out = {name: np.full((n, *layout.sample_shape(name)), np.nan, dtype=np.float32) for name in ("lare", "pooled", "fmap")}
+    out = {name: np.full((n, *layout.sample_shape(name)), np.nan, dtype=np.float32) for name in ARRAY_NAMES}
     seeds, status, errors = [0] * n, [STATUS_OK] * n, [""] * n
     for row, (arrays, seed, error) in acc["rows"].items():
         i = row - sl.start
@@ -435,7 +434,7 @@ def _flush(cache: FeatureCache, block: int, acc: dict, summary: Summary) -> None
             status[i], errors[i] = STATUS_ERROR, error
             summary.failed += 1
         else:
-            for name, a in zip(("lare", "pooled", "fmap"), arrays):
+            for name, a in arrays.items():
                 out[name][i] = a
         summary.computed += 1
     cache.write_block(block, **out, seed=seeds, status=status, error=errors)
@@ -455,22 +454,13 @@ def recompute_samples(cache_path: str | Path, indices: Sequence[int], *, sd_mode
     in the storage dtypes, with NaN rows for images that fail to decode.
     """
     cache = FeatureCache.open(cache_path)
-    stored = dict(cache.attrs["extract_config"])
-    if sd_model:
-        stored["sd_model"] = sd_model
-    if backbone:
-        stored["backbone"] = backbone
-    if compute_dtype:
-        stored["compute_dtype"] = compute_dtype
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and stored.get("compute_dtype", "float32") != "float32":
+    torch_device = resolve_device(device)
+    cfg = stored_config(cache.attrs["extract_config"], torch_device, sd_model=sd_model, backbone=backbone,
+                        compute_dtype=compute_dtype)
+    if torch_device.type == "cpu" and cfg.compute_dtype != "float32":
         raise RecomputeUnavailable(
-            f"{cache_path} was computed in {stored['compute_dtype']}, which needs a GPU (no CUDA device here); "
+            f"{cache_path} was computed in {cfg.compute_dtype}, which needs a GPU (no CUDA device here); "
             "recompute on this CPU in float32 and compare with a tolerance: --compute-dtype float32 --tolerance 0.01")
-    stored.update(device=device, num_workers=0)
-    cfg = ExtractConfig(**stored)
-    torch_device = torch.device(device)
     models = load_models(cfg, torch_device)
     if models.fingerprints != cache.attrs["fingerprints"]:
         raise CacheError(f"{cache_path}: the models at hand differ from those that made the cache "
@@ -481,7 +471,7 @@ def recompute_samples(cache_path: str | Path, indices: Sequence[int], *, sd_mode
     wanted = {int(i): k for k, i in enumerate(indices)}
     blocks = sorted({i // cache.layout.chunk_samples for i in wanted})
     out = {name: np.full((len(indices), *cache.layout.sample_shape(name)), np.nan, dtype=cache.layout.dtype(name))
-           for name in ("lare", "pooled", "fmap")}
+           for name in ARRAY_NAMES}
     for batch_rows in block_batches(cache, blocks, cfg.batch_size):
         if not wanted.keys() & set(batch_rows):
             continue
@@ -492,6 +482,6 @@ def recompute_samples(cache_path: str | Path, indices: Sequence[int], *, sd_mode
                                [sample_seed(cfg.seed, ids[s.index]) for s in good], torch_device)
         for position, sample in enumerate(good):
             if sample.index in wanted:
-                for name, values in zip(("lare", "pooled", "fmap"), arrays):
+                for name, values in arrays.items():
                     out[name][wanted[sample.index]] = values[position].astype(cache.layout.dtype(name))
     return out

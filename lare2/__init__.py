@@ -5,4 +5,9 @@ Sub-packages: ``lare2.shared`` (cache schema, configs, manifests), ``lare2.extra
 evaluation), ``lare2.minigenimage`` (an offline CPU-sized benchmark).
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("lare2")  # the one place it is written: pyproject.toml
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"

@@ -1,22 +1,22 @@
 """``lare2 cache ...``: see what a cache holds and prove it whole.
 
 info, ls, show, verify, diff, stats, export, pack. Each prints rich tables, or with ``--json`` one
-JSON document on stdout for scripts. Exit codes: 0 fine, 1 problems found (verify) or runs
-that disagree (diff), 2 bad usage (no such cache, unknown id, bad option).
+JSON document on stdout for scripts. Exit codes (``lare2.shared.cli_errors``): 0 fine, 1 problems
+found (verify) or runs that disagree (diff), 2 bad usage (no such cache, not a cache, unknown id,
+bad option) with one ``error:`` line on stderr.
 The logic lives in ``lare2.shared.inspect`` / ``lare2.shared.wds_export``, imported inside the
 commands so that ``lare2 --help`` stays fast.
 """
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Annotated, Iterator, NoReturn, Optional
+from typing import Annotated, Optional
 
 import typer
 
-EXIT_PROBLEMS = 1
-EXIT_USAGE = 2
+from lare2.shared.cli_errors import EXIT_PROBLEMS, EXIT_USAGE, check_device, fail, user_errors
+
 EXPORT_FORMATS = ("webdataset",)
 MAX_ITEMS_SHOWN = 10
 
@@ -42,24 +42,16 @@ def _console():
     return console if console.is_terminal else Console(width=200)
 
 
-def _usage_error(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(EXIT_USAGE)
+_usage_error = fail  # one line on stderr, exit 2
 
 
-@contextlib.contextmanager
-def _usage_errors() -> Iterator[None]:
-    """Bad input (no such cache, not a cache, unknown id, bad option value) -> message + exit 2."""
-    from lare2.shared.cache import CacheError
-
-    try:
-        yield
-    except (FileNotFoundError, FileExistsError, CacheError, KeyError, ValueError) as err:
-        _usage_error(str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err))
+def _usage_errors():
+    """Bad input (no such cache, not a cache, unknown id or column, bad option value) -> one line + exit 2."""
+    return user_errors(KeyError)
 
 
 def _print_json(obj) -> None:
-    from lare2.shared.inspect import to_json
+    from lare2.shared.jsonio import to_json
 
     typer.echo(to_json(obj))
 
@@ -88,7 +80,7 @@ def _key_values(title: str, values: dict | None):
 def _load_recompute_fn():
     """The extractor's ``recompute_samples``, or a stand-in raising ``RecomputeUnavailable`` with
     the reason when the extractor (diffusers, torch) cannot be imported here."""
-    from lare2.shared.inspect import RecomputeUnavailable
+    from lare2.shared.cache import RecomputeUnavailable
 
     try:
         from lare2.extract.run import recompute_samples
@@ -108,7 +100,8 @@ def info(path: PathArg, json: JsonOpt = False) -> None:
     """Counts per split x generator x label x status, array sizes, extraction config, fingerprints, provenance."""
     from rich.table import Table
 
-    from lare2.shared.inspect import cache_info, label_name, open_cache
+    from lare2.shared.cache import open_cache
+    from lare2.shared.cache.summary import cache_info, label_name
 
     with _usage_errors():
         report = cache_info(open_cache(path))
@@ -154,8 +147,8 @@ def ls(
     """Sample rows, filtered."""
     from rich.table import Table
 
-    from lare2.shared.cache import META_COLUMNS
-    from lare2.shared.inspect import list_samples, open_cache
+    from lare2.shared.cache import META_COLUMNS, open_cache
+    from lare2.shared.cache.summary import list_samples
 
     with _usage_errors():
         listing = list_samples(open_cache(path), generator=generator, label=label, status=status, split=split,
@@ -182,7 +175,9 @@ def show(
     """One sample: metadata, per-channel LaRE statistics, feature norms; optionally a PNG."""
     from rich.table import Table
 
-    from lare2.shared.inspect import find_sample, open_cache, render_sample_png, sample_summary
+    from lare2.shared.cache import open_cache
+    from lare2.shared.cache.plots import render_sample_png
+    from lare2.shared.cache.summary import find_sample, sample_summary
 
     with _usage_errors():
         cache = open_cache(path)
@@ -218,8 +213,10 @@ def verify(
                                                            "(default: the one the cache records, when at hand).")] = None,
     recompute: Annotated[int, typer.Option(help="Re-extract this many random ok samples and compare bit for bit.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed choosing the samples to recompute.")] = 0,
-    sd_model: Annotated[Optional[str], typer.Option(help="Override the cache's SD model for --recompute.")] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="Override the cache's backbone for --recompute.")] = None,
+    sd: Annotated[Optional[str], typer.Option("--sd", help="Override the cache's SD model for --recompute.")] = None,
+    clip: Annotated[Optional[str], typer.Option("--clip", help="Override the cache's CLIP backbone for --recompute.")] = None,
+    sd_model: Annotated[Optional[str], typer.Option("--sd-model", hidden=True, help="Old spelling of --sd.")] = None,
+    backbone: Annotated[Optional[str], typer.Option("--backbone", hidden=True, help="Old spelling of --clip.")] = None,
     device: Annotated[str, typer.Option(help="Device for --recompute: auto (CUDA when present), cpu or cuda.")] = "auto",
     compute_dtype: Annotated[Optional[str], typer.Option(
         help="Override the cache's compute dtype for --recompute (float32 on a CPU for a GPU's float16 cache).")] = None,
@@ -235,11 +232,13 @@ def verify(
     samples and compares them bit for bit, or within --tolerance (skipped, with the reason, when
     the models or the device are not at hand).
     """
-    from lare2.shared.inspect import verify_cache
+    from lare2.shared.cache.verify import verify_cache
 
+    if device != "auto" or recompute:
+        device = check_device(device)  # cuda without CUDA: one line, exit 2
     with _usage_errors():
-        report = verify_cache(path, manifest=manifest, recompute=recompute, seed=seed, sd_model=sd_model,
-                              backbone=backbone, device=device, compute_dtype=compute_dtype, tolerance=tolerance,
+        report = verify_cache(path, manifest=manifest, recompute=recompute, seed=seed, sd_model=sd or sd_model,
+                              backbone=clip or backbone, device=device, compute_dtype=compute_dtype, tolerance=tolerance,
                               recompute_fn=_load_recompute_fn() if recompute else None, progress=not json)
     if json:
         _print_json(report.to_dict())
@@ -273,7 +272,7 @@ def diff(
     """
     from rich.table import Table
 
-    from lare2.shared.inspect import diff_caches
+    from lare2.shared.cache.diff import diff_caches
 
     with _usage_errors():
         report = diff_caches(a, b, atol=atol)
@@ -312,7 +311,9 @@ def stats(
     """Distribution of mean LaRE per generator and label (ok samples)."""
     from rich.table import Table
 
-    from lare2.shared.inspect import label_name, lare_stats, open_cache, render_stats_png
+    from lare2.shared.cache import open_cache
+    from lare2.shared.cache.plots import render_stats_png
+    from lare2.shared.cache.summary import label_name, lare_stats
 
     with _usage_errors():
         cache = open_cache(path)
@@ -346,7 +347,7 @@ def export(
     json: JsonOpt = False,
 ) -> None:
     """Export the cache to another format (WebDataset tar shards)."""
-    from lare2.shared.wds_export import export_webdataset
+    from lare2.shared.cache.export import export_webdataset
 
     if export_format not in EXPORT_FORMATS:
         _usage_error(f"--format {export_format!r}: choose from {list(EXPORT_FORMATS)}")
@@ -368,7 +369,7 @@ def pack(
 ) -> None:
     """Copy a finished cache into Zarr shards of many blocks each: far fewer files, same values."""
     from lare2.shared.cache import pack_cache
-    from lare2.shared.inspect import folder_file_count
+    from lare2.shared.cache.chunks import folder_file_count
 
     with _usage_errors():
         packed = pack_cache(path, out, shard_blocks=shard_blocks, progress=not json)

@@ -1,5 +1,12 @@
 """The ``lare2`` command. Each stage registers its own commands; heavy imports stay inside them
-so that ``lare2 --help`` and the cache/manifest commands start fast and ``train`` never loads diffusers."""
+so that ``lare2 --help`` and the cache/manifest commands start fast and ``train`` never loads diffusers.
+
+One grammar for every command (``lare2.shared.cli_errors``): exit 0 success, 1 problems found
+(``cache verify``/``cache diff``), 2 bad usage or input with one ``error:`` line naming the file
+and the remedy (never a traceback), 3 ``train`` stopped early on purpose; ``--json`` on every
+command that reports; ``--device auto|cpu|cuda`` (auto: CUDA when present); ``--sd``/``--clip``
+for the models; ``--resume`` continues, ``--no-resume`` refuses an existing cache or run.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +20,30 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    epilog="Exit codes: 0 done; 1 problems found (cache verify/diff); 2 bad usage or input (one 'error:' line); "
+           "3 train stopped early (--stop-after-steps).",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import lare2
+
+        typer.echo(f"lare2 {getattr(lare2, '__version__', 'unknown')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Detect diffusion-generated images with LaRE^2: extract LaRE maps + CLIP features, train EGRE, evaluate."""
 
 # Modules exposing ``register(app: typer.Typer) -> None``.
 COMMAND_MODULES = (
     "lare2.shared.manifest_cli",
     "lare2.extract.cli",
-    "lare2.extract.score",
+    "lare2.score_cli",
     "lare2.cache_cli",
     "lare2.train.cli",
     "lare2.minigenimage.cli",

@@ -4,7 +4,7 @@ Layout under ``<out>`` (GenImage's: each generator subset has its own real image
 
     ldm-a/train/{ai,nature}/*.png   our train + val splits (the detector trains on ldm-a vs real)
     <generator>/val/{ai,nature}/*.png   our test split, for each of the four generators
-    manifest.parquet                 one row per image (columns in ``MANIFEST_COLUMNS``)
+    manifest.parquet                 one row per image (columns ``lare2.shared.manifest.COLUMNS``)
     build.json                       the build config and the fingerprints of the zoo's weights
 
 Real images of a split are crops of that split's photographs only. Every file is a PNG written with
@@ -30,7 +30,6 @@ from lare2.minigenimage.sampling import load_sampler, sample
 from lare2.minigenimage.zoo import GENERATORS, ZOO_DIR, check_generator, log, read_record
 from lare2.shared.seeding import sample_seed
 
-MANIFEST_COLUMNS = ("sample_id", "path", "label", "generator", "split", "class_name", "width", "height", "format", "error")
 GENIMAGE_FOLDER = {"train": "train", "val": "train", "test": "val"}
 """Our split -> GenImage's folder: GenImage's ``train`` holds our train and val, its ``val`` is our test."""
 
@@ -121,10 +120,10 @@ class _Writer:
 
 def write_manifest(rows: list[dict], path: Path, root: Path, config: BuildConfig) -> None:
     """``manifest.parquet``, rows sorted by path; no time stamp, so rebuilds are byte-identical."""
-    from lare2.shared.manifest import write_manifest as write_parquet
+    from lare2.shared.manifest import COLUMNS, write_manifest as write_parquet
 
     rows = sorted(rows, key=lambda r: r["path"])
-    write_parquet(path, {c: [r[c] for r in rows] for c in MANIFEST_COLUMNS}, root=root, builder="minigenimage",
+    write_parquet(path, {c: [r[c] for r in rows] for c in COLUMNS}, root=root, builder="minigenimage",
                   builder_args={k: v for k, v in asdict(config).items() if k not in ("out", "zoo")}, record_provenance=False)
 
 

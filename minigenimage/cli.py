@@ -1,11 +1,18 @@
-"""``lare2 minigenimage``: build the offline benchmark, train the generator zoo."""
+"""``lare2 minigenimage``: build the offline benchmark, train the generator zoo, run the demo.
+
+Bad input (an unknown preset or family, a zoo folder without weights) is one ``error:`` line and
+exit 2, as for every ``lare2`` command (``lare2.shared.cli_errors``).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from lare2.shared.cli_errors import fail, user_errors
 
 FAMILIES = ("vae", "ldm-a", "ldm-b", "pixel-ddpm", "gan")
 
@@ -20,15 +27,18 @@ def register(app: typer.Typer) -> None:
         preset: str = typer.Option("demo", help="demo (make demo), reduced or tiny (tests)."),
         seed: int = typer.Option(0, help="Seeds every generated image and every crop."),
         zoo: Path | None = typer.Option(None, help="Zoo folder (default: the committed zoo)."),
+        json_out: bool = typer.Option(False, "--json", help="Print {\"manifest\": path} as JSON."),
     ) -> None:
         """Sample the zoo and crop the photographs into GenImage's layout, with a manifest."""
         from lare2.minigenimage.build import build, preset as build_preset
 
-        config = build_preset(preset)
-        config.out, config.seed = str(out), seed
-        if zoo is not None:
-            config.zoo = str(zoo)
-        typer.echo(build(config))
+        with user_errors():
+            config = build_preset(preset)
+            config.out, config.seed = str(out), seed
+            if zoo is not None:
+                config.zoo = str(zoo)
+            manifest = build(config)
+        typer.echo(json.dumps({"manifest": str(manifest)}) if json_out else manifest)
 
     @group.command("zoo")
     def zoo_command(
@@ -40,7 +50,7 @@ def register(app: typer.Typer) -> None:
 
         unknown = [f for f in family if f not in FAMILIES]
         if unknown:
-            raise typer.BadParameter(f"unknown families {unknown}: choose from {FAMILIES}")
+            fail(f"--family {', '.join(unknown)}: unknown; choose from {', '.join(FAMILIES)}")
         zoo_args = ["--zoo", str(zoo)] if zoo is not None else []
         for name in [f for f in FAMILIES if f in family]:
             if name == "vae":
@@ -57,19 +67,24 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("runs/minigenimage"), help="Benchmark, caches, runs and reports go under here."),
         preset: str = typer.Option("demo", help="Benchmark size: demo (the README's table) or a smaller preset of build.py."),
         seed: int = typer.Option(0, help="Seeds the benchmark, the LaRE draws and training."),
-        backbone: str = typer.Option("small", help="Stage-1 image backbone: small, tiny, or a CLIP RN50 weight file."),
+        clip: str = typer.Option("small", "--clip", help="Stage-1 image backbone: small, tiny, or a CLIP RN50 weight file."),
+        backbone: Optional[str] = typer.Option(None, "--backbone", hidden=True, help="Old spelling of --clip."),
         epochs: Optional[int] = typer.Option(None, help="Training epochs per detector (default: 40)."),
         model: List[str] = typer.Option([], help="Detector to train, repeatable (default: egre, linear and lare-only)."),
         zoo: Optional[Path] = typer.Option(None, help="Generator zoo to sample and take ldm-a from (default: the committed zoo)."),
+        json_out: bool = typer.Option(False, "--json", help="Print {model: evaluation report} as JSON on stdout."),
     ) -> None:
         """The whole method on MiniGenImage: build, extract with ldm-a, train 3 detectors, evaluate on 4 generators."""
         from lare2.minigenimage.demo import DemoConfig, run_demo
 
         extra = ({} if epochs is None else {"epochs": epochs}) | ({"models": list(model)} if model else {})
-        try:
-            config = DemoConfig(out=str(out), build_preset=preset, seed=seed, backbone=backbone, zoo=str(zoo or ""), **extra)
-        except ValueError as err:
-            raise typer.BadParameter(str(err)) from None
-        run_demo(config)
+        with user_errors():
+            config = DemoConfig(out=str(out), build_preset=preset, seed=seed, backbone=backbone or clip,
+                                zoo=str(zoo or ""), **extra)
+            reports = run_demo(config)
+        if json_out:
+            from lare2.shared.jsonio import to_json
+
+            typer.echo(to_json(reports))
 
     app.add_typer(group, name="minigenimage")

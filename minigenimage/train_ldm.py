@@ -72,7 +72,7 @@ def write_shared_components(folder: Path, seed: int) -> None:
     """Tokenizer, text encoder and scheduler of ``ldm-a``."""
     from diffusers import DDPMScheduler
 
-    from lare2.extract.toy_tokenizer import toy_vocab, write_toy_tokenizer
+    from lare2.extract.tiny_models import toy_vocab, write_toy_tokenizer
 
     write_toy_tokenizer(folder / "tokenizer")
     tiny_text_encoder(len(toy_vocab()), seed).save_pretrained(folder / "text_encoder", safe_serialization=True)

@@ -1,14 +1,27 @@
-"""Stage 1 configuration: one typed dataclass, presets as functions.
+"""Stage 1 configuration: one typed dataclass, presets as plain dicts of overrides.
 
-The *identity* of an extraction (``ExtractConfig.identity``) is the set of settings that change
-what a cache holds; appending to a cache made with another identity is refused, naming the keys.
+Choices are ``Literal`` types and checked, with every field's type, by ``lare2.shared.settings``
+(which also converts ``--set KEY=VALUE``); ranges are checked in ``__post_init__``. The *identity*
+of an extraction (``ExtractConfig.identity``) is the set of settings that change what a cache
+holds; appending to a cache made with another identity is refused, naming the keys.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Mapping, get_args
 
-PROMPT_MODES = ("class", "fixed", "empty")
+from lare2.shared.devices import DeviceName
+from lare2.shared.settings import SettingsError, check_fields, check_range, field_types, make_config
+
+PromptMode = Literal["class", "fixed", "empty"]
+ComputeDtype = Literal["float32", "float16", "bfloat16"]
+StorageDtype = Literal["float16", "float32"]
+PROMPT_MODES: tuple[str, ...] = get_args(PromptMode)
+
+MAX_IMAGE_PIXELS = 89_478_485
+"""Decompression-bomb guard: Pillow's default limit on the pixels an image may declare."""
 
 
 @dataclass(kw_only=True)
@@ -17,8 +30,9 @@ class ExtractConfig:
 
     manifest: str = ""
     """Parquet manifest (see ``lare2 manifest build``)."""
-    out: str = "cache/train"
-    """Cache directory (a Zarr v3 group); created, or resumed when it exists with the same identity."""
+    out: str = ""
+    """Cache directory (a Zarr v3 group); created, or resumed when it exists with the same identity.
+    Empty: ``cache/<split>``, or ``cache/all`` when no split is selected."""
     split: str | None = None
     """Only rows of this split (``train``/``val``/``test``); None = all rows."""
     generators: list[str] = field(default_factory=list)
@@ -34,12 +48,12 @@ class ExtractConfig:
     keys ``visual.*`` or bare), ``random-rn50`` (full size, random) or ``tiny``."""
 
     timestep: int = 200
-    """Diffusion timestep t at which the latent is noised (SPEC 2.1)."""
+    """Diffusion timestep t at which the latent is noised (docs/method.md §1.3)."""
     ensemble: int = 4
     """Independent noise draws per image; the map is the mean squared error over them."""
     image_size: int = 256
     """Images are resized to image_size x image_size (aspect ignored, bicubic) before the VAE."""
-    prompt_mode: str = "class"
+    prompt_mode: PromptMode = "class"
     """``class``: ``prompt_template`` with the image's class name; ``fixed``: ``prompt_text``; ``empty``: ""."""
     prompt_template: str = "a photo of a {}"
     """Template for ``prompt_mode=class``."""
@@ -48,9 +62,9 @@ class ExtractConfig:
     seed: int = 0
     """Run seed; each image's generator is seeded from (seed, sample_id)."""
 
-    feature_dtype: str = "float16"
+    feature_dtype: StorageDtype = "float16"
     """Storage dtype of backbone features."""
-    compute_dtype: str = "float32"
+    compute_dtype: ComputeDtype = "float32"
     """Dtype the models run in (float16 only on GPU; the VAE posterior and the error stay float32)."""
     chunk_samples: int = 32
     """Samples per cache chunk and per work block."""
@@ -59,35 +73,44 @@ class ExtractConfig:
     """Images per model call (the UNet sees batch_size x ensemble latents)."""
     num_workers: int = 2
     """DataLoader workers that decode and preprocess images."""
-    device: str = "auto"
-    """``auto`` (Accelerate's device), ``cpu`` or ``cuda``."""
+    device: DeviceName = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``."""
     num_shards: int = 1
     """Independent array jobs sharing one cache: blocks are split ``block % num_shards == shard_index``."""
     shard_index: int = 0
     """This job's shard (0-based)."""
-    max_image_pixels: int = 89_478_485
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     """Decompression-bomb guard: images declaring more pixels than this are refused (Pillow's default)."""
 
     def __post_init__(self) -> None:
-        if self.prompt_mode not in PROMPT_MODES:
-            raise ValueError(f"prompt_mode={self.prompt_mode!r}: choose from {PROMPT_MODES}")
+        check_fields(self)
+        if not self.out:
+            self.out = f"cache/{self.split or 'all'}"
+        check_range(self, "timestep", min=0, below=1000, why="diffusion timesteps of SD v1")
+        check_range(self, "image_size", min=8, multiple_of=8, why="the VAE downsamples by 8")
+        for key in ("ensemble", "batch_size", "chunk_samples", "num_shards", "max_image_pixels"):
+            check_range(self, key, min=1)
+        check_range(self, "num_workers", min=0)
+        check_range(self, "limit", min=0)
+        check_range(self, "shard_index", min=0, below=self.num_shards, why="shard_index < num_shards")
         if self.prompt_mode == "fixed" and not self.prompt_text:
-            raise ValueError("prompt_mode='fixed' needs prompt_text")
+            raise SettingsError("prompt_mode='fixed' needs prompt_text (--set prompt_text=...)")
         if "{}" not in self.prompt_template:
-            raise ValueError(f"prompt_template must contain '{{}}', got {self.prompt_template!r}")
-        if not 0 <= self.timestep < 1000:
-            raise ValueError(f"timestep must be in [0, 1000), got {self.timestep}")
-        if self.ensemble < 1 or self.batch_size < 1:
-            raise ValueError("ensemble and batch_size must be >= 1")
-        if self.image_size % 8:
-            raise ValueError(f"image_size must be a multiple of 8 (VAE downsampling), got {self.image_size}")
-        if self.compute_dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"compute_dtype={self.compute_dtype!r}: choose float32, float16, bfloat16")
-        if not 0 <= self.shard_index < self.num_shards:
-            raise ValueError(f"shard_index {self.shard_index} not in [0, num_shards={self.num_shards})")
+            raise SettingsError(f"prompt_template={self.prompt_template!r}: expected a template containing '{{}}'")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "ExtractConfig":
+        """Rebuild a stored config (a cache's ``attrs["extract_config"]``, a run's ``extract_config``)
+        with ``overrides`` applied; keys this lare2 does not know are refused, naming them."""
+        known = field_types(cls)
+        unknown = sorted(k for k in {**data, **overrides} if k not in known)
+        if unknown:
+            raise SettingsError(f"unknown extract_config keys {unknown} (written by another lare2 version?); "
+                                f"known: {', '.join(sorted(known))}")
+        return cls(**{**data, **overrides})
 
     # Keys that change what the cache holds. Batch size, workers, device and sharding do not change
-    # any draw (SPEC 2.1), so they may differ between resumed runs; batched kernels may then round
+    # any draw (docs/method.md §1.5), so they may differ between resumed runs; batched kernels may then round
     # differently (~1e-6 relative), which is why recomputation checks are exact only per batch.
     IDENTITY_KEYS = (
         "timestep", "ensemble", "image_size", "prompt_mode", "prompt_template", "prompt_text",
@@ -123,21 +146,18 @@ def diff_identity(stored: dict, wanted: dict) -> dict[str, tuple]:
 
 
 # ---- presets ------------------------------------------------------------------------------------
-def paper(**overrides) -> ExtractConfig:
-    """The paper's settings (SPEC 2.1): SD v1.5, t=200, 4 draws, class prompts, 256 px."""
-    return ExtractConfig(**{"sd_model": "runwayml/stable-diffusion-v1-5", "backbone": "RN50.pt", **overrides})
-
-
-def debug(**overrides) -> ExtractConfig:
-    """Tiny seeded random models: runs in seconds on a CPU."""
-    return ExtractConfig(**{"sd_model": "tiny", "backbone": "tiny", "batch_size": 4, "chunk_samples": 8,
-                            "num_workers": 0, **overrides})
-
-
-PRESETS = {"paper": paper, "debug": debug}
+PRESETS: dict[str, dict[str, Any]] = {
+    # the paper's settings (docs/method.md §1): SD v1.5, t=200, 4 draws, class prompts, 256 px
+    "paper": {"sd_model": "runwayml/stable-diffusion-v1-5", "backbone": "RN50.pt"},
+    # tiny seeded random models: runs in seconds on a CPU
+    "debug": {"sd_model": "tiny", "backbone": "tiny", "batch_size": 4, "chunk_samples": 8, "num_workers": 0},
+}
 
 
 def preset(name: str, **overrides) -> ExtractConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[name](**overrides)
+    """``PRESETS[name]`` with ``overrides``; ``SettingsError`` for an unknown preset or key."""
+    return make_config(ExtractConfig, PRESETS, name, **overrides)
+
+
+paper = functools.partial(preset, "paper")
+debug = functools.partial(preset, "debug")

@@ -1,6 +1,8 @@
 """``lare2 manifest build`` and ``lare2 manifest show``: make and inspect manifests.
 
-pyarrow and Pillow are imported inside the commands, so that ``lare2 --help`` stays fast.
+pyarrow and Pillow are imported inside the commands, so that ``lare2 --help`` stays fast. Bad input
+(no such folder or manifest, not a manifest, an option that does not apply) is one ``error:`` line
+on stderr and exit 2 (``lare2.shared.cli_errors``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from lare2.shared.cli_errors import fail, user_errors
 
 DEFAULT_VAL_FRACTION = 0.05
 
@@ -26,13 +30,7 @@ BUILD_HELP = """Build a manifest (one parquet row per image) from SRC. KIND is t
 """
 
 
-def _fail(message: str) -> None:
-    from rich.markup import escape
-
-    from lare2.shared.logs import console
-
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=1)
+_fail = fail  # one line on stderr, exit 2
 
 
 def build(
@@ -45,10 +43,11 @@ def build(
     label: Annotated[str | None, typer.Option(help="list/webdataset: label (0/1/real/fake) of rows that carry none.")] = None,
     keep_duplicates: Annotated[bool, typer.Option(help="Keep every copy of an image (a cache needs unique ids per split).")] = False,
     workers: Annotated[int, typer.Option(help="Threads hashing files.")] = min(8, os.cpu_count() or 1),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest's counts as JSON (as `manifest show --json`).")] = False,
 ) -> None:
     """Build a manifest from a dataset layout."""
     from lare2.shared.logs import get_logger
-    from lare2.shared.manifest import BUILDERS, ManifestError, build_manifest, parse_label, print_build_report, write_built
+    from lare2.shared.manifest import BUILDERS, build_manifest, parse_label, print_build_report, write_built
 
     if kind not in BUILDERS:
         _fail(f"unknown manifest builder {kind!r}; choose from {sorted(BUILDERS)}")
@@ -64,15 +63,15 @@ def build(
         options["val_fraction"] = val_fraction
     else:
         options.update(generator=generator, split=split)
-    try:
+    with user_errors():
         if kind in ("list", "webdataset"):
             options["label"] = None if label is None else parse_label(label, "--label")
         built = build_manifest(kind, src, **options)
-    except (ManifestError, FileNotFoundError) as err:
-        _fail(str(err))
-    print_build_report(built)
-    write_built(out, built)
+        print_build_report(built)
+        write_built(out, built)
     get_logger(__name__).info("%s: %d rows (%d with errors) under %s", out, built.table.num_rows, built.num_errors, built.root)
+    if as_json:
+        show(out, as_json=True)
 
 
 def show(
@@ -83,13 +82,11 @@ def show(
     from rich.console import Console
     from rich.table import Table
 
-    from lare2.shared.manifest import LABEL_FAKE, LABEL_REAL, ManifestError, count_rows, read_manifest, read_manifest_metadata
+    from lare2.shared.manifest import LABEL_FAKE, LABEL_REAL, count_rows, read_manifest, read_manifest_metadata
 
-    try:
+    with user_errors():
         meta = read_manifest_metadata(path)
         table, root = read_manifest(path)
-    except (ManifestError, FileNotFoundError) as err:
-        _fail(str(err))
     counts = count_rows(table)
     summary = {
         "manifest": str(path),

@@ -14,8 +14,7 @@ from typer.testing import CliRunner
 
 from lare2 import cache_cli
 from lare2.cli import app
-from lare2.shared import inspect as cache_inspect
-from lare2.shared.cache import FeatureCache
+from lare2.shared.cache import FeatureCache, plots
 from tests.tiny_caches import (
     CHUNK,
     ERROR_INDICES,
@@ -125,7 +124,7 @@ def test_show_statistics_match_the_stored_arrays(tiny, tmp_path):
     assert code == 0 and "LaRE" in out and str(png) in out
     with Image.open(png) as im:
         assert im.format == "PNG"
-        assert im.size == cache_inspect.show_figure_pixels(1 + 4) == (5 * 256, 300)  # image + 4 channels
+        assert im.size == plots.show_figure_pixels(1 + 4) == (5 * 256, 300)  # image + 4 channels
         assert np.asarray(im.convert("L")).std() > 0  # drawn, not blank
 
 
@@ -397,7 +396,7 @@ def test_stats_groups_and_png(tiny, tmp_path):
         assert groups[(generator, label)]["mean"] == pytest.approx(np.mean(values))
     assert groups[("sdv14", 1)]["mean"] > groups[("nature", 0)]["mean"]  # the tiny cache's fakes err more
     with Image.open(png) as im:
-        assert im.size == cache_inspect.stats_figure_pixels() == (1200, 500)
+        assert im.size == plots.stats_figure_pixels() == (1200, 500)
         assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 10
 
     code, out, _ = run("stats", tiny.path)

@@ -108,6 +108,10 @@ def test_rerun_resumes_and_changed_config_is_refused(image_manifest, extracted):
     with pytest.raises(CacheError, match="timestep.*200.*100") as err:
         run_extraction(changed)
     assert "prompt_mode" in str(err.value)
+    # each changed setting, with both values, and nothing else (the models and the selection are the same)
+    assert str(err.value).startswith(f"{cfg.out}: refusing to extract into a cache made with another configuration "
+                                     "(prompt_mode: cache has 'class', this run 'empty'; "
+                                     "timestep: cache has 200, this run 100). ")
     assert _tree_digest(Path(cfg.out)) == before  # untouched (finalise rewrote identical counts)
 
 
@@ -124,3 +128,4 @@ def test_cli_extract_prints_a_summary(image_manifest, tmp_path):
 
     bad = CliRunner().invoke(app, ["extract", "--manifest", str(tmp_path / "missing.parquet"), "--out", str(out), "--preset", "debug"])
     assert bad.exit_code == 2 and "missing.parquet" in bad.output
+    assert f"error: {tmp_path / 'missing.parquet'}: no such manifest file" in bad.output.splitlines()

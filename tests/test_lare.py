@@ -1,4 +1,4 @@
-"""The LaRE map against its formula (SPEC 2.1), its independence from batching, prompts and seeds."""
+"""The LaRE map against its formula (docs/method.md §1.3), its independence from batching, prompts and seeds."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lare2.extract.lare import LareComputer, draw_sample_noise
-from lare2.extract.models import SD_V1_CONFIGS, LatentDiffusion, load_latent_diffusion, save_tiny_sd
+from lare2.extract.models import SD_V1_CONFIGS, LatentDiffusion, load_latent_diffusion
+from lare2.extract.tiny_models import save_tiny_sd
 
 TIMESTEP, ENSEMBLE = 200, 4
 
@@ -146,7 +147,8 @@ def test_full_size_sd_v1_unet_and_vae_give_4x32x32_maps() -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lare2.extract.models import build_tiny_sd, ddpm_scheduler_from
+    from lare2.extract.models import ddpm_scheduler_from
+    from lare2.extract.tiny_models import build_tiny_sd
 
     def config(component: str) -> dict:
         return {k: v for k, v in json.loads((SD_V1_CONFIGS / component / "config.json").read_text()).items()

@@ -447,25 +447,26 @@ def test_cli_build_then_show_json(tmp_path: Path) -> None:
 
 
 def test_cli_fails_clearly(tmp_path: Path) -> None:
+    # bad input exits 2 with one `error:` line, as every lare2 command (it exited 1 before the common CLI grammar)
     runner = CliRunner()
     missing = tmp_path / "no_such_dataset"
     result = runner.invoke(app, ["manifest", "build", "folders", str(missing), "-o", str(tmp_path / "m.parquet")])
-    assert result.exit_code == 1 and f"{missing}: no such folder" in result.output
+    assert result.exit_code == 2 and f"{missing}: no such folder" in result.output
     assert not (tmp_path / "m.parquet").exists()
 
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["manifest", "build", "genimage", str(tmp_path / "empty"), "-o", str(tmp_path / "m.parquet")])
-    assert result.exit_code == 1 and "no images found" in result.output
+    assert result.exit_code == 2 and "no images found" in result.output
 
     result = runner.invoke(app, ["manifest", "build", "imagenet", str(tmp_path), "-o", str(tmp_path / "m.parquet")])
-    assert result.exit_code == 1 and "choose from" in result.output
+    assert result.exit_code == 2 and "choose from" in result.output
 
     result = runner.invoke(app, ["manifest", "show", str(tmp_path / "absent.parquet")])
-    assert result.exit_code == 1 and "absent.parquet: no such manifest file" in result.output
+    assert result.exit_code == 2 and "absent.parquet: no such manifest file" in result.output
 
 
 def test_cli_refuses_options_that_do_not_apply(tmp_path: Path) -> None:
     _write(tmp_path / "g/ADM/train/ai/1_adm_1.png", _image_bytes(40))
     result = CliRunner().invoke(app, ["manifest", "build", "genimage", str(tmp_path / "g"), "-o", str(tmp_path / "m.parquet"),
                                       "--split", "test"])
-    assert result.exit_code == 1 and "--split" in result.output and not (tmp_path / "m.parquet").exists()
+    assert result.exit_code == 2 and "--split" in result.output and not (tmp_path / "m.parquet").exists()

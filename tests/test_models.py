@@ -9,7 +9,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from lare2.extract.models import SD_V1_CONFIGS, load_latent_diffusion, save_tiny_sd
+from lare2.extract.models import SD_V1_CONFIGS, ModelSourceError, load_latent_diffusion
+from lare2.extract.tiny_models import save_tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +91,73 @@ def test_shipped_sd_v1_configs_agree_with_each_other() -> None:
 
 
 # ---- errors -------------------------------------------------------------------------------------
-def test_missing_path_names_what_was_expected(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"not found.*unet/.*\.safetensors.*tiny"):
-        load_latent_diffusion(tmp_path / "no_such_model")
+@pytest.fixture
+def no_network(monkeypatch):
+    """Hub ids are off (HF_HUB_OFFLINE=1) and any attempt to reach a hub fails the test."""
+    import urllib.request
 
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
 
-def test_hub_id_offline_is_one_clear_error(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match=r"HF_HUB_OFFLINE.*diffusers folder"):
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+REMEDY = "pass a diffusers folder (vae/ unet/ text_encoder/ tokenizer/ scheduler/), a .safetensors/.ckpt file, or 'tiny'"
+
+
+def one_line_error(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message and isinstance(error.value, ModelSourceError) and isinstance(error.value, ValueError)
+    return message
+
+
+def test_missing_path_names_what_was_expected(tmp_path: Path, no_network) -> None:
+    with pytest.raises(FileNotFoundError, match=r"not a folder or file on disk.*unet/.*\.safetensors.*tiny") as info:
+        load_latent_diffusion(tmp_path / "no_such_model")
+    assert one_line_error(info) == (f"latent diffusion model {str(tmp_path / 'no_such_model')!r}: not a folder or file "
+                                    f"on disk; not a hub id either ('org/name', without a path prefix or file suffix); {REMEDY}")
+
+
+def test_hub_id_offline_is_one_clear_error(no_network) -> None:
+    with pytest.raises(FileNotFoundError, match=r"HF_HUB_OFFLINE.*diffusers folder") as info:
         load_latent_diffusion("someorg/some-model")
+    assert one_line_error(info).startswith("latent diffusion model 'someorg/some-model': not a folder or file on disk")
+
+
+def test_nonexistent_relative_path_is_not_retried_on_the_hub(tmp_path: Path, monkeypatch, no_network) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelSourceError) as info:  # `--sd models/sd15`: org/name-shaped, so a hub id were a hub on
+        load_latent_diffusion("models/sd15")
+    assert one_line_error(info) == (f"latent diffusion model 'models/sd15': not a folder or file on disk "
+                                    f"(no {tmp_path.resolve() / 'models/sd15'}); as a hub id: HF_HUB_OFFLINE is set; {REMEDY}")
+    for path_like in ("./models/sd15", "models/sd15.safetensors", "~/models/sd15", "models/v1/sd15"):
+        with pytest.raises(FileNotFoundError) as info:
+            load_latent_diffusion(path_like)
+        message = one_line_error(info)
+        assert message.startswith(f"latent diffusion model {path_like!r}: not a folder or file on disk (no /")
+        assert "not a hub id either" in message and message.endswith(REMEDY)
+
+
+def test_unreachable_hub_is_one_attempt_and_one_line(monkeypatch) -> None:
+    import urllib.error
+    import urllib.request
+
+    calls = []
+
+    def unreachable(request, timeout):
+        calls.append((request.full_url, timeout))
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    with pytest.raises(FileNotFoundError) as info:
+        load_latent_diffusion("someorg/some-model")
+    assert one_line_error(info) == ("latent diffusion model 'someorg/some-model': not a folder or file on disk "
+                                    f"(no {Path('someorg/some-model').resolve()}); as a hub id: hub unreachable "
+                                    f"(https://hub.invalid: Name or service not known); {REMEDY}")
+    assert len(calls) == 1 and calls[0][1] <= 5  # one short probe, no retries
 
 
 def test_folder_without_unet_names_the_missing_subfolder(tmp_path: Path, tiny_folder: Path) -> None:
@@ -109,6 +168,35 @@ def test_folder_without_unet_names_the_missing_subfolder(tmp_path: Path, tiny_fo
     with pytest.raises(FileNotFoundError, match=r"missing subfolder\(s\) unet/") as info:
         load_latent_diffusion(folder)
     assert str(folder) in str(info.value)
+    assert one_line_error(info).startswith(f"{folder}: not a diffusers model folder, missing subfolder(s) unet/ (expected")
+
+    (folder / "v1-5-pruned.safetensors").write_bytes(b"")  # the user meant the checkpoint inside
+    shutil.rmtree(folder / "vae")
+    with pytest.raises(ModelSourceError) as info:
+        load_latent_diffusion(folder)
+    message = one_line_error(info)
+    assert "missing subfolder(s) vae/, unet/ " in message and message.endswith("it holds v1-5-pruned.safetensors: pass that file instead")
+
+
+def test_missing_or_unknown_backbone_names_the_argument_and_the_forms(tmp_path: Path, monkeypatch) -> None:
+    from lare2.extract.clip_resnet import load_backbone
+
+    forms = "pass an RN50.pt TorchScript archive, a state dict (.pt/.pth/.bin/.safetensors, keys visual.* or bare), " \
+            "or one of 'random-rn50', 'tiny', 'small'"
+    missing = tmp_path / "weights" / "RN50.pt"
+    with pytest.raises(FileNotFoundError) as info:
+        load_backbone(missing)
+    assert one_line_error(info) == f"backbone {str(missing)!r} not found: no such file; {forms}"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelSourceError) as info:
+        load_backbone("RN101")
+    assert one_line_error(info) == f"backbone 'RN101' not found: not a file on disk ({tmp_path.resolve() / 'RN101'}) nor a named backbone; {forms}"
+    with pytest.raises(ModelSourceError) as info:
+        load_backbone("models/RN50.pt")
+    assert one_line_error(info) == f"backbone 'models/RN50.pt' not found: no such file ({tmp_path.resolve() / 'models/RN50.pt'}); {forms}"
+    with pytest.raises(ModelSourceError) as info:
+        load_backbone(tmp_path)
+    assert one_line_error(info) == f"backbone {str(tmp_path)!r} not found: a folder, not a weight file; {forms}"
 
 
 def test_wrong_file_type(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""EGRE + head against an independent re-computation of SPEC 2.3; reference key names; baselines."""
+"""EGRE + head against an independent re-computation of docs/method.md §3; reference key names; baselines."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from lare2.shared.cache import CacheLayout
 from lare2.train.checkpoint import load_detector, score_features, split_reference_state
 from lare2.train.models import EGREClassifier, ModelConfig, build_model, egre_config_from_state_dict
-from lare2.train.synthetic import write_synthetic_cache
+from tests.synthetic_caches import write_synthetic_cache
 
-# SPEC 2.3: the head keys of a reference CLipClassifierWMapV6 checkpoint.
+# docs/method.md §3.5: the head keys of a reference CLipClassifierWMapV6 checkpoint.
 REFERENCE_HEAD_KEYS = {
     "fc.weight", "fc.bias", "conv.weight", "conv.bias", "conv_align.weight", "conv_align.bias",
     "attn_pool.positional_embedding",
@@ -24,7 +24,7 @@ REFERENCE_HEAD_KEYS = {
 
 
 def spec_egre_logits(sd: dict, pooled, fmap, lare, num_heads: int) -> torch.Tensor:
-    """SPEC 2.3 written out as plain tensor code (eval mode: no dropout)."""
+    """docs/method.md §3 written out as plain tensor code (eval mode: no dropout)."""
     B, C, H, W = fmap.shape
     lare_small = F.adaptive_avg_pool2d(lare, (H, W))
     bias = torch.einsum("blhw,nl->bnhw", lare_small, sd["conv.weight"][:, :, 0, 0]) + sd["conv.bias"][None, :, None, None]
@@ -56,7 +56,7 @@ def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 @pytest.mark.parametrize("batch", [1, 7])
 def test_egre_matches_spec_recomputation(batch: int) -> None:
-    config = ModelConfig()  # SPEC dims: pooled 1024, fmap 1024x14x14, lare 4x32x32, 8 heads x 64
+    config = ModelConfig()  # the paper's dims: pooled 1024, fmap 1024x14x14, lare 4x32x32, 8 heads x 64
     model = randomised(EGREClassifier(config), seed=batch)
     g = torch.Generator().manual_seed(100 + batch)
     pooled, fmap = torch.randn(batch, 1024, generator=g), torch.randn(batch, 1024, 14, 14, generator=g)
@@ -72,6 +72,7 @@ def test_egre_matches_spec_recomputation(batch: int) -> None:
 
 
 def test_reference_state_dict_loads_strictly_and_converts(tmp_path) -> None:
+    from lare2.train.calibration import calibrate_run
     from lare2.train.trainer import convert_reference
 
     layout = CacheLayout(pooled_dim=16, fmap_shape=(24, 6, 6), lare_shape=(4, 16, 16), chunk_samples=16)
@@ -92,7 +93,10 @@ def test_reference_state_dict_loads_strictly_and_converts(tmp_path) -> None:
     EGREClassifier(inferred).load_state_dict(head_sd, strict=True)
 
     write_synthetic_cache(tmp_path / "val", num_samples=40, signal="lare", seed=1, layout=layout)
-    converted = convert_reference(ckpt, tmp_path / "val", tmp_path / "run", target_fpr=0.1)
+    # conversion writes an uncalibrated run; `lare2 calibrate` sets its threshold on a val cache
+    uncalibrated = convert_reference(ckpt, tmp_path / "run", lare_size=16)
+    assert uncalibrated.threshold == 0.5 and uncalibrated.extra["calibrated"] is False
+    converted = calibrate_run(tmp_path / "run", tmp_path / "val", target_fpr=0.1)
     model, loaded = load_detector(tmp_path / "run")
     assert loaded.threshold == converted.threshold and loaded.target_fpr == 0.1
     assert (tmp_path / "run" / "backbone.safetensors").exists()
@@ -102,6 +106,7 @@ def test_reference_state_dict_loads_strictly_and_converts(tmp_path) -> None:
 
 
 def test_a_head_of_other_dims_is_refused(tmp_path) -> None:
+    from lare2.train.calibration import calibrate_run
     from lare2.train.checkpoint import CheckpointError
     from lare2.train.trainer import convert_reference
 
@@ -109,8 +114,9 @@ def test_a_head_of_other_dims_is_refused(tmp_path) -> None:
     write_synthetic_cache(tmp_path / "val", num_samples=20, signal="lare", seed=1, layout=layout)
     other = EGREClassifier(ModelConfig(pooled_dim=16, fmap_shape=(24, 5, 5), lare_shape=(4, 16, 16), head_dim=4))
     torch.save(other.state_dict(), tmp_path / "ref.pth")
+    convert_reference(tmp_path / "ref.pth", tmp_path / "run", lare_size=16)  # the weights alone fix no cache
     with pytest.raises(CheckpointError, match="cache dims"):
-        convert_reference(tmp_path / "ref.pth", tmp_path / "val", tmp_path / "run")
+        calibrate_run(tmp_path / "run", tmp_path / "val")
 
 
 @pytest.mark.parametrize("kind", ["egre", "linear", "lare-only"])

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lare2.shared.cache import CacheError, CacheLayout
+from lare2.shared.cache import CacheLayout
 from lare2.train.checkpoint import CheckpointError, load_detector, score_features
 from lare2.train.cli import main
 from lare2.train.metrics import detection_metrics
 from lare2.train.report import evaluate
-from lare2.train.synthetic import write_synthetic_cache
+from tests.synthetic_caches import write_synthetic_cache
 
 LAYOUT = CacheLayout(pooled_dim=16, fmap_shape=(16, 7, 7), lare_shape=(4, 16, 16), chunk_samples=16)
 
@@ -65,16 +65,22 @@ def test_resume_restores_the_best_weights_it_recorded(data, tmp_path) -> None:
     assert restored.keys() == best.keys() and all(torch.equal(restored[k], best[k]) for k in best)
 
 
-def test_changed_settings_refuse_to_resume(data, tmp_path) -> None:
+def test_changed_settings_refuse_to_resume(data, tmp_path, capsys) -> None:
     assert main(train_args(data, tmp_path / "run", "--stop-after-steps", "7")) == 3
-    with pytest.raises(CheckpointError, match="lr"):
-        main(train_args(data, tmp_path / "run", "--lr", "0.01"))
+    capsys.readouterr()
+    # a user error: one `error:` line and exit 2 (the CheckpointError used to escape as a traceback)
+    assert main(train_args(data, tmp_path / "run", "--lr", "0.01")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "lr" in err and "Traceback" not in err
 
 
-def test_caches_from_other_extractions_are_refused(data, tmp_path) -> None:
+def test_caches_from_other_extractions_are_refused(data, tmp_path, capsys) -> None:
     other = write_synthetic_cache(tmp_path / "other", num_samples=32, signal="lare", seed=5, layout=LAYOUT, identity={"timestep": 280})
-    with pytest.raises(CacheError, match="fingerprint"):
-        main(["train", "--preset", "debug", "--train", str(data / "train"), "--val", str(other.path), "--out", str(tmp_path / "r")])
+    capsys.readouterr()
+    # a user error: one `error:` line and exit 2 (the CacheError used to escape as a traceback)
+    assert main(["train", "--preset", "debug", "--train", str(data / "train"), "--val", str(other.path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "fingerprint" in err and str(other.path) in err
 
 
 def test_evaluation_report_per_generator(data, tmp_path) -> None:
@@ -126,16 +132,23 @@ def test_stage_2_never_loads_diffusers_or_the_extractor() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, lare2.train.cli, lare2.train.trainer, lare2.train.report, lare2.train.synthetic; "
+    from pathlib import Path
+
+    # stage 2 and the synthetic-cache fixture its tests write with; run from the repository root so tests/ imports
+    code = ("import sys, lare2.train.cli, lare2.train.trainer, lare2.train.report, tests.synthetic_caches; "
             "bad = [m for m in sys.modules if m.split('.')[0] == 'diffusers' or m.startswith('lare2.extract')]; "
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
-def test_set_resume_false_starts_afresh(data, tmp_path) -> None:
+def test_set_resume_false_starts_afresh(data, tmp_path, capsys) -> None:
     assert main(train_args(data, tmp_path / "run", "--stop-after-steps", "7")) == 3
-    # resuming with another lr is refused (test above); --set resume=false must not be overridden by the flag default
-    assert main(train_args(data, tmp_path / "run", "--lr", "0.01", "--set", "resume=false")) == 0
+    # resuming with another lr is refused (test above); --set resume=false must not be overridden by the flag default:
+    # like --no-resume it refuses the run already there (exit 2), and with --overwrite starts afresh
+    capsys.readouterr()
+    assert main(train_args(data, tmp_path / "run", "--lr", "0.01", "--set", "resume=false")) == 2
+    assert "already holds a run" in capsys.readouterr().err  # not the refusal to resume with another lr
+    assert main(train_args(data, tmp_path / "run", "--lr", "0.01", "--set", "resume=false", "--overwrite")) == 0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr"] == 0.01
 
 

@@ -1,8 +1,8 @@
 """Detector checkpoints: ``model.safetensors`` + ``config.json`` in a run directory.
 
-``config.json`` holds the model kind and dims, the extraction fingerprint of the caches it was
-trained on, the calibrated decision threshold and how it was set, the training config and the
-provenance. Scoring a cache made with another extraction fingerprint is refused.
+``config.json`` holds the model kind and dims, the extraction config and fingerprint of the caches
+it was trained on (what scoring new images recomputes), the calibrated decision threshold and how
+it was set, the training config and the provenance. Scoring a cache made with another extraction fingerprint is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lare2.shared.cache import CacheLayout
+from lare2.shared.config import ExtractConfig
+from lare2.shared.jsonio import write_json
 from lare2.train.data import CacheSplit
 from lare2.train.models import ModelConfig, build_model
 
@@ -37,6 +39,9 @@ class DetectorConfig:
     """Model kind and dimensions."""
     extraction_fingerprint: str
     """Fingerprint of the extraction identity of the caches the model was trained (or calibrated) on."""
+    extraction: ExtractConfig | None = None
+    """The extraction config of those caches: scoring new images recomputes features with it
+    (None for a converted checkpoint not yet calibrated on a cache)."""
     threshold: float = 0.5
     """Decision threshold on p(fake): fake when ``p_fake > threshold``."""
     target_fpr: float | None = None
@@ -51,33 +56,24 @@ class DetectorConfig:
     def to_dict(self) -> dict:
         return {
             "model": self.model.to_dict(), "extraction_fingerprint": self.extraction_fingerprint,
+            "extraction": self.extraction.to_dict() if self.extraction else None,
             "threshold": self.threshold, "target_fpr": self.target_fpr, "val_metrics": self.val_metrics,
             "train": self.train, **self.extra,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DetectorConfig":
-        known = {"model", "extraction_fingerprint", "threshold", "target_fpr", "val_metrics", "train"}
+        # runs written before the typed field kept the extraction config as "extract_config"
+        known = {"model", "extraction_fingerprint", "extraction", "extract_config", "threshold", "target_fpr",
+                 "val_metrics", "train"}
+        stored_extraction = d.get("extraction") or d.get("extract_config")
         return cls(
             model=ModelConfig.from_dict(d["model"]), extraction_fingerprint=d["extraction_fingerprint"],
+            extraction=ExtractConfig.from_dict(stored_extraction) if stored_extraction else None,
             threshold=float(d.get("threshold", 0.5)), target_fpr=d.get("target_fpr"),
             val_metrics=dict(d.get("val_metrics", {})), train=dict(d.get("train", {})),
             extra={k: v for k, v in d.items() if k not in known},
         )
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.generic,)):
-        return obj.item()
-    if isinstance(obj, (Path, tuple)):
-        return str(obj) if isinstance(obj, Path) else list(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=True) + "\n")
-    tmp.replace(path)  # atomic: a crash never leaves half a config
 
 
 def save_weights(model: nn.Module | Mapping[str, torch.Tensor], path: Path) -> None:

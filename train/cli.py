@@ -1,42 +1,28 @@
-"""``lare2 train``, ``lare2 eval`` and ``lare2 convert-reference``.
+"""``lare2 train``, ``lare2 eval``, ``lare2 convert-reference`` and ``lare2 calibrate``.
 
 Heavy imports (torch, accelerate, sklearn, matplotlib) happen inside the commands so that
-``lare2 --help`` stays fast. ``main(argv)`` runs the same commands without the console script.
+``lare2 --help`` stays fast. ``main(argv)`` runs the same commands without the console script and
+returns the exit code (see ``lare2.shared.cli_errors``: 0 done, 2 bad usage or input with one
+``error:`` line, 3 stopped by ``--stop-after-steps``).
+
+``--resume`` (the default) continues the run at ``--out`` from its last saved epoch when its
+settings match (a changed setting is refused, naming it); ``--no-resume`` refuses a run directory
+that already holds a run, like ``lare2 extract --no-resume``; ``--overwrite`` starts afresh there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
-from dataclasses import fields
+import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from lare2.shared.cli_errors import EXIT_STOPPED, check_device, fail, user_errors
 
-def _parse_override(text: str, config_cls) -> tuple[str, object]:
-    """``KEY=VALUE`` -> (key, value typed like the field's default)."""
-    if "=" not in text:
-        raise typer.BadParameter(f"--set {text!r}: expected KEY=VALUE")
-    key, raw = text.split("=", 1)
-    key = key.strip().replace("-", "_")
-    known = {f.name: f for f in fields(config_cls)}
-    if key not in known:
-        raise typer.BadParameter(f"--set {key}: unknown setting; choose from {sorted(known)}")
-    default = known[key].default
-    if raw.lower() in ("none", "null") and "None" in str(known[key].type):
-        return key, None
-    if isinstance(default, bool):
-        if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise typer.BadParameter(f"--set {key}={raw}: expected true or false")
-        return key, raw.lower() in ("true", "1", "yes")
-    for caster in (int, float):
-        if isinstance(default, caster) or (default is None and caster is int and "int" in str(known[key].type)):
-            try:
-                return key, caster(raw)
-            except ValueError as err:
-                raise typer.BadParameter(f"--set {key}={raw}: expected {caster.__name__}") from err
-    return key, raw
+JsonOpt = typer.Option(False, "--json", help="Print the summary as one JSON document on stdout (logs go to stderr).")
 
 
 def _expand_tests(patterns: list[str]) -> list[str]:
@@ -44,9 +30,31 @@ def _expand_tests(patterns: list[str]) -> list[str]:
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
         if not matches:
-            raise typer.BadParameter(f"--test {pattern!r} matches no cache")
+            fail(f"--test {pattern}: matches no cache")
         paths += [m for m in matches if m not in paths]
+    if not paths:
+        fail("no test caches given: pass --test CACHE (repeatable, or a quoted glob such as 'cache/test_*')")
     return paths
+
+
+def _echo_json(obj) -> None:
+    from lare2.shared.jsonio import to_json
+
+    typer.echo(to_json(obj))
+
+
+def _holds_run(out: Path) -> bool:
+    return any((out / name).exists() for name in ("resume.pt", "config.json", "model.safetensors"))
+
+
+def _load_run(run_dir: Path):
+    """(model, DetectorConfig) of a run directory; exit 2 with the reason when it is not one."""
+    from lare2.train.checkpoint import load_detector
+
+    with user_errors():
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"{run_dir}: no such run directory (train one with `lare2 train --out {run_dir}`)")
+        return load_detector(run_dir)
 
 
 def train_command(
@@ -59,28 +67,46 @@ def train_command(
     batch_size: Optional[int] = typer.Option(None, help="Batch size."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
     seed: Optional[int] = typer.Option(None, help="Seed of weights, data order and dropout."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
+    device: Optional[str] = typer.Option(None, help="auto (CUDA when present; the default, the debug preset picks cpu) | cpu | cuda."),
     target_fpr: Optional[float] = typer.Option(None, help="FPR on validation reals for the calibrated threshold."),
     set_: List[str] = typer.Option([], "--set", help="Any other TrainConfig field: --set KEY=VALUE (repeatable)."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume",
-                                          help="Resume from the run directory's saved epoch when present (default: resume)."),
+                                          help="--resume (default): continue the run at --out from its last saved epoch. "
+                                               "--no-resume: refuse when --out already holds a run."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in --out, replacing the run there."),
+    json_out: bool = JsonOpt,
     stop_after_steps: Optional[int] = typer.Option(None, hidden=True, help="Debug: stop without saving after N steps."),
 ) -> None:
     """Fit a detector on cached features; select and calibrate on the validation cache."""
     from lare2.train.config import TrainConfig
     from lare2.train.config import preset as make_preset
+    from lare2.shared.settings import parse_overrides
+
+    with user_errors():
+        overrides = parse_overrides(set_, TrainConfig)
+        named = {"model": model, "train": train, "val": val, "out": out, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                 "seed": seed, "device": device, "target_fpr": target_fpr, "stop_after_steps": stop_after_steps}
+        overrides.update({k: v for k, v in named.items() if v is not None})
+        if resume is not None:  # an explicit flag wins over --set resume=...
+            overrides["resume"] = resume
+        if overwrite:
+            overrides["resume"] = False
+        cfg = make_preset(preset, **overrides)
+    check_device(cfg.device)
+    if not cfg.resume and not overwrite and _holds_run(Path(cfg.out)):
+        fail(f"{cfg.out}: already holds a run and --no-resume was given; choose a new --out, "
+             "or pass --overwrite to replace it")
+
     from lare2.train.trainer import run_training
 
-    overrides = dict(_parse_override(s, TrainConfig) for s in set_)
-    named = {"model": model, "train": train, "val": val, "out": out, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-             "seed": seed, "device": device, "target_fpr": target_fpr, "stop_after_steps": stop_after_steps}
-    overrides.update({k: v for k, v in named.items() if v is not None})
-    if resume is not None:  # an explicit flag wins over --set resume=...
-        overrides["resume"] = resume
-    cfg = make_preset(preset, **overrides)
-    result = run_training(cfg)
+    with user_errors():
+        result = run_training(cfg)
+    if json_out:
+        _echo_json({"run_dir": result.run_dir, "finished": result.finished, "best_epoch": result.best_epoch,
+                    "threshold": result.threshold, "target_fpr": cfg.target_fpr, "select_metric": cfg.select_metric,
+                    "val_metrics": result.val_metrics})
     if not result.finished:
-        raise typer.Exit(code=3)
+        raise typer.Exit(code=EXIT_STOPPED)
 
 
 def eval_command(
@@ -89,37 +115,88 @@ def eval_command(
     test: List[str] = typer.Option([], help="Test cache, or a quoted glob such as 'cache/test_*' (repeatable)."),
     report: Optional[Path] = typer.Option(None, help="Report directory (default RUN_DIR/report)."),
     batch_size: int = typer.Option(256, help="Samples per scoring batch."),
-    device: str = typer.Option("cpu", help="cpu | cuda."),
+    device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda."),
     plots: bool = typer.Option(True, help="Write roc.png and acc_ap.png."),
+    json_out: bool = JsonOpt,
 ) -> None:
     """Per-generator ACC/AP/AUC/TPR@FPR table for every test cache; JSON, CSV and PNG plots."""
+    from lare2.train.calibration import is_calibrated
     from lare2.train.report import evaluate
 
     tests = _expand_tests([*test, *(more_tests or [])])
-    evaluate(run_dir, tests, report, batch_size=batch_size, device=device, plots=plots)
+    _, config = _load_run(run_dir)
+    if not is_calibrated(config):
+        fail(f"{run_dir}: converted but not calibrated; run `lare2 calibrate {run_dir} --val CACHE` first")
+    torch_device = check_device(device)
+    # with --json the table goes to stderr, so that stdout holds the JSON document only
+    with user_errors(), contextlib.redirect_stdout(sys.stderr if json_out else sys.stdout):
+        result = evaluate(run_dir, tests, report, batch_size=batch_size, device=torch_device, plots=plots)
+    if json_out:
+        _echo_json({key: result[key] for key in ("run", "threshold", "target_fpr", "model", "rows", "mean", "extraction_errors")}
+                   | {"report_dir": str(report or run_dir / "report")})
 
 
 def convert_reference_command(
     checkpoint: Path = typer.Argument(..., help="Reference CLipClassifierWMapV6 checkpoint (torch state dict)."),
-    val: str = typer.Option(..., help="Validation cache: fixes the extraction fingerprint and calibrates the threshold."),
     out: Path = typer.Option(..., help="Run directory to write."),
-    target_fpr: float = typer.Option(0.05, help="FPR on validation reals for the calibrated threshold."),
+    lare_size: int = typer.Option(32, help="Side of the LaRE map the head will see: image size / 8 (32 at 256 px)."),
+    val: Optional[str] = typer.Option(None, hidden=True, help="Removed: calibrate with `lare2 calibrate`."),
+    json_out: bool = JsonOpt,
 ) -> None:
-    """Write a lare2 detector from a reference checkpoint (head loaded strictly; backbone saved aside)."""
-    from lare2.train.trainer import convert_reference
+    """Write an uncalibrated run from a reference checkpoint (head loaded strictly; backbone saved aside).
 
-    convert_reference(checkpoint, val, out, target_fpr=target_fpr)
+    Then extract a validation cache with --clip OUT/backbone.safetensors and set the threshold with
+    `lare2 calibrate OUT --val CACHE`.
+    """
+    if val is not None:
+        fail(f"--val {val}: convert-reference no longer calibrates; run `lare2 calibrate {out} --val {val}` after it "
+             f"(extract {val} with --clip {out}/backbone.safetensors first)")
+    from lare2.train.trainer import REFERENCE_BACKBONE_FILE, convert_reference
+
+    with user_errors():
+        config = convert_reference(checkpoint, out, lare_size=lare_size)
+    backbone = out / REFERENCE_BACKBONE_FILE
+    if json_out:
+        _echo_json({"run_dir": out, "calibrated": False, "threshold": config.threshold, "model": config.model.to_dict(),
+                    "backbone": backbone if backbone.exists() else None})
+
+
+def calibrate_command(
+    run_dir: Path = typer.Argument(..., help="Run directory (lare2 convert-reference or lare2 train)."),
+    val: str = typer.Option(..., help="Validation cache extracted with the run's backbone (and, for a trained run, its settings)."),
+    target_fpr: Optional[float] = typer.Option(None, help="FPR on validation reals for the threshold (default: the run's, else 0.05)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Set a run's decision threshold from a validation cache's reals; refuses a cache that does not fit the run."""
+    from lare2.train.calibration import calibrate_run
+
+    if target_fpr is not None and not 0.0 < target_fpr < 1.0:
+        fail(f"--target-fpr {target_fpr}: expected a number in (0, 1)")
+    with user_errors():
+        config = calibrate_run(run_dir, val, target_fpr)
+    if json_out:
+        _echo_json({"run_dir": run_dir, "val": val, "threshold": config.threshold, "target_fpr": config.target_fpr,
+                    "val_metrics": config.val_metrics})
 
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train_command)
     app.command("eval")(eval_command)
     app.command("convert-reference")(convert_reference_command)
+    app.command("calibrate")(calibrate_command)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one of this stage's commands, e.g. ``main(["train", "--preset", "debug", ...])``; returns the exit code."""
+    from typer.exceptions import TyperException
+
     app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False, no_args_is_help=True)
     register(app)
-    code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code instead of exiting
+    try:
+        code = app(args=argv, standalone_mode=False)  # returns typer.Exit's code instead of exiting
+    except TyperException as err:  # bad usage (BadParameter, UsageError): typer's message, exit 2
+        if not hasattr(err, "show"):
+            raise
+        err.show()
+        return int(getattr(err, "exit_code", 2))
     return int(code or 0)

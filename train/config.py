@@ -1,14 +1,25 @@
-"""Stage 2 configuration: one typed dataclass, presets as functions."""
+"""Stage 2 configuration: one typed dataclass, presets as plain dicts of overrides.
+
+Choices are ``Literal`` types; ``lare2.shared.settings`` checks every field's type and converts
+``--set KEY=VALUE``; ranges are checked in ``__post_init__``.
+"""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
+from typing import Any, Literal, get_args
 
+from lare2.shared.devices import DEVICES, DeviceName
+from lare2.shared.settings import check_fields, check_range, make_config
 from lare2.train.models import MODEL_KINDS
 
-SELECT_METRICS = ("auc", "ap", "acc")
-DEVICES = ("auto", "cpu", "cuda")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+ModelKind = Literal[MODEL_KINDS]  # type: ignore[valid-type]  # ("egre", "linear", "lare-only")
+SelectMetric = Literal["auc", "ap", "acc"]
+MixedPrecision = Literal["no", "bf16", "fp16"]
+SELECT_METRICS: tuple[str, ...] = get_args(SelectMetric)
+MIXED_PRECISION: tuple[str, ...] = get_args(MixedPrecision)
+__all__ = ["DEVICES", "MIXED_PRECISION", "PRESETS", "RESUME_FREE_KEYS", "SELECT_METRICS", "TrainConfig", "preset"]
 
 # Settings a resumed run may change without invalidating its saved state.
 RESUME_FREE_KEYS = ("out", "epochs", "stop_after_steps", "log_every", "device", "resume", "progress", "cpu_threads")
@@ -18,7 +29,7 @@ RESUME_FREE_KEYS = ("out", "epochs", "stop_after_steps", "log_every", "device", 
 class TrainConfig:
     """Everything stage 2 needs to fit a detector on cached tensors and calibrate it."""
 
-    model: str = "egre"
+    model: ModelKind = "egre"
     """``egre`` (LaRE^2: EGRE + head), ``linear`` (probe on pooled features) or ``lare-only`` (CNN on the map)."""
     train: str = "cache/train"
     """Training cache (``lare2 extract`` output); only samples with status ok are used."""
@@ -43,7 +54,7 @@ class TrainConfig:
     """Epochs without improvement before the learning rate drops (reference: 4)."""
     min_lr: float = 1e-7
     """Learning-rate floor of the plateau schedule."""
-    select_metric: str = "auc"
+    select_metric: SelectMetric = "auc"
     """Validation metric that picks the best epoch and drives the schedule: ``auc``, ``ap`` or ``acc``."""
     target_fpr: float = 0.05
     """False positive rate on validation reals that the calibrated decision threshold is set for."""
@@ -61,16 +72,18 @@ class TrainConfig:
     """Seeds the initial weights, the per-epoch data order and dropout."""
     shuffle_blocks: int = 8
     """Cache blocks (chunks) read together and shuffled as one window; the whole split never needs to fit in memory."""
-    device: str = "auto"
-    """``auto`` (Accelerate picks: GPU when present), ``cpu`` or ``cuda``."""
-    mixed_precision: str = "no"
+    device: DeviceName = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``."""
+    mixed_precision: MixedPrecision = "no"
     """Accelerate mixed precision on GPU: ``no``, ``bf16`` or ``fp16``."""
     cpu_threads: int = 0
     """Torch intra-op threads on CPU; 0 keeps torch's default. Tiny models run fastest on 1."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True): bitwise repeatable runs (slower on GPU)."""
     resume: bool = True
-    """Continue from the run directory's last saved epoch when there is one."""
+    """True: continue from the run directory's last saved epoch when there is one (refused, naming the
+    settings, when they changed). False: start afresh; ``lare2 train`` then refuses a run directory
+    that already holds a run unless ``--overwrite`` is given."""
     progress: bool = True
     """Show a progress bar per epoch."""
     log_every: int = 50
@@ -79,43 +92,35 @@ class TrainConfig:
     """Debug: stop (without saving) after this many optimiser steps in total, as a crash would."""
 
     def __post_init__(self) -> None:
-        if self.model not in MODEL_KINDS:
-            raise ValueError(f"model={self.model!r}: choose from {MODEL_KINDS}")
-        if self.select_metric not in SELECT_METRICS:
-            raise ValueError(f"select_metric={self.select_metric!r}: choose from {SELECT_METRICS}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device={self.device!r}: choose from {DEVICES}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision={self.mixed_precision!r}: choose from {MIXED_PRECISION}")
-        if not 0.0 < self.target_fpr < 1.0:
-            raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
-        if self.epochs < 1 or self.batch_size < 1 or self.shuffle_blocks < 1:
-            raise ValueError("epochs, batch_size and shuffle_blocks must be >= 1")
-        if self.cpu_threads < 0:
-            raise ValueError(f"cpu_threads must be >= 0, got {self.cpu_threads}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_fields(self)
+        check_range(self, "target_fpr", above=0.0, below=1.0)
+        for key in ("epochs", "batch_size", "shuffle_blocks", "num_heads", "head_dim", "channel_hidden"):
+            check_range(self, key, min=1)
+        for key in ("cpu_threads", "weight_decay", "grad_clip", "plateau_patience", "min_lr", "log_every", "seed"):
+            check_range(self, key, min=0)
+        check_range(self, "lr", above=0.0)
+        check_range(self, "plateau_factor", above=0.0, below=1.0)
+        check_range(self, "dropout", min=0.0, below=1.0)
+        check_range(self, "stop_after_steps", min=1)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 # ---- presets ------------------------------------------------------------------------------------
-def paper(**overrides) -> TrainConfig:
-    """The reference recipe (SPEC 2.4): Adam 1e-4, batch 48, clip 5.0, plateau(0.5, 4) on validation AUC."""
-    return TrainConfig(**overrides)
-
-
-def debug(**overrides) -> TrainConfig:
-    """Tiny and fast on a CPU: a larger learning rate, few epochs, bitwise deterministic."""
-    return TrainConfig(**{"epochs": 4, "batch_size": 16, "lr": 1e-3, "device": "cpu", "deterministic": True,
-                          "cpu_threads": 1, "log_every": 10, **overrides})
-
-
-PRESETS = {"paper": paper, "debug": debug}
+PRESETS: dict[str, dict[str, Any]] = {
+    # the reference recipe (docs/method.md §4.1): Adam 1e-4, batch 48, clip 5.0, plateau(0.5, 4) on validation AUC
+    "paper": {},
+    # tiny and fast on a CPU: a larger learning rate, few epochs, bitwise deterministic
+    "debug": {"epochs": 4, "batch_size": 16, "lr": 1e-3, "device": "cpu", "deterministic": True, "cpu_threads": 1,
+              "log_every": 10},
+}
 
 
 def preset(name: str, **overrides) -> TrainConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[name](**overrides)
+    """``PRESETS[name]`` with ``overrides``; ``SettingsError`` for an unknown preset or key."""
+    return make_config(TrainConfig, PRESETS, name, **overrides)
+
+
+paper = functools.partial(preset, "paper")
+debug = functools.partial(preset, "debug")

@@ -1,4 +1,4 @@
-"""Stage 2 models on cached tensors: EGRE + head (SPEC 2.3) and the two ablation baselines.
+"""Stage 2 models on cached tensors: EGRE + head (docs/method.md §3) and the two ablation baselines.
 
 Every model maps ``(pooled, fmap, lare)`` to logits ``[B, 2]`` (index 1 = fake) and names the
 cached arrays it reads in ``input_names`` so the data reader loads nothing else.
@@ -212,7 +212,7 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 
 def egre_config_from_state_dict(state: Mapping[str, torch.Tensor], lare_grid: tuple[int, int], dropout: float = 0.1) -> ModelConfig:
-    """Dimensions of an EGRE head read off a reference-style state dict (keys as in SPEC 2.3).
+    """Dimensions of an EGRE head read off a reference-style state dict (keys as in docs/method.md §3.5).
 
     The LaRE grid (h, w) does not appear in the weights, so it comes from the cache.
     """

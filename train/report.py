@@ -21,7 +21,8 @@ from typing import Sequence
 import numpy as np
 
 from lare2.shared.logs import console, get_logger
-from lare2.train.checkpoint import check_compatible, load_detector, score_split, write_json
+from lare2.shared.jsonio import write_json
+from lare2.train.checkpoint import check_compatible, load_detector, score_split
 from lare2.train.data import CacheSplit
 from lare2.train.metrics import detection_metrics
 

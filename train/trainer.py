@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lare2.shared.cache import CacheError
+from lare2.shared.config import ExtractConfig
+from lare2.shared.jsonio import write_json
 from lare2.shared.logs import get_logger, progress_bar, rate_text
 from lare2.shared.provenance import provenance
 from lare2.shared.seeding import seed_everything
@@ -36,7 +38,6 @@ from lare2.train.checkpoint import (
     save_detector,
     save_weights,
     score_split,
-    write_json,
 )
 from lare2.train.config import RESUME_FREE_KEYS, TrainConfig
 from lare2.train.data import CacheSplit
@@ -253,18 +254,25 @@ def calibrated_config_for(model: nn.Module, model_config: ModelConfig, val_split
     val_metrics = detection_metrics(labels, scores, threshold)
     val_metrics["fpr@thr"] = float((scores[labels == 0] > threshold).mean())
     # what scoring new images must recompute, exactly as the features the detector was calibrated on
-    extract_config = val_split.cache.attrs.get("extract_config", {})
-    return DetectorConfig(model=model_config, extraction_fingerprint=val_split.fingerprint, threshold=threshold,
-                          target_fpr=target_fpr, val_metrics=val_metrics,
-                          extra={**extra, "extract_config": extract_config, "provenance": provenance()})
+    stored_extraction = val_split.cache.attrs.get("extract_config")
+    return DetectorConfig(model=model_config, extraction_fingerprint=val_split.fingerprint,
+                          extraction=ExtractConfig.from_dict(stored_extraction) if stored_extraction else None,
+                          threshold=threshold, target_fpr=target_fpr, val_metrics=val_metrics,
+                          extra={**extra, "provenance": provenance()})
 
 
-def convert_reference(checkpoint: str | Path, val: str | Path, out: str | Path, target_fpr: float = 0.05) -> DetectorConfig:
-    """Write a lare2 run directory from a reference ``CLipClassifierWMapV6`` checkpoint.
+REFERENCE_BACKBONE_FILE = "backbone.safetensors"
+"""Where ``convert_reference`` saves a reference checkpoint's fine-tuned backbone (keys ``visual.*``)."""
+
+
+def convert_reference(checkpoint: str | Path, out: str | Path, *, lare_size: int = 32) -> DetectorConfig:
+    """Write an uncalibrated lare2 run directory from a reference ``CLipClassifierWMapV6`` checkpoint.
 
     The head loads with ``strict=True``; the ``clip_model.*`` part goes to ``backbone.safetensors``
-    (keys ``visual.*``) for extraction, since the reference fine-tunes its backbone. The threshold
-    is calibrated on ``val``'s reals, whose extraction fingerprint the detector adopts.
+    (keys ``visual.*``) for extraction, since the reference fine-tunes its backbone. ``lare_size`` is
+    the side of the LaRE map (image size / 8: 32 at the paper's 256 px), which the weights do not fix.
+    The run has threshold 0.5, no extraction fingerprint and ``"calibrated": false`` in its config:
+    extract a val cache with ``--clip OUT/backbone.safetensors``, then ``lare2 calibrate OUT --val CACHE``.
     """
     from safetensors.torch import save_file
 
@@ -273,41 +281,27 @@ def convert_reference(checkpoint: str | Path, val: str | Path, out: str | Path, 
     from lare2.train.models import egre_config_from_state_dict
 
     checkpoint, out = Path(checkpoint), Path(out)
-    if not checkpoint.exists():
-        raise CheckpointError(f"{checkpoint}: no such file")
+    if not checkpoint.is_file():
+        raise CheckpointError(f"{checkpoint}: no such checkpoint file")
     try:
-        state = read_state_dict(checkpoint)
+        head, backbone = split_reference_state(read_state_dict(checkpoint))
+        model_config = egre_config_from_state_dict(head, (lare_size, lare_size))
     except ValueError as err:
-        raise CheckpointError(str(err)) from err
-    head, backbone = split_reference_state(state)
-    val_probe = CacheSplit(val, ())
-    try:
-        model_config = egre_config_from_state_dict(head, tuple(val_probe.cache.layout.lare_shape[1:]))
-    except ValueError as err:
-        raise CheckpointError(f"{checkpoint}: {err}") from err
+        message = str(err) if str(err).startswith(str(checkpoint)) else f"{checkpoint}: {err}"
+        raise CheckpointError(message) from err
     model = build_model(model_config)
     try:
         model.load_state_dict(head, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{checkpoint}: head does not load strictly: {err}") from err
-    layout = val_probe.cache.layout
-    have = (layout.pooled_dim, tuple(layout.fmap_shape), tuple(layout.lare_shape))
-    want = (model_config.pooled_dim, model_config.fmap_shape, model_config.lare_shape)
-    if have != want:
-        raise CheckpointError(f"{val}: cache dims (pooled, fmap, lare) = {have}, the checkpoint's head expects {want}")
-    val_split = CacheSplit(val, type(model).input_names)
+        raise CheckpointError(f"{checkpoint}: head does not load strictly: {' '.join(str(err).split())}") from err
+    out.mkdir(parents=True, exist_ok=True)
     if backbone:
-        # the head expects the fine-tuned backbone's features: extract val (and everything scored) with it
-        out.mkdir(parents=True, exist_ok=True)
-        backbone_path = out / "backbone.safetensors"
-        save_file({k: v.contiguous() for k, v in backbone.items()}, str(backbone_path))
-        used = val_split.cache.attrs.get("extract_config", {}).get("backbone", "")
-        if not used or Path(used).resolve() != backbone_path.resolve():
-            logger.warning(f"{val} was extracted with backbone {used!r}, not the checkpoint's fine-tuned {backbone_path}: "
-                           f"the threshold is calibrated on other features. Extract val with --clip {backbone_path} "
-                           f"and convert again.")
-    config = calibrated_config_for(model, model_config, val_split, target_fpr,
-                                   extra={"converted_from": str(checkpoint), "val_cache": str(val), "backbone_keys": len(backbone)})
+        save_file({k: v.contiguous() for k, v in backbone.items()}, str(out / REFERENCE_BACKBONE_FILE))
+    config = DetectorConfig(model=model_config, extraction_fingerprint="", threshold=0.5, target_fpr=None,
+                            extra={"calibrated": False, "converted_from": str(checkpoint), "backbone_keys": len(backbone),
+                                   "provenance": provenance()})
     save_detector(out, model, config)
-    logger.info(f"converted {checkpoint} ({len(head)} head tensors, {len(backbone)} backbone tensors) -> {out}")
+    logger.info(f"converted {checkpoint} ({len(head)} head tensors, {len(backbone)} backbone tensors) -> {out}; "
+                f"uncalibrated: extract val{' with --clip ' + str(out / REFERENCE_BACKBONE_FILE) if backbone else ''}, "
+                f"then `lare2 calibrate {out} --val CACHE`")
     return config

@@ -1,4 +1,4 @@
-"""Synthetic feature caches whose class is planted in one input path: demos and tests of stage 2.
+"""Test fixture: synthetic feature caches whose class is planted in one input path, for tests of stage 2.
 
 ``signal="lare"``: fakes have a larger reconstruction error on the upper half of the LaRE map;
 pooled features are pure noise and the feature map is a fixed (class-independent) pattern plus

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lare2.shared.cache import ARRAY_NAMES, META_COLUMNS, STATUS_ERROR, STATUS_OK, STATUS_PENDING, FeatureCache
-from lare2.shared.inspect import jsonable, open_cache
+from lare2.shared.cache.store import ARRAY_NAMES, META_COLUMNS, STATUS_ERROR, STATUS_OK, STATUS_PENDING, FeatureCache, open_cache
+from lare2.shared.jsonio import jsonable
 from lare2.shared.logs import progress_bar
 
 EXPORT_STATUSES = ("ok", "all")

@@ -16,18 +16,13 @@ array, so concurrent writers (ranks, array jobs) never touch the same chunk, and
 done only after all its chunks are written (Zarr's local store writes each chunk atomically via
 rename). A failed sample keeps NaN in every array (the fill value) and ``status == "error"``.
 
-A finished cache can be *packed* (:func:`pack_cache`, ``lare2 cache pack``): the same arrays, chunks
-and attributes, with K blocks per Zarr v3 shard, so one file holds K chunks. A cache of N samples then
-takes ~13 N / (C K) files instead of ~13 N / C (GenImage's 2.68 M images: ~1.1 M files at C = 32, ~17k
-at K = 64), which cluster file systems and copies need. Readers see no difference. A packed cache is
-read-only for the extractor: writing a block would rewrite its whole shard, which concurrent writers
-would race on.
+A packed cache (``lare2.shared.cache.pack``, K blocks per Zarr v3 shard) reads the same and is
+read-only for the extractor.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
 import shutil
@@ -40,33 +35,26 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
+from lare2.shared.cache.errors import CacheError, CacheExistsError
+from lare2.shared.jsonio import jsonable
+from lare2.shared.manifest.table import CACHE_COLUMNS, MANIFEST_SCHEMA
+
 CACHE_FORMAT_VERSION = 1
 ARRAY_NAMES = ("lare", "pooled", "fmap")
 
 STATUS_PENDING = "pending"
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+KNOWN_STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_PENDING)
 
-# Metadata columns and their dtypes. The first group comes from the manifest at creation; the
-# second is written per block by the extractor.
+# Metadata columns and their dtypes. The first group comes from the manifest at creation (its schema
+# types them); the second is written per block by the extractor.
 MANIFEST_COLUMNS: dict[str, str] = {
-    "sample_id": "str",
-    "path": "str",
-    "label": "int8",
-    "generator": "str",
-    "split": "str",
-    "class_name": "str",
+    c: "str" if pa.types.is_string(MANIFEST_SCHEMA.field(c).type) else str(MANIFEST_SCHEMA.field(c).type)
+    for c in CACHE_COLUMNS
 }
 RESULT_COLUMNS: dict[str, str] = {"seed": "int64", "status": "str", "error": "str"}
 META_COLUMNS: dict[str, str] = {**MANIFEST_COLUMNS, **RESULT_COLUMNS}
-
-
-class CacheError(RuntimeError):
-    """A cache that cannot be created, opened or appended to; the message says why."""
-
-
-class CacheExistsError(CacheError):
-    """Creation found a cache already there (possibly made by a concurrent job a moment ago)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,17 +108,12 @@ def _fill_value(dtype: str):
     return 0
 
 
-def _json_safe(obj):
-    """Attributes must be JSON: tuples -> lists, Paths -> str, numpy scalars -> Python."""
-    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-
-
-def _staging_path(path: Path) -> Path:
+def staging_path(path: Path) -> Path:
     """A hidden sibling folder where a store is built before it is renamed into place."""
     return path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
 
 
-def _create_arrays(group: zarr.Group, n: int, layout: CacheLayout, shard_blocks: int = 1) -> None:
+def create_arrays(group: zarr.Group, n: int, layout: CacheLayout, shard_blocks: int = 1) -> None:
     """Every array of a cache of ``n`` samples, empty; ``shard_blocks`` > 1 stores that many blocks per shard."""
     c = layout.chunk_samples
 
@@ -198,9 +181,9 @@ class FeatureCache:
             raise CacheError(f"{path}: sample ids must be unique within a cache; duplicates e.g. {dup}")
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = _staging_path(path)
+        staging = staging_path(path)
         group = zarr.open_group(staging, mode="w-")
-        _create_arrays(group, n, layout)
+        create_arrays(group, n, layout)
         meta = group["meta"]
         for col, dtype in META_COLUMNS.items():
             if col in rows:
@@ -209,7 +192,7 @@ class FeatureCache:
                 )
         meta["status"][:] = np.full(n, STATUS_PENDING, dtype=np.dtypes.StringDType())
         group.attrs.update(
-            _json_safe({"lare2_cache_format": CACHE_FORMAT_VERSION, "num_samples": n, "layout": layout.to_dict(), **(attrs or {})})
+            jsonable({"lare2_cache_format": CACHE_FORMAT_VERSION, "num_samples": n, "layout": layout.to_dict(), **(attrs or {})})
         )
         try:
             os.rename(staging, path)  # atomic; fails if another creator got there first
@@ -226,7 +209,11 @@ class FeatureCache:
         path = Path(path)
         if not (path / "zarr.json").exists():
             raise CacheError(f"{path}: not a lare2 cache (no zarr.json); create one with `lare2 extract`")
-        group = zarr.open_group(path, mode=mode)
+        try:
+            group = zarr.open_group(path, mode=mode)
+        except (ValueError, TypeError, KeyError, OSError, zarr.errors.BaseZarrError) as err:  # e.g. a garbled zarr.json
+            raise CacheError(f"{path}: damaged cache, zarr.json cannot be read ({type(err).__name__}: {err}); "
+                             "re-extract it with `lare2 extract`") from err
         version = group.attrs.get("lare2_cache_format")
         if version != CACHE_FORMAT_VERSION:
             raise CacheError(f"{path}: cache format {version!r}, this lare2 reads format {CACHE_FORMAT_VERSION}")
@@ -301,7 +288,7 @@ class FeatureCache:
         """
         complete = bool(self.done_blocks().all())
         status = self.group["meta"]["status"][:]
-        counts = {s: int((status == s).sum()) for s in (STATUS_OK, STATUS_ERROR, STATUS_PENDING)}
+        counts = {s: int((status == s).sum()) for s in KNOWN_STATUSES}
         if complete:
             self.group.attrs["counts"] = counts
         return counts
@@ -336,46 +323,9 @@ class FeatureCache:
         return self.column("status") == STATUS_OK
 
 
-def pack_cache(source: str | Path, out: str | Path, shard_blocks: int = 64, progress: bool = True) -> FeatureCache:
-    """Copy a finished cache to ``out`` with ``shard_blocks`` blocks per shard (see the module docstring).
-
-    Values, chunks, metadata and attributes are copied as they are (``packed`` is added to the
-    attributes). Refuses a cache with pending blocks (a packed one cannot be appended to) and an
-    existing ``out``. Written shard by shard into a hidden folder, renamed into place at the end.
-    """
-    from lare2.shared.logs import progress_bar
-
-    if shard_blocks < 2:
-        raise CacheError(f"shard_blocks must be >= 2, got {shard_blocks}")
-    src = FeatureCache.open(source)
-    out = Path(out)
-    if out.exists():
-        raise CacheExistsError(f"{out}: already exists; choose a new folder for the packed cache")
-    pending = src.pending_blocks()
-    if pending:
-        raise CacheError(f"{src.path}: {len(pending)} of {src.num_blocks} blocks are still pending (e.g. block "
-                         f"{pending[0]}); finish `lare2 extract` before packing (a packed cache cannot be appended to)")
-    if src.shard_blocks > 1:
-        raise CacheError(f"{src.path}: already packed ({src.shard_blocks} blocks per shard)")
-    n, c = len(src), src.layout.chunk_samples
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _staging_path(out)
-    group = zarr.open_group(staging, mode="w-")
-    try:
-        _create_arrays(group, n, src.layout, shard_blocks)
-        names = [*ARRAY_NAMES, *(f"meta/{col}" for col in META_COLUMNS)]
-        samples_per_shard = c * shard_blocks
-        with progress_bar(unit="shard", disable=not progress) as bar:
-            task = bar.add_task(f"pack {src.path.name}", total=math.ceil(n / samples_per_shard), rate="")
-            for start in range(0, n, samples_per_shard):  # whole shards: each shard file is written once
-                window = slice(start, min(start + samples_per_shard, n))
-                for name in names:
-                    group[name][window] = src.group[name][window]
-                bar.advance(task)
-        group["block_done"][:] = src.group["block_done"][:]
-        group.attrs.update(_json_safe({**src.attrs, "packed": {"shard_blocks": shard_blocks, "source": str(src.path)}}))
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return FeatureCache.open(out)
+def open_cache(path: str | Path) -> FeatureCache:
+    """Open a cache read-only; ``FileNotFoundError`` when nothing is there, ``CacheError`` when not a cache."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such cache directory")
+    return FeatureCache.open(path, mode="r")

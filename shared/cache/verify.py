@@ -1,0 +1,389 @@
+"""Prove a feature cache whole, or list why it is not: structure, chunks, values, statuses, ids,
+manifest, fingerprints and, optionally, recomputed samples.
+
+The logic behind ``lare2 cache verify``; importable without typer. Legend: N samples, K recomputed samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from lare2.shared.cache.chunks import block_chunk_coords, chunk_file, file_count, iter_arrays
+from lare2.shared.cache.errors import CacheError, RecomputeUnavailable
+from lare2.shared.cache.store import (
+    ARRAY_NAMES,
+    KNOWN_STATUSES,
+    MANIFEST_COLUMNS,
+    META_COLUMNS,
+    STATUS_OK,
+    STATUS_PENDING,
+    FeatureCache,
+    open_cache,
+)
+from lare2.shared.jsonio import jsonable
+from lare2.shared.logs import progress_bar
+from lare2.shared.manifest import read_selection
+
+
+@dataclass(kw_only=True)
+class Finding:
+    """One problem (``error``) or caveat (``warning``) found by :func:`verify_cache`."""
+
+    check: str
+    """Which check: structure, chunks, values, status, ids, counts, manifest, fingerprints, recompute."""
+    severity: str
+    """``error`` (the cache is not whole / not trustworthy) or ``warning`` (incomplete or skipped)."""
+    message: str
+    """One line for people."""
+    items: list = field(default_factory=list)
+    """What it concerns: chunk keys, sample ids, block numbers."""
+
+    def to_dict(self) -> dict:
+        return {"check": self.check, "severity": self.severity, "message": self.message,
+                "count": len(self.items), "items": jsonable(self.items)}
+
+
+@dataclass(kw_only=True)
+class VerifyReport:
+    """What :func:`verify_cache` found."""
+
+    path: str
+    """The cache."""
+    findings: list[Finding] = field(default_factory=list)
+    """Problems and caveats, in the order found."""
+    checked: dict = field(default_factory=dict)
+    """What was looked at: chunks read, ok samples scanned, manifest rows, recomputed samples."""
+    recompute: dict | None = None
+    """Per-array comparison of recomputed samples, when ``recompute`` was asked and ran."""
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def add(self, check: str, severity: str, message: str, items: Sequence = ()) -> None:
+        self.findings.append(Finding(check=check, severity=severity, message=message, items=list(items)))
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "ok": self.ok,
+            "errors": [f.to_dict() for f in self.errors],
+            "warnings": [f.to_dict() for f in self.warnings],
+            "checked": jsonable(self.checked),
+            "recompute": jsonable(self.recompute),
+        }
+
+
+RecomputeFn = Callable[..., Mapping[str, np.ndarray]]
+"""``fn(cache_path, indices, sd_model=None, backbone=None, device="auto", compute_dtype=None)
+-> {"lare": [K,...], "pooled": ..., "fmap": ...}``,
+as ``lare2.extract.run.recompute_samples`` (shared/ never imports the extractor: callers pass it)."""
+
+
+def _check_chunks_and_values(
+    cache: FeatureCache, report: VerifyReport, progress: bool
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Read every chunk; flag missing and unreadable ones and non-finite values in ok samples.
+
+    Returns the metadata columns ({column: [N]}, strings as ``object``) and the block markers
+    [num_blocks] as read, fill values where a chunk was unreadable, for the checks that follow
+    (which must not read the damaged store again).
+    """
+    group = cache.group
+    arrays = dict(iter_arrays(group))
+    unreadable: list[str] = []
+    missing: list[str] = []
+    chunks_read = 0
+
+    # metadata + block markers: read each array whole (small); on failure locate the bad chunks
+    small: dict[str, np.ndarray] = {}
+    for name, arr in arrays.items():
+        if name in ARRAY_NAMES:
+            continue
+        try:
+            small[name] = arr[:]
+            chunks_read += arr.nchunks
+            continue
+        except Exception:  # a decode error somewhere: read chunk by chunk below to name the bad ones
+            pass
+        values = np.full(arr.shape, arr.fill_value, dtype=arr.dtype)
+        chunk = arr.chunks[0]
+        for b in range(arr.nchunks):
+            sl = slice(b * chunk, min((b + 1) * chunk, arr.shape[0]))
+            try:
+                values[sl] = arr[sl]
+            except Exception as err:
+                unreadable.append(f"{name}/{arr.metadata.encode_chunk_key(block_chunk_coords(arr, b))} ({err})")
+            chunks_read += 1
+        small[name] = values
+
+    columns = {c: small[f"meta/{c}"].astype(object if dtype == "str" else small[f"meta/{c}"].dtype)
+               for c, dtype in META_COLUMNS.items()}
+    status, ids = columns["status"], columns["sample_id"]
+    done = small["block_done"].astype(bool)
+    for name in ("meta/sample_id", "meta/status"):  # never all-fill, so every chunk must be on disk
+        arr = arrays.get(name)
+        if arr is not None:
+            missing += [f"{name}/{arr.metadata.encode_chunk_key((b,))}" for b in range(file_count(arr))
+                        if not chunk_file(cache, arr, (b,)).is_file()]
+
+    nonfinite: dict[str, list[int]] = {name: [] for name in ARRAY_NAMES}
+    ok = status == STATUS_OK
+    with progress_bar(unit="block", disable=not progress) as bar:
+        task = bar.add_task("verify", total=cache.num_blocks, rate="")
+        for block in range(cache.num_blocks):
+            sl = cache.block_slice(block)
+            block_ok = ok[sl]
+            for name in ARRAY_NAMES:
+                arr = arrays.get(name)
+                if arr is None:
+                    continue
+                coords = block_chunk_coords(arr, block)
+                key = f"{name}/{arr.metadata.encode_chunk_key(coords)}"
+                # zarr skips writing chunks that hold only the fill value (NaN): a block of failed
+                # samples has no file, a block with an ok sample must have one
+                if done[block] and block_ok.any() and not chunk_file(cache, arr, coords).is_file():
+                    missing.append(key)
+                chunks_read += 1
+                try:
+                    values = arr[sl]
+                except Exception as err:  # zarr raises the codec's own error type on a bad chunk
+                    unreadable.append(f"{key} ({err})")
+                    continue
+                rows_finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+                nonfinite[name] += [sl.start + int(i) for i in np.flatnonzero(block_ok & ~rows_finite)]
+            bar.advance(task)
+
+    if missing:
+        report.add("chunks", "error", f"{len(missing)} chunks missing on disk", missing)
+    if unreadable:
+        report.add("chunks", "error", f"{len(unreadable)} chunks cannot be read (corrupt)", unreadable)
+    for name, rows in nonfinite.items():
+        if rows:
+            report.add("values", "error", f"{name}: NaN/Inf in {len(rows)} ok samples", [str(ids[i]) for i in rows])
+    report.checked["chunks_read"] = chunks_read
+    report.checked["ok_samples_scanned"] = int(ok.sum())
+    return columns, done
+
+
+def _check_structure(cache: FeatureCache, report: VerifyReport) -> bool:
+    """Arrays present with the layout's shapes; False when reading on would be meaningless."""
+    n = len(cache)
+    arrays = dict(iter_arrays(cache.group))
+    whole = True
+    expected = {name: (n, *cache.layout.sample_shape(name)) for name in ARRAY_NAMES}
+    expected |= {f"meta/{c}": (n,) for c in META_COLUMNS}
+    expected["block_done"] = (cache.num_blocks,)
+    for name, shape in expected.items():
+        if name not in arrays:
+            report.add("structure", "error", f"array {name} is missing", [name])
+            whole = False
+        elif tuple(arrays[name].shape) != shape:
+            report.add("structure", "error", f"array {name} has shape {tuple(arrays[name].shape)}, expected {shape}", [name])
+            whole = False
+    return whole
+
+
+def _check_status(cache: FeatureCache, report: VerifyReport, status: np.ndarray, done: np.ndarray) -> None:
+    unknown = sorted({str(s) for s in status if s not in KNOWN_STATUSES})
+    if unknown:
+        report.add("status", "error", f"unknown status values {unknown}", unknown)
+    pending_blocks = [int(b) for b in np.flatnonzero(~done)]
+    if pending_blocks:
+        pending_samples = sum(cache.block_slice(b).stop - cache.block_slice(b).start for b in pending_blocks)
+        report.add("status", "warning", f"incomplete: {len(pending_blocks)} of {cache.num_blocks} blocks "
+                   f"({pending_samples} samples) not extracted yet", pending_blocks)
+    stale = [int(b) for b in np.flatnonzero(done) if (status[cache.block_slice(int(b))] == STATUS_PENDING).any()]
+    if stale:
+        report.add("status", "error", f"{len(stale)} blocks marked done still hold pending samples", stale)
+    recorded = cache.attrs.get("counts")
+    if recorded is not None and not pending_blocks:
+        actual = {s: int((status == s).sum()) for s in KNOWN_STATUSES}
+        differing = {k: (recorded.get(k), v) for k, v in actual.items() if recorded.get(k, 0) != v}
+        if differing:
+            report.add("counts", "error", f"recorded counts differ from the status column (recorded, actual): {differing}",
+                       sorted(differing))
+
+
+def _check_ids(report: VerifyReport, ids: np.ndarray) -> None:
+    empty = int((ids == "").sum())
+    if empty:
+        report.add("ids", "error", f"{empty} samples have an empty id", [int(i) for i in np.flatnonzero(ids == "")])
+    values, counts = np.unique(ids[ids != ""].astype(str), return_counts=True)
+    duplicates = [str(v) for v in values[counts > 1]]
+    if duplicates:
+        report.add("ids", "error", f"{len(duplicates)} sample ids occur more than once", duplicates)
+
+
+def _check_manifest(cache: FeatureCache, report: VerifyReport, manifest: Path, columns: dict[str, np.ndarray]) -> None:
+    cfg = cache.attrs.get("extract_config") or {}  # the rows that extraction took: its split, generators, limit
+    table = read_selection(manifest, split=cfg.get("split"), generators=list(cfg.get("generators") or []),
+                           limit=cfg.get("limit"))
+    report.checked["manifest"] = str(manifest)
+    report.checked["manifest_rows"] = table.num_rows
+    wanted = table.column("sample_id").to_pylist()
+    counts: dict[str, int] = {}
+    for sample_id in wanted:
+        counts[sample_id] = counts.get(sample_id, 0) + 1
+    duplicated = sorted(k for k, v in counts.items() if v > 1)
+    if duplicated:
+        report.add("manifest", "error", f"{len(duplicated)} ids occur more than once in the manifest", duplicated)
+    in_cache = {str(s): i for i, s in enumerate(columns["sample_id"])}
+    missing = [s for s in counts if s not in in_cache]
+    extra = sorted(s for s in in_cache if s not in counts)
+    if missing:
+        report.add("manifest", "error", f"{len(missing)} manifest rows are missing from the cache", missing)
+    if extra:
+        report.add("manifest", "error", f"{len(extra)} cache samples are not in the manifest", extra)
+    # the manifest columns of samples present on both sides must agree
+    mismatched: dict[str, list[str]] = {}
+    rows = {c: table.column(c).to_pylist() for c in MANIFEST_COLUMNS if c != "sample_id"}
+    stored = {c: columns[c] for c in rows}
+    for r, sample_id in enumerate(wanted):
+        i = in_cache.get(sample_id)
+        if i is None:
+            continue
+        for column, values in rows.items():
+            if jsonable(stored[column][i]) != jsonable(values[r]):
+                mismatched.setdefault(column, []).append(sample_id)
+    for column, sample_ids in mismatched.items():
+        report.add("manifest", "error", f"column {column!r} differs from the manifest for {len(sample_ids)} samples", sample_ids)
+
+
+def _check_fingerprints(cache: FeatureCache, report: VerifyReport) -> None:
+    attrs = cache.attrs
+    fingerprints, identity = attrs.get("fingerprints"), attrs.get("identity")
+    if not fingerprints or identity is None:
+        report.add("fingerprints", "warning", "the cache records no model fingerprints or identity")
+        return
+    in_identity = {k.removeprefix("fingerprint."): v for k, v in identity.items() if k.startswith("fingerprint.")}
+    differing = sorted(k for k in set(in_identity) | set(fingerprints) if in_identity.get(k) != fingerprints.get(k))
+    if differing:
+        report.add("fingerprints", "error", "identity and fingerprints disagree on "
+                   + ", ".join(f"{k} ({in_identity.get(k)} vs {fingerprints.get(k)})" for k in differing), differing)
+
+
+def compare_recomputed(cache: FeatureCache, indices: np.ndarray, recomputed: Mapping[str, np.ndarray],
+                       tolerance: float = 0.0) -> dict:
+    """Comparison of recomputed rows with the stored ones, per array: bit for bit, or with ``tolerance`` > 0,
+    a sample matches when its largest difference is at most ``tolerance`` x its largest stored magnitude.
+
+    Recomputed values are cast to the stored dtype first (as the writer does).
+    """
+    ids = cache.column("sample_id")
+    stored = cache.read(indices)
+    result = {}
+    for name in ARRAY_NAMES:
+        if name not in recomputed:
+            result[name] = {"compared": False, "mismatched": [], "max_abs_diff": None}
+            continue
+        new = np.asarray(recomputed[name]).astype(stored[name].dtype)
+        old = stored[name]
+        if new.shape != old.shape:
+            raise ValueError(f"recomputed {name} has shape {new.shape}, the cache holds {old.shape}")
+        k = len(old)
+        diff = np.abs(old.astype(np.float64) - new.astype(np.float64))
+        if tolerance > 0:
+            scale = [np.nanmax(np.abs(old[i].astype(np.float64)), initial=0.0) for i in range(k)]
+            same = [np.array_equal(np.isnan(old[i]), np.isnan(new[i]))
+                    and np.nanmax(diff[i], initial=0.0) <= tolerance * scale[i] for i in range(k)]
+        else:  # bytes, not values: NaN == NaN and -0.0 != 0.0, as "bit for bit" means
+            same = [old[i].tobytes() == new[i].tobytes() for i in range(k)]
+        result[name] = {
+            "compared": True,
+            "mismatched": [str(ids[indices[i]]) for i in range(k) if not same[i]],
+            "max_abs_diff": float(np.nanmax(diff)) if np.isfinite(diff).any() else 0.0,
+        }
+    return result
+
+
+def _check_recompute(cache: FeatureCache, report: VerifyReport, k: int, seed: int, recompute_fn: RecomputeFn | None,
+                     sd_model: str | None, backbone: str | None, device: str = "auto", compute_dtype: str | None = None,
+                     tolerance: float = 0.0) -> None:
+    if any(f.check == "chunks" for f in report.errors):
+        report.add("recompute", "warning", "skipped: the cache has missing or unreadable chunks")
+        return
+    ok_indices = np.flatnonzero(cache.ok_mask())
+    if not len(ok_indices):
+        report.add("recompute", "warning", "skipped: no ok samples to recompute")
+        return
+    indices = np.sort(np.random.default_rng(seed).choice(ok_indices, size=min(k, len(ok_indices)), replace=False))
+    if recompute_fn is None:
+        report.add("recompute", "warning", "skipped: no extractor was given to recompute with")
+        return
+    try:
+        recomputed = recompute_fn(cache.path, [int(i) for i in indices], sd_model=sd_model, backbone=backbone,
+                                  device=device, compute_dtype=compute_dtype)
+    except (RecomputeUnavailable, OSError, CacheError) as err:  # models or device not at hand, other weights
+        report.add("recompute", "warning", f"skipped: {err}")
+        return
+    result = compare_recomputed(cache, indices, recomputed, tolerance)
+    report.recompute = {"indices": [int(i) for i in indices], "tolerance": tolerance, "arrays": result}
+    report.checked["recomputed_samples"] = len(indices)
+    for name, r in result.items():
+        if r["mismatched"]:
+            report.add("recompute", "error", f"{name}: {len(r['mismatched'])} of {len(indices)} recomputed samples differ "
+                       f"(max abs diff {r['max_abs_diff']:.3g})", r["mismatched"])
+
+
+def verify_cache(
+    path: str | Path,
+    *,
+    manifest: str | Path | None = None,
+    recompute: int = 0,
+    seed: int = 0,
+    recompute_fn: RecomputeFn | None = None,
+    sd_model: str | None = None,
+    backbone: str | None = None,
+    device: str = "auto",
+    compute_dtype: str | None = None,
+    tolerance: float = 0.0,
+    progress: bool = False,
+) -> VerifyReport:
+    """Prove a cache whole, or list why it is not.
+
+    Checks: every array present with the right shape; every chunk readable (and on disk where
+    data was written); no NaN/Inf in ok samples; statuses consistent with the block markers and
+    the recorded counts; ids non-empty and unique; metadata equal to the manifest selection
+    (``manifest``, default the one recorded in the cache when it exists); identity fingerprints
+    equal to the recorded fingerprints; with ``recompute`` K > 0, K random ok samples re-extracted
+    with ``recompute_fn`` (see :data:`RecomputeFn`) on ``device`` match bit for bit (or within
+    ``tolerance``, relative, for another device or ``compute_dtype``); it is skipped, with a
+    warning saying why, when the function is None or raises :class:`RecomputeUnavailable`,
+    ``OSError`` (weights not found) or ``CacheError`` (other weights than the cache's).
+    Pending blocks are a warning (incomplete), not an error.
+    """
+    cache = open_cache(path)
+    report = VerifyReport(path=str(cache.path))
+    if not _check_structure(cache, report):
+        return report
+    columns, done = _check_chunks_and_values(cache, report, progress)
+    status, ids = columns["status"], columns["sample_id"]
+    _check_status(cache, report, status, done)
+    _check_ids(report, ids)
+    recorded = (cache.attrs.get("manifest") or {}).get("path")
+    if manifest is not None:
+        _check_manifest(cache, report, Path(manifest), columns)
+    elif recorded and Path(recorded).is_file():
+        _check_manifest(cache, report, Path(recorded), columns)
+    else:
+        report.add("manifest", "warning", "skipped: no manifest given and the recorded one "
+                   f"({recorded or 'none'}) is not at hand")
+    _check_fingerprints(cache, report)
+    if recompute > 0:
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        _check_recompute(cache, report, recompute, seed, recompute_fn, sd_model, backbone, device, compute_dtype, tolerance)
+    return report

@@ -1,0 +1,39 @@
+"""Manifests: what to process, one parquet row per image; ``from lare2.shared.manifest import X`` for any part.
+
+- :mod:`.table`: the schema (the one place it is written), parquet IO, validation, selection.
+- :mod:`.sources`: image bytes of a row (plain files, tar members), content ids, headers.
+- :mod:`.builders`: the four layouts (genimage, folders, list, webdataset) -> :mod:`.built` results.
+- :mod:`.report`: the rich report of a build.
+
+The table names are imported here; the others on first use, so that the cache store, which
+imports :mod:`.table`, does not load Pillow and the builders with it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from lare2.shared.manifest import table as _table
+from lare2.shared.manifest.table import *  # noqa: F403 (the names in table.__all__)
+
+_LAZY = {
+    "sources": ("IMAGE_EXTENSIONS", "SAMPLE_ID_HEX_CHARS", "TAR_EXTENSIONS", "TAR_MEMBER_SEPARATOR", "ImageHeader",
+                "ImageRef", "content_id", "describe_bytes", "is_image_name", "no_content_id", "read_image_bytes",
+                "split_tar_path"),
+    "built": ("BuiltManifest", "DuplicateGroup", "holdout_score", "write_built"),
+    "builders": ("BUILDERS", "FOLDER_LABELS", "GENIMAGE_LABELS", "GENIMAGE_SPLITS", "build_folders", "build_genimage",
+                 "build_list", "build_manifest", "build_webdataset"),
+    "report": ("print_build_report",),
+}
+_MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+__all__ = sorted([*_table.__all__, *_MODULE_OF])

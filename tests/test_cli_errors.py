@@ -1,0 +1,214 @@
+"""Bad invocations of every command, in one table: the exit code (2 bad usage or input, 1 problems
+found), one ``error:`` line naming the offending path or value (or typer's usage box for a bad
+option), and never a traceback. In-process through ``lare2.cli.app``; the fixtures are built once."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from lare2.cli import app
+from lare2.shared.cache import CacheLayout
+from tests.synthetic_caches import write_synthetic_cache
+from tests.tiny_caches import build_tiny_cache, ok_indices
+
+LAYOUT = CacheLayout(pooled_dim=16, fmap_shape=(16, 7, 7), lare_shape=(4, 16, 16), chunk_samples=16)
+USAGE_BOX = "usage"  # typer.BadParameter / click usage errors: a box headed "Usage:", exit 2
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> SimpleNamespace:
+    """Paths the cases refer to by name: caches, a run, a converted run, a manifest, damaged copies."""
+    tmp = tmp_path_factory.mktemp("cli_errors")
+    tiny = build_tiny_cache(tmp / "tiny")
+    other = build_tiny_cache(tmp / "other", seed=1, images=False)
+    corrupt = tmp / "corrupt"
+    shutil.copytree(tiny.path, corrupt)
+    (corrupt / "zarr.json").write_text("this is not JSON {")
+    damaged = tmp / "damaged"
+    shutil.copytree(tiny.path, damaged)
+    zarr.open_group(damaged, mode="r+")["lare"][ok_indices()[0]] = np.nan
+    write_synthetic_cache(tmp / "train", num_samples=64, signal="lare", seed=1, layout=LAYOUT)
+    write_synthetic_cache(tmp / "val", num_samples=32, signal="lare", seed=2, layout=LAYOUT)
+    write_synthetic_cache(tmp / "stranger", num_samples=32, signal="lare", seed=3, layout=LAYOUT, identity={"seed": 9})
+    run = tmp / "run"
+    trained = invoke("train", "--preset", "debug", "--train", tmp / "train", "--val", tmp / "val", "--out", run,
+                     "--epochs", "1", "--set", "progress=false", "--set", "head_dim=8")
+    assert trained.exit_code == 0, trained.output
+
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(dict(load_file(run / "model.safetensors")), tmp / "reference.pth")  # an EGRE head, reference-style keys
+    converted = invoke("convert-reference", tmp / "reference.pth", "--out", tmp / "converted", "--lare-size", "16")
+    assert converted.exit_code == 0, converted.output
+    return SimpleNamespace(tmp=tmp, missing=tmp / "no_such_thing", cache=tiny.path, manifest=tiny.manifest,
+                           images=tiny.root, other=other.path, corrupt=corrupt, damaged=damaged, train=tmp / "train",
+                           val=tmp / "val", stranger=tmp / "stranger", run=run, converted=tmp / "converted",
+                           ckpt=tmp / "reference.pth")
+
+
+def _extract(*args: str) -> list[str]:
+    return ["extract", "--manifest", "{manifest}", "--preset", "debug", "--out", "{tmp}/extracted", "--device", "cpu", *args]
+
+
+def _train(*args: str) -> list[str]:
+    return ["train", "--preset", "debug", "--train", "{train}", "--val", "{val}", "--out", "{tmp}/new_run", *args]
+
+
+# (id, argv with {name} placeholders from `world`, exit code, what the message must name)
+CASES = [
+    # manifest
+    ("manifest-build-missing-src", ["manifest", "build", "folders", "{missing}", "-o", "{tmp}/m.parquet"], 2, "{missing}"),
+    ("manifest-build-unknown-kind", ["manifest", "build", "imagenet", "{tmp}", "-o", "{tmp}/m.parquet"], 2, "imagenet"),
+    ("manifest-build-stray-option", ["manifest", "build", "genimage", "{images}", "-o", "{tmp}/m.parquet", "--split", "test"], 2, "--split"),
+    ("manifest-show-missing", ["manifest", "show", "{missing}"], 2, "{missing}"),
+    ("manifest-show-a-cache", ["manifest", "show", "{cache}"], 2, "{cache}"),
+    # extract
+    ("extract-missing-manifest", ["extract", "--manifest", "{missing}", "--preset", "debug", "--out", "{tmp}/x"], 2, "{missing}"),
+    ("extract-cache-as-manifest", ["extract", "--manifest", "{cache}", "--preset", "debug", "--out", "{tmp}/x"], 2, "{cache}"),
+    ("extract-bad-set-key", _extract("--set", "colour=blue"), 2, "colour"),
+    ("extract-set-seed-x", _extract("--set", "seed=x"), 2, "seed=x"),
+    ("extract-set-image-size-abc", _extract("--set", "image_size=abc"), 2, "image_size=abc"),
+    ("extract-set-image-size-0", _extract("--set", "image_size=0"), 2, "image_size=0"),
+    ("extract-image-size-not-8k", _extract("--image-size", "12"), 2, "image_size=12"),
+    ("extract-set-bad-choice", _extract("--set", "compute_dtype=float8"), 2, "float8"),
+    ("extract-bad-prompt-mode", _extract("--prompt-mode", "poem"), 2, "poem"),
+    ("extract-timestep-range", _extract("--timestep", "1000"), 2, "timestep=1000"),
+    ("extract-timestep-not-int", _extract("--timestep", "abc"), 2, USAGE_BOX),
+    ("extract-bad-preset", ["extract", "--manifest", "{manifest}", "--preset", "huge"], 2, "huge"),
+    ("extract-missing-sd", _extract("--sd", "{missing}", "--clip", "tiny"), 2, "{missing}"),
+    ("extract-missing-clip", _extract("--sd", "tiny", "--clip", "{missing}"), 2, "{missing}"),
+    ("extract-no-resume-existing", ["extract", "--manifest", "{manifest}", "--preset", "debug", "--out", "{cache}", "--no-resume"], 2, "{cache}"),
+    ("extract-cuda", _extract("--device", "cuda"), 2, "cuda"),
+    # cache
+    ("cache-info-missing", ["cache", "info", "{missing}"], 2, "{missing}"),
+    ("cache-info-parquet", ["cache", "info", "{manifest}"], 2, "{manifest}"),
+    ("cache-info-a-run", ["cache", "info", "{run}"], 2, "{run}"),
+    ("cache-info-corrupt", ["cache", "info", "{corrupt}"], 2, "{corrupt}"),
+    ("cache-ls-bad-status", ["cache", "ls", "{cache}", "--status", "bogus"], 2, "bogus"),
+    ("cache-show-unknown-id", ["cache", "show", "{cache}", "nosuchid"], 2, "nosuchid"),
+    ("cache-stats-corrupt", ["cache", "stats", "{corrupt}"], 2, "{corrupt}"),
+    ("cache-verify-corrupt", ["cache", "verify", "{corrupt}"], 2, "{corrupt}"),
+    ("cache-verify-finds-nan", ["cache", "verify", "{damaged}"], 1, "FAILED"),
+    ("cache-verify-cuda", ["cache", "verify", "{cache}", "--recompute", "1", "--device", "cuda"], 2, "cuda"),
+    ("cache-diff-missing", ["cache", "diff", "{cache}", "{missing}"], 2, "{missing}"),
+    ("cache-diff-differs", ["cache", "diff", "{cache}", "{other}"], 1, "differ"),
+    ("cache-export-bad-format", ["cache", "export", "{cache}", "--out", "{tmp}/wds", "--format", "zip"], 2, "zip"),
+    ("cache-export-parquet", ["cache", "export", "{manifest}", "--out", "{tmp}/wds"], 2, "{manifest}"),
+    ("cache-pack-pending", ["cache", "pack", "{cache}", "{tmp}/packed"], 2, "{cache}"),
+    ("cache-pack-missing", ["cache", "pack", "{missing}", "{tmp}/packed"], 2, "{missing}"),
+    # train
+    ("train-missing-cache", ["train", "--preset", "debug", "--train", "{missing}", "--val", "{val}", "--out", "{tmp}/r"], 2, "{missing}"),
+    ("train-parquet-as-cache", ["train", "--preset", "debug", "--train", "{manifest}", "--val", "{val}", "--out", "{tmp}/r"], 2, "{manifest}"),
+    ("train-run-as-cache", ["train", "--preset", "debug", "--train", "{train}", "--val", "{run}", "--out", "{tmp}/r"], 2, "{run}"),
+    ("train-corrupt-cache", ["train", "--preset", "debug", "--train", "{corrupt}", "--val", "{val}", "--out", "{tmp}/r"], 2, "{corrupt}"),
+    ("train-incompatible-val", ["train", "--preset", "debug", "--train", "{train}", "--val", "{stranger}", "--out", "{tmp}/r"], 2, "{stranger}"),
+    ("train-bad-set-key", _train("--set", "colour=blue"), 2, "colour"),
+    ("train-set-seed-x", _train("--set", "seed=x"), 2, "seed=x"),
+    ("train-set-bad-choice", _train("--set", "select_metric=f1"), 2, "f1"),
+    ("train-bad-model", _train("--model", "resnet"), 2, "resnet"),
+    ("train-bad-preset", _train("--preset", "huge"), 2, "huge"),
+    ("train-no-resume-existing", ["train", "--preset", "debug", "--train", "{train}", "--val", "{val}", "--out", "{run}", "--no-resume"], 2, "{run}"),
+    ("train-cuda", _train("--device", "cuda"), 2, "cuda"),
+    # eval
+    ("eval-missing-run", ["eval", "{missing}", "--test", "{val}"], 2, "{missing}"),
+    ("eval-cache-as-run", ["eval", "{cache}", "--test", "{val}"], 2, "{cache}"),
+    ("eval-missing-test", ["eval", "{run}", "--test", "{missing}"], 2, "{missing}"),
+    ("eval-parquet-as-test", ["eval", "{run}", "--test", "{manifest}"], 2, "{manifest}"),
+    ("eval-incompatible-test", ["eval", "{run}", "--test", "{stranger}"], 2, "{stranger}"),
+    ("eval-other-dims", ["eval", "{run}", "--test", "{cache}"], 2, "{cache}"),
+    ("eval-glob-matches-nothing", ["eval", "{run}", "--test", "{tmp}/nomatch_*"], 2, "nomatch_*"),
+    ("eval-no-test", ["eval", "{run}"], 2, "--test"),
+    ("eval-uncalibrated", ["eval", "{converted}", "--test", "{val}"], 2, "{converted}"),
+    ("eval-cuda", ["eval", "{run}", "--test", "{val}", "--device", "cuda"], 2, "cuda"),
+    # convert-reference / calibrate
+    ("convert-missing-ckpt", ["convert-reference", "{missing}", "--out", "{tmp}/c"], 2, "{missing}"),
+    ("convert-parquet-as-ckpt", ["convert-reference", "{manifest}", "--out", "{tmp}/c"], 2, "{manifest}"),
+    ("convert-old-val-option", ["convert-reference", "{ckpt}", "--out", "{tmp}/c", "--val", "{val}"], 2, "lare2 calibrate"),
+    ("calibrate-missing-run", ["calibrate", "{missing}", "--val", "{val}"], 2, "{missing}"),
+    ("calibrate-cache-as-run", ["calibrate", "{cache}", "--val", "{val}"], 2, "{cache}"),
+    ("calibrate-parquet-as-val", ["calibrate", "{run}", "--val", "{manifest}"], 2, "{manifest}"),
+    ("calibrate-incompatible-val", ["calibrate", "{run}", "--val", "{stranger}"], 2, "{stranger}"),
+    ("calibrate-other-dims", ["calibrate", "{converted}", "--val", "{cache}"], 2, "{cache}"),
+    ("calibrate-bad-fpr", ["calibrate", "{run}", "--val", "{val}", "--target-fpr", "2"], 2, "--target-fpr"),
+    # minigenimage
+    ("minigenimage-build-bad-preset", ["minigenimage", "build", "--preset", "huge", "--out", "{tmp}/mg"], 2, "huge"),
+    ("minigenimage-zoo-bad-family", ["minigenimage", "zoo", "--family", "vqgan"], 2, "vqgan"),
+    ("minigenimage-demo-missing-zoo", ["minigenimage", "demo", "--zoo", "{missing}", "--out", "{tmp}/demo"], 2, "{missing}"),
+]
+NEEDS_NO_CUDA = {case[0] for case in CASES if case[0].endswith("-cuda")}
+
+
+@pytest.mark.parametrize(("argv", "code", "names"), [pytest.param(*c[1:], id=c[0]) for c in CASES])
+def test_bad_invocation_fails_in_one_line(world, request, argv: list[str], code: int, names: str) -> None:
+    if request.node.callspec.id in NEEDS_NO_CUDA and _has_cuda():
+        pytest.skip("CUDA is present: --device cuda is valid here")
+    paths = {k: str(v) for k, v in vars(world).items()}
+    result = invoke(*(a.format(**paths) for a in argv))
+    output = result.output
+    assert result.exit_code == code, output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in output
+    if names == USAGE_BOX:
+        assert "Usage:" in result.stderr and "Invalid value" in result.stderr, output
+        return
+    wanted = names.format(**paths)
+    if code == 2:
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, output
+        assert wanted in errors[0], (wanted, errors[0])
+    else:  # found problems: the report says so
+        assert wanted in output
+
+
+def test_every_command_is_in_the_table() -> None:
+    """A new command gets its bad invocations into CASES (``score`` is tested with its own module)."""
+    import typer.main
+
+    commands = set()
+    for name, command in typer.main.get_command(app).commands.items():
+        commands |= {f"{name} {sub}" for sub in command.commands} if hasattr(command, "commands") else {name}
+    groups = {c.split()[0] for c in commands if " " in c}
+    tested = {" ".join(argv[:2]) if argv[0] in groups else argv[0] for _, argv, _, _ in CASES}
+    assert sorted(commands - tested - {"score"}) == []
+
+
+def test_version() -> None:
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.startswith("lare2 "), result.output
+
+
+@pytest.mark.parametrize(("stage", "pair", "expected"), [
+    ("extract", "seed=3", {"seed": 3}),
+    ("extract", "limit=none", {"limit": None}),
+    ("extract", "generators=sdv14,adm", {"generators": ["sdv14", "adm"]}),
+    ("extract", "prompt_mode=empty", {"prompt_mode": "empty"}),
+    ("extract", "prompt_text=a photo", {"prompt_text": "a photo"}),
+    ("train", "deterministic=yes", {"deterministic": True}),
+    ("train", "lr=1e-3", {"lr": 1e-3}),
+    ("train", "stop-after-steps=5", {"stop_after_steps": 5}),
+])
+def test_set_values_are_converted_by_the_fields_type(stage: str, pair: str, expected: dict) -> None:
+    from lare2.shared.config import ExtractConfig
+    from lare2.shared.settings import parse_overrides
+    from lare2.train.config import TrainConfig
+
+    assert parse_overrides([pair], ExtractConfig if stage == "extract" else TrainConfig) == expected
