@@ -102,7 +102,7 @@ def store_bytes(cache_path: Path) -> dict:
 
 def measure_reads(source: Path, folder: Path, blocks: int, seed: int = 0) -> dict:
     """Random block reads and random single-sample reads from a cache of ``blocks`` copies of a real block."""
-    from lare2.shared.cache import ARRAY_NAMES, FeatureCache
+    from lare2.shared.cache import FeatureCache
 
     src = FeatureCache.open(source)
     c = src.layout.chunk_samples
@@ -181,6 +181,7 @@ def measure_full_size(manifest: Path, images: int, ensemble: int = 4) -> dict:
     from lare2.extract.models import SD_V1_CONFIGS, LatentDiffusion, ddpm_scheduler_from
     from lare2.extract.tiny_models import build_tiny_sd
     from lare2.extract.run import ManifestImages
+    from lare2.shared.config import MAX_IMAGE_PIXELS
     from lare2.shared.manifest import read_manifest
 
     def config(component: str) -> dict:
@@ -199,7 +200,7 @@ def measure_full_size(manifest: Path, images: int, ensemble: int = 4) -> dict:
                             scheduler=ddpm_scheduler_from(SD_V1_CONFIGS), source="random-sd-v1", fingerprint="-")
     lare = LareComputer(model, timestep=200, ensemble=ensemble)
     table, root = read_manifest(manifest)
-    dataset = ManifestImages(Path(root), table.column("path").to_pylist(), 256, 89_478_485)
+    dataset = ManifestImages(Path(root), table.column("path").to_pylist(), 256, MAX_IMAGE_PIXELS)
     samples = [dataset[i] for i in range(images + 1)]  # the first one warms up
     lare_s, backbone_s, maps = [], [], []
     with torch.no_grad():

@@ -4,8 +4,8 @@ info, ls, show, verify, diff, stats, export, pack. Each prints rich tables, or w
 JSON document on stdout for scripts. Exit codes (``lare2.shared.cli_errors``): 0 fine, 1 problems
 found (verify) or runs that disagree (diff), 2 bad usage (no such cache, not a cache, unknown id,
 bad option) with one ``error:`` line on stderr.
-The logic lives in ``lare2.shared.inspect`` / ``lare2.shared.wds_export``, imported inside the
-commands so that ``lare2 --help`` stays fast.
+The logic lives in the ``lare2.shared.cache`` package (summary, verify, diff, plots, export, pack),
+imported inside the commands so that ``lare2 --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lare2.shared.cli_errors import EXIT_PROBLEMS, EXIT_USAGE, check_device, fail, user_errors
+from lare2.shared.cli_errors import EXIT_PROBLEMS, check_device, fail, user_errors
 
 EXPORT_FORMATS = ("webdataset",)
 MAX_ITEMS_SHOWN = 10
@@ -243,10 +243,12 @@ def verify(
     if json:
         _print_json(report.to_dict())
     else:
+        from rich.markup import escape
+
         console = _console()
         for finding in report.findings:
             colour = "red" if finding.severity == "error" else "yellow"
-            console.print(f"[{colour}]{finding.severity}[/] [{finding.check}] {finding.message}")
+            console.print(f"[{colour}]{finding.severity}[/] {escape(f'[{finding.check}]')} {escape(finding.message)}")  # not markup
             for item in finding.items[:MAX_ITEMS_SHOWN]:
                 console.print(f"    {item}", highlight=False)
             if len(finding.items) > MAX_ITEMS_SHOWN:

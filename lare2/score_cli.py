@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from lare2.shared.cli_errors import check_device, user_errors
+
 SCORE_HELP = "Score images or folders with a trained detector: p(fake) and the calibrated verdict."
 
 
@@ -28,11 +30,9 @@ def score(
     from lare2.detect import Verdict, score_images
     from lare2.shared.logs import console
 
-    try:
+    device = check_device(device)  # cuda without CUDA: one line, exit 2
+    with user_errors():
         verdicts = score_images(run_dir, inputs, sd_model=sd, backbone=clip, class_name=class_name, device=device)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
     rows = [asdict(v) for v in verdicts]
     if out:
         with open(out, "w", newline="") as f:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 
 from lare2 import cache_cli
 from lare2.cli import app
-from lare2.shared.cache import FeatureCache, plots
+from lare2.shared.cache import META_COLUMNS, FeatureCache, plots
 from tests.tiny_caches import (
     CHUNK,
     ERROR_INDICES,
@@ -27,10 +28,11 @@ from tests.tiny_caches import (
 )
 
 runner = CliRunner()
+WIDE = {"COLUMNS": "200"}  # piped, the commands print 200 wide anyway; this keeps a forced terminal as wide
 
 
 def run(*args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, ["cache", *map(str, args)])
+    result = runner.invoke(app, ["cache", *map(str, args)], env=WIDE)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.stdout, result.stderr
@@ -39,6 +41,35 @@ def run(*args: str) -> tuple[int, str, str]:
 def run_json(*args: str) -> tuple[int, dict]:
     code, out, _ = run(*args, "--json")
     return code, json.loads(out)
+
+
+def table_rows(out: str, cells: int) -> list[list[str]]:
+    """Body rows with ``cells`` cells of the rich tables printed in ``out``, each cell stripped
+    (header rows use another border character and are left out)."""
+    rows = []
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("│") and line.endswith("│"):
+            row = [cell.strip() for cell in line[1:-1].split("│")]
+            if len(row) == cells:
+                rows.append(row)
+    return rows
+
+
+def lines(text: str) -> list[str]:
+    return [line.rstrip() for line in text.splitlines()]
+
+
+def error_line(err: str) -> str:
+    """The one ``error:`` line a usage error prints on stderr (and nothing else there)."""
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err.rstrip("\n")
+
+
+def size_text(n: int) -> str:
+    """A byte count as `cache info` prints it, for sizes under 1 MiB: 602 B, 1.2 KiB."""
+    assert n < 1024 ** 2
+    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB"
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +114,25 @@ def test_info_counts_arrays_config_and_provenance(tiny):
     assert code == 0
     for text in ("sdv14", "b" * 16, "ratio", zarr.__version__, "fmap"):
         assert text in out
+    # the tables show the JSON's numbers
+    counts = report["status_counts"]
+    assert (f"{tiny.path}: {NUM_SAMPLES} samples, format {report['format']}, blocks 5/6 done; status {counts}"
+            in lines(out))
+    label_names = {0: "real", 1: "fake"}
+    assert table_rows(out, 5) == [[g["split"], g["generator"], f"{g['label']} ({label_names[g['label']]})", g["status"],
+                                   str(g["count"])] for g in report["groups"]]
+    assert [str(expected)] == [r[4] for r in table_rows(out, 5) if r[:4] == ["train", "sdv14", "1 (fake)", "ok"]]
+    shown = {r[0]: r[1:] for r in table_rows(out, 7)}
+    assert shown == {a["name"]: [str(a["shape"]), a["dtype"], str(a["chunks"]),
+                                 "-" if a["nbytes"] is None else size_text(a["nbytes"]), size_text(a["bytes_on_disk"]),
+                                 "-" if a["compression_ratio"] is None else f"{a['compression_ratio']:.2f}"]
+                     for a in report["arrays"]}
+    assert shown["lare"][:5] == ["[24, 4, 32, 32]", "float32", "[4, 4, 32, 32]", "384.0 KiB", size_text(on_disk)]
+    assert shown["meta/sample_id"][3] == "-" and shown["meta/sample_id"][5] == "-"  # strings: size unknown
+    key_values = table_rows(out, 2)
+    for key, value in (("chunk_samples", str(CHUNK)), ("backbone", "b" * 16), ("sd", "5" * 16),
+                       ("zarr", zarr.__version__), ("created", report["provenance"]["created"])):
+        assert [key, value] in key_values
 
 
 def test_ls_filters_and_limit(tiny):
@@ -101,10 +151,23 @@ def test_ls_filters_and_limit(tiny):
     assert {r["sample_id"] for r in listing["rows"]} == {tiny.ids[i] for i in ERROR_INDICES if i // CHUNK != PENDING_BLOCK}
     assert all(r["error"].startswith("ImageError") for r in listing["rows"])
 
+    failed = [i for i in ERROR_INDICES if i // CHUNK != PENDING_BLOCK]
     code, out, _ = run("ls", tiny.path, "--status", "error")
     assert code == 0 and tiny.ids[ERROR_INDICES[0]] in out and "ImageError" in out
+    shown = table_rows(out, 10)  # index + the 9 metadata columns
+    assert [(r[0], r[1], r[8]) for r in shown] == [(str(i), tiny.ids[i], "error") for i in failed]
+    assert all(r[9] == "ImageError: cannot identify image file" for r in shown)
+    assert shown == [[str(r[c]) for c in ("index", *META_COLUMNS)] for r in listing["rows"]]  # as the JSON
+    assert f"{len(failed)} of {len(failed)} matching samples" in out
+    code, out, _ = run("ls", tiny.path, "--label", "0", "--limit", "2")
+    real = [i for i in range(NUM_SAMPLES) if tiny.rows["label"][i] == 0]
+    assert code == 0 and f"2 of {len(real)} matching samples" in out
+    assert [(r[0], r[1], r[3]) for r in table_rows(out, 10)] == [(str(i), tiny.ids[i], "0") for i in real[:2]]
     code, _, err = run("ls", tiny.path, "--status", "done")
     assert code == 2 and "choose from" in err
+    line = error_line(err)
+    assert "'done'" in line.split("choose from")[0]
+    assert sorted(ast.literal_eval(line.split("choose from", 1)[1].strip())) == ["error", "ok", "pending"]
 
 
 def test_show_statistics_match_the_stored_arrays(tiny, tmp_path):
@@ -122,6 +185,16 @@ def test_show_statistics_match_the_stored_arrays(tiny, tmp_path):
     png = tmp_path / "show.png"
     code, out, _ = run("show", tiny.path, tiny.ids[index], "--png", png)
     assert code == 0 and "LaRE" in out and str(png) in out
+    # the tables print the stored arrays' statistics, 4 significant digits
+    assert f"LaRE (mean {lare.mean():.4g})" in out
+    assert table_rows(out, 5) == [[str(c), *(f"{v:.4g}" for v in (lare[c].mean(), lare[c].std(), lare[c].min(), lare[c].max()))]
+                                  for c in range(4)]
+    key_values = table_rows(out, 2)
+    assert ["sample_id", tiny.ids[index]] in key_values and ["status", "ok"] in key_values
+    assert ["generator", tiny.rows["generator"][index]] in key_values
+    assert ["pooled_l2", f"{np.linalg.norm(arrays['pooled'][0].astype(np.float64)):.4g}"] in key_values
+    assert ["fmap_l2", f"{np.linalg.norm(arrays['fmap'][0].astype(np.float64)):.4g}"] in key_values
+    assert f"wrote {png} (1280x300 px)" in lines(out)
     with Image.open(png) as im:
         assert im.format == "PNG"
         assert im.size == plots.show_figure_pixels(1 + 4) == (5 * 256, 300)  # image + 4 channels
@@ -143,8 +216,17 @@ def test_show_without_the_image_draws_lare_only_and_says_so(tiny, tmp_path):
 def test_show_error_sample_and_unknown_id(tiny):
     code, summary = run_json("show", tiny.path, tiny.ids[ERROR_INDICES[0]])
     assert code == 0 and summary["lare"] is None and summary["metadata"]["status"] == "error"
+    assert summary["metadata"]["error"] == "ImageError: cannot identify image file"
+    code, out, _ = run("show", tiny.path, tiny.ids[ERROR_INDICES[0]])
+    assert code == 0 and "no arrays: status error ImageError: cannot identify image file" in lines(out)
+    assert "LaRE (mean" not in out and table_rows(out, 5) == []
     code, _, err = run("show", tiny.path, "not-an-id")
     assert code == 2 and "no sample with id" in err
+    assert error_line(err) == f"error: {tiny.path}: no sample with id 'not-an-id'"
+    prefix = next(p for p in (s[:1] for s in tiny.ids) if sum(s.startswith(p) for s in tiny.ids) > 1)
+    code, _, err = run("show", tiny.path, prefix)
+    matches = sum(s.startswith(prefix) for s in tiny.ids)
+    assert code == 2 and error_line(err).startswith(f"error: {tiny.path}: id prefix {prefix!r} matches {matches} samples")
 
 
 @pytest.mark.parametrize("command", ["info", "ls", "show", "verify", "stats", "diff"])
@@ -152,6 +234,7 @@ def test_missing_cache_is_a_usage_error(tmp_path, command):
     extra = {"show": ["abc"], "diff": [tmp_path / "nor_this"]}.get(command, [])
     code, _, err = run(command, tmp_path / "nothing_here", *extra)
     assert code == 2 and "no such cache" in err
+    assert error_line(err) == f"error: {tmp_path / 'nothing_here'}: no such cache directory"
 
 
 # ---- verify -------------------------------------------------------------------------------------
@@ -164,6 +247,14 @@ def test_verify_passes_an_intact_cache_and_warns_about_pending(tiny):
     assert report["checked"]["manifest_rows"] == NUM_SAMPLES  # the recorded manifest was used
     code, out, _ = run("verify", tiny.path)
     assert code == 0 and "OK" in out
+    shown = lines(out)
+    assert shown[-1] == f"{tiny.path}: OK, {len(report['warnings'])} warnings" and len(report["warnings"]) == 1
+    (warning,) = [i for i, line in enumerate(shown) if pending["message"] in line]
+    assert shown[warning].startswith("warning") and shown[warning + 1] == f"    {PENDING_BLOCK}"
+    key_values = table_rows(out, 2)
+    for key in ("chunks_read", "ok_samples_scanned", "manifest_rows", "manifest"):
+        assert [key, str(report["checked"][key])] in key_values
+    assert ["ok_samples_scanned", str(len(ok_indices()))] in key_values and ["manifest", str(tiny.manifest)] in key_values
 
 
 def _errors(report: dict, check: str) -> list:
@@ -187,6 +278,19 @@ def test_verify_catches_a_corrupted_chunk(tiny_copy):
     assert unreadable.startswith("fmap/c/1/0/0/0")
     code, out, _ = run("verify", tiny_copy)
     assert code == 1 and "FAILED" in out and "fmap/c/1/0/0/0" in out
+    shown = lines(out)
+    assert shown[-1] == f"{tiny_copy}: FAILED ({len(report['errors'])} problems), {len(report['warnings'])} warnings"
+    assert len(report["errors"]) == 1  # only the corrupt chunk: its samples read back as fill values, not flagged twice
+    (finding,) = [i for i, line in enumerate(shown) if "1 chunks cannot be read (corrupt)" in line]
+    assert shown[finding].startswith("error") and shown[finding + 1] == f"    {unreadable}"
+
+
+def test_verify_text_names_the_check_of_each_finding(tiny_copy):
+    (tiny_copy / "fmap" / "c" / "1" / "0" / "0" / "0").write_bytes(b"\x00garbage" * 64)
+    code, out, _ = run("verify", tiny_copy)
+    assert code == 1
+    assert "error [chunks] 1 chunks cannot be read (corrupt)" in lines(out)
+    assert "warning [status] incomplete: 1 of 6 blocks (4 samples) not extracted yet" in lines(out)
 
 
 def test_verify_catches_a_corrupted_metadata_chunk(tiny_copy):
@@ -367,6 +471,12 @@ def test_diff_reports_the_differing_sample(tiny, tiny_copy):
 
     code, out, _ = run("diff", tiny.path, tiny_copy)
     assert code == 1 and "differ" in out and tiny.ids[index][:10] in out
+    shown = {r[0]: r[1:] for r in table_rows(out, 5)}
+    assert shown == {name: [f"{r['max_abs_diff']:.4g}", str(len(r["samples_differing"])), str(len(r["nan_on_one_side"])),
+                            r["worst_sample"] or "-"] for name, r in report["arrays"].items()}
+    assert shown["lare"] == ["0.5", "1", "0", tiny.ids[index]]
+    assert shown["pooled"][2] == "1" and shown["fmap"] == ["0", "0", "0", "-"]
+    assert f"{NUM_SAMPLES} samples compared (atol 0)" in out and lines(out)[-1] == "the caches differ"
 
 
 def test_diff_within_tolerance_and_of_independent_runs(tiny, tiny_copy, tmp_path):
@@ -401,6 +511,15 @@ def test_stats_groups_and_png(tiny, tmp_path):
 
     code, out, _ = run("stats", tiny.path)
     assert code == 0 and "nature" in out and "fake" in out
+    assert f"mean LaRE over {len(ok_indices())} ok samples" in out
+    shown = table_rows(out, 8)
+    assert shown == [[g["generator"], "real" if g["label"] == 0 else "fake", str(g["n"]),
+                      *(f"{g[k]:.4g}" for k in ("mean", "std", "median", "q05", "q95"))] for g in summary["groups"]]
+    by_generator = {r[0]: r for r in shown}
+    for generator in ("nature", "sdv14", "adm"):  # the means of the stored arrays
+        values = [m for i, m in means.items() if tiny.rows["generator"][i] == generator]
+        assert by_generator[generator][2:4] == [str(len(values)), f"{np.mean(values):.4g}"]
+        assert by_generator[generator][5] == f"{np.median(values):.4g}"
 
 
 def test_counts_are_recorded_only_once_the_cache_is_finished(tmp_path):

@@ -11,9 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from lare2.cli import app
-from lare2.shared.cache import ARRAY_NAMES, META_COLUMNS, CacheError, FeatureCache, pack_cache
+from lare2.shared.cache import ARRAY_NAMES, META_COLUMNS, CacheError, CacheExistsError, FeatureCache, pack_cache
 from lare2.train.data import CacheSplit
-from tests.tiny_caches import CHUNK, NUM_SAMPLES, build_tiny_cache
+from tests.tiny_caches import CHUNK, NUM_SAMPLES, PENDING_BLOCK, build_tiny_cache
 
 runner = CliRunner()
 SHARD_BLOCKS = 4  # 6 blocks of 4 samples -> 2 shards per array, the second one partial
@@ -100,6 +100,22 @@ def test_pack_refuses_an_unfinished_cache_and_an_existing_folder(tmp_path, packe
     code, out = cache_cli("pack", unfinished, tmp_path / "out")
     assert code == 2 and "pending" in out and "lare2 extract" in out
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.creating-*"))
+    result = runner.invoke(app, ["cache", "pack", str(unfinished), str(tmp_path / "out")])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)  # a usage error, not a traceback
+    assert result.stderr.splitlines() == [
+        (f"error: {unfinished}: 1 of 6 blocks are still pending (e.g. block {PENDING_BLOCK}); finish `lare2 extract` "
+         "before packing (a packed cache cannot be appended to)")]
+    with pytest.raises(CacheError, match="still pending") as raised:
+        pack_cache(unfinished, tmp_path / "out", progress=False)
+    assert type(raised.value) is CacheError and str(raised.value).startswith(f"{unfinished}: ")
+
     source, existing, _ = packed
+    before = sorted(p.relative_to(existing) for p in existing.rglob("*"))
     code, out = cache_cli("pack", source, existing)
     assert code == 2 and "already exists" in out
+    result = runner.invoke(app, ["cache", "pack", str(source), str(existing)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.stderr.splitlines() == [f"error: {existing}: already exists; choose a new folder for the packed cache"]
+    with pytest.raises(CacheExistsError, match="already exists"):
+        pack_cache(source, existing, progress=False)
+    assert sorted(p.relative_to(existing) for p in existing.rglob("*")) == before  # left as it was

@@ -3,6 +3,7 @@ tar members, the parquet round trip and the ``lare2 manifest`` commands."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
@@ -80,6 +81,25 @@ def _write(path: Path, data: bytes) -> Path:
 
 def _sha_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _table_rows(out: str, cells: int) -> list[list[str]]:
+    """Body rows with ``cells`` cells of the rich tables printed in ``out``, each cell stripped."""
+    rows = []
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("│") and line.endswith("│"):
+            row = [cell.strip() for cell in line[1:-1].split("│")]
+            if len(row) == cells:
+                rows.append(row)
+    return rows
+
+
+def _error_line(stderr: str) -> str:
+    """The one ``error:`` line of a usage error (progress bars may precede it on stderr)."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
 
 
 def _genimage_tree(root: Path, train_per_class: int = 6) -> dict[str, bytes]:
@@ -327,7 +347,8 @@ def test_webdataset_member_without_label_is_an_error(tmp_path: Path) -> None:
     assert [(r["path"], r["label"]) for r in rows] == [("a.tar::k.png", 1)]
 
 
-def test_duplicates_dropped_within_a_split_and_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_duplicates_dropped_within_a_split_and_reported(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     same, other = _image_bytes(20), _image_bytes(21)
     root = tmp_path / "d"
     for rel in ("g/train/1_fake/a.png", "g/train/1_fake/b.png", "g/test/1_fake/c.png"):
@@ -340,8 +361,16 @@ def test_duplicates_dropped_within_a_split_and_reported(tmp_path: Path, capsys: 
     assert len(built.duplicates) == 1 and built.num_dropped == 1
     assert built.duplicates[0].dropped == ["g/train/1_fake/b.png"]
     assert sorted(built.duplicates[0].splits) == ["test", "train", "train"]
+    assert built.duplicates[0].sample_id == _sha_id(same)
+    monkeypatch.setenv("COLUMNS", "200")  # the log console: no folded cells
     print_build_report(built)
-    assert "1 images occur more than once" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 images occur more than once" in err
+    assert "1 images occur more than once (1 copies dropped)" in err
+    rows = _table_rows(err, 4)  # sample_id, split(s), copies, dropped: one line per copy
+    assert rows[0][:2] == [_sha_id(same)[:12], "test, train"] and all(r[:2] == ["", ""] for r in rows[1:])
+    assert sorted(r[2] for r in rows) == ["g/test/1_fake/c.png", "g/train/1_fake/a.png", "g/train/1_fake/b.png"]
+    assert [r[3] for r in rows if r[3]] == ["g/train/1_fake/b.png"]
 
     kept = build_folders(root, keep_duplicates=True, progress=False)
     assert kept.table.num_rows == 4 and kept.num_dropped == 0 and len(kept.duplicates) == 1
@@ -442,8 +471,16 @@ def test_cli_build_then_show_json(tmp_path: Path) -> None:
     expected = Counter((r["split"], r["generator"], r["label"]) for r in rows)
     assert {(c["split"], c["generator"], c["label"]): c["count"] for c in summary["counts"]} == expected
 
-    table_view = runner.invoke(app, ["manifest", "show", str(out)])
+    table_view = runner.invoke(app, ["manifest", "show", str(out)], env={"COLUMNS": "200"})
     assert table_view.exit_code == 0 and "stable_diffusion_v_1_4" in table_view.stdout
+    # one row per split x generator: real, fake and unreadable counts of the manifest's rows
+    shown = {(r[0], r[1]): r[2:] for r in _table_rows(table_view.stdout, 5)}
+    assert len(_table_rows(table_view.stdout, 5)) == len(shown)
+    assert shown == {(s, g): [str(expected[(s, g, 0)]), str(expected[(s, g, 1)]),
+                              str(sum(1 for r in rows if (r["split"], r["generator"]) == (s, g) and r["error"]))]
+                     for s, g, _ in expected}
+    assert all(v != ["0", "0", "0"] for v in shown.values())
+    assert f"{len(rows)} images, 0 errors (genimage)" in " ".join(table_view.stdout.split())  # the title may wrap
 
 
 def test_cli_fails_clearly(tmp_path: Path) -> None:
@@ -452,17 +489,24 @@ def test_cli_fails_clearly(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_dataset"
     result = runner.invoke(app, ["manifest", "build", "folders", str(missing), "-o", str(tmp_path / "m.parquet")])
     assert result.exit_code == 2 and f"{missing}: no such folder" in result.output
+    assert _error_line(result.stderr) == f"error: {missing}: no such folder"
     assert not (tmp_path / "m.parquet").exists()
 
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["manifest", "build", "genimage", str(tmp_path / "empty"), "-o", str(tmp_path / "m.parquet")])
     assert result.exit_code == 2 and "no images found" in result.output
+    assert _error_line(result.stderr).startswith(f"error: {tmp_path / 'empty'}: no images found (genimage layout")
 
     result = runner.invoke(app, ["manifest", "build", "imagenet", str(tmp_path), "-o", str(tmp_path / "m.parquet")])
     assert result.exit_code == 2 and "choose from" in result.output
+    named, choices = _error_line(result.stderr).split("choose from", 1)
+    assert "'imagenet'" in named
+    assert sorted(ast.literal_eval(choices.strip())) == ["folders", "genimage", "list", "webdataset"]
 
     result = runner.invoke(app, ["manifest", "show", str(tmp_path / "absent.parquet")])
     assert result.exit_code == 2 and "absent.parquet: no such manifest file" in result.output
+    assert _error_line(result.stderr) == f"error: {tmp_path / 'absent.parquet'}: no such manifest file"
+    assert not (tmp_path / "m.parquet").exists()
 
 
 def test_cli_refuses_options_that_do_not_apply(tmp_path: Path) -> None:
@@ -470,3 +514,10 @@ def test_cli_refuses_options_that_do_not_apply(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["manifest", "build", "genimage", str(tmp_path / "g"), "-o", str(tmp_path / "m.parquet"),
                                       "--split", "test"])
     assert result.exit_code == 2 and "--split" in result.output and not (tmp_path / "m.parquet").exists()
+    assert _error_line(result.stderr) == "error: --split do(es) not apply to the genimage builder (it takes --val-fraction)"
+
+    result = CliRunner().invoke(app, ["manifest", "build", "folders", str(tmp_path / "g"), "-o", str(tmp_path / "m.parquet"),
+                                      "--val-fraction", "0.2", "--label", "1"])
+    assert result.exit_code == 2 and not (tmp_path / "m.parquet").exists()
+    assert _error_line(result.stderr) == ("error: --label, --val-fraction do(es) not apply to the folders builder "
+                                          "(it takes --generator, --split)")

@@ -212,8 +212,16 @@ def test_cli_registers_build_and_zoo():
 
     app = typer.Typer()
     register(app)
-    result = CliRunner().invoke(app, ["minigenimage", "--help"])
+    result = CliRunner().invoke(app, ["minigenimage", "--help"], env={"COLUMNS": "200"})  # no wrapped descriptions
     assert result.exit_code == 0 and "build" in result.output and "zoo" in result.output
+    # the rows of the Commands panel: exactly the three subcommands, each with its one-line description
+    panel = result.output.split("─ Commands ─", 1)[1].split("╰", 1)[0].splitlines()[1:]
+    listed = [line.strip().strip("│").split(None, 1) for line in panel]
+    assert [name for name, _ in listed] == ["build", "zoo", "demo"]
+    assert [description.strip() for _, description in listed] == [
+        "Sample the zoo and crop the photographs into GenImage's layout, with a manifest.",
+        "Train the generator zoo on the CPU (the VAE first: ldm-a and ldm-b decode with it).",
+        "The whole method on MiniGenImage: build, extract with ldm-a, train 3 detectors, evaluate on 4 generators."]
 
 
 def test_demo_samples_and_extracts_with_the_zoo_it_is_given(tmp_path: Path, monkeypatch):
@@ -231,6 +239,9 @@ def test_demo_samples_and_extracts_with_the_zoo_it_is_given(tmp_path: Path, monk
     register(app)
     missing = CliRunner().invoke(app, ["minigenimage", "demo", "--zoo", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
     assert missing.exit_code != 0 and "no ldm-a/unet" in missing.output
+    nowhere = str(tmp_path / "nowhere")
+    assert missing.exit_code == 2 and missing.stderr.splitlines() == [  # one line naming the zoo and the way out
+        f"error: zoo={nowhere!r}: no ldm-a/unet there; train one with `lare2 minigenimage zoo --zoo {nowhere}`"]
     assert not (tmp_path / "run").exists()
 
     zoo = tmp_path / "zoo"

@@ -74,10 +74,23 @@ def test_export_all_adds_failed_samples_as_json_only(tiny, tmp_path):
 def test_export_refuses_bad_usage(tiny, tmp_path):
     runner = CliRunner()
     base = ["cache", "export", str(tiny.path), "--out", str(tmp_path / "wds")]
-    assert runner.invoke(app, [*base, "--format", "tfrecord"]).exit_code == 2
-    assert runner.invoke(app, [*base, "--status", "pending"]).exit_code == 2
-    assert runner.invoke(app, [*base, "--shard-size", "0"]).exit_code == 2
+
+    def refused(*args: str) -> str:
+        """The one `error:` line of a refused export (exit 2)."""
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.output
+        return result.stderr.rstrip("\n")
+
+    assert refused(*base, "--format", "tfrecord") == "error: --format 'tfrecord': choose from ['webdataset']"
+    assert refused(*base, "--status", "pending") == "error: status='pending': choose from ['ok', 'all']"
+    assert refused(*base, "--shard-size", "0") == "error: shard_size must be >= 1, got 0"
+    assert not (tmp_path / "wds").exists()
     assert runner.invoke(app, base).exit_code == 0
+    written = sorted(p.name for p in (tmp_path / "wds").iterdir())
     again = runner.invoke(app, base)  # never mixes two exports in one folder
     assert again.exit_code == 2 and "holds an export already" in again.stderr
-    assert runner.invoke(app, ["cache", "export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]).exit_code == 2
+    assert again.stderr.splitlines() == [
+        f"error: {tmp_path / 'wds'}: holds an export already (tar shards or sizes.json); choose an empty folder"]
+    assert sorted(p.name for p in (tmp_path / "wds").iterdir()) == written
+    assert refused("cache", "export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")) == (
+        f"error: {tmp_path / 'missing'}: no such cache directory")

@@ -1,4 +1,4 @@
-"""``python -m lare2.train train|eval|convert-reference ...``"""
+"""``python -m lare2.train train|eval|convert-reference|calibrate ...`` (e.g. under ``accelerate launch``)."""
 
 import sys
 

@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 
 from lare2.shared.devices import DEVICES, DeviceName
 from lare2.shared.settings import check_fields, check_range, make_config
-from lare2.train.models import MODEL_KINDS
+from lare2.train.models import MODEL_KINDS, HeadSettings
 
 ModelKind = Literal[MODEL_KINDS]  # type: ignore[valid-type]  # ("egre", "linear", "lare-only")
 SelectMetric = Literal["auc", "ap", "acc"]
@@ -26,8 +26,9 @@ RESUME_FREE_KEYS = ("out", "epochs", "stop_after_steps", "log_every", "device", 
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
-    """Everything stage 2 needs to fit a detector on cached tensors and calibrate it."""
+class TrainConfig(HeadSettings):
+    """Everything stage 2 needs to fit a detector on cached tensors and calibrate it (EGRE's own
+    hyperparameters, ``num_heads``, ``head_dim``, ``channel_hidden``, ``dropout``, come from ``HeadSettings``)."""
 
     model: ModelKind = "egre"
     """``egre`` (LaRE^2: EGRE + head), ``linear`` (probe on pooled features) or ``lare-only`` (CNN on the map)."""
@@ -59,15 +60,6 @@ class TrainConfig:
     target_fpr: float = 0.05
     """False positive rate on validation reals that the calibrated decision threshold is set for."""
 
-    num_heads: int = 8
-    """EGRE attention heads (one LaRE bias map each)."""
-    head_dim: int = 64
-    """EGRE per-head query/key/value width."""
-    channel_hidden: int = 128
-    """Hidden width of EGRE's LaRE channel gate."""
-    dropout: float = 0.1
-    """EGRE dropout (attention weights and attention output)."""
-
     seed: int = 0
     """Seeds the initial weights, the per-epoch data order and dropout."""
     shuffle_blocks: int = 8
@@ -93,6 +85,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        super().__post_init__()
         check_range(self, "target_fpr", above=0.0, below=1.0)
         for key in ("epochs", "batch_size", "shuffle_blocks", "num_heads", "head_dim", "channel_hidden"):
             check_range(self, key, min=1)
@@ -100,7 +93,6 @@ class TrainConfig:
             check_range(self, key, min=0)
         check_range(self, "lr", above=0.0)
         check_range(self, "plateau_factor", above=0.0, below=1.0)
-        check_range(self, "dropout", min=0.0, below=1.0)
         check_range(self, "stop_after_steps", min=1)
 
     def to_dict(self) -> dict:

@@ -14,7 +14,7 @@ head loads with ``strict=True`` once the ``clip_model.*`` part is split off.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 import torch
@@ -25,7 +25,29 @@ MODEL_KINDS = ("egre", "linear", "lare-only")
 
 
 @dataclass(kw_only=True)
-class ModelConfig:
+class HeadSettings:
+    """EGRE's hyperparameters: set in the training config, recorded in each detector's model config."""
+
+    num_heads: int = 8
+    """Attention heads of the map-biased pool; the LaRE map is projected to one bias map per head."""
+    head_dim: int = 64
+    """d_k = d_v per head."""
+    channel_hidden: int = 128
+    """Hidden width of the LaRE channel gate (W1: L -> hidden, W2: hidden -> C)."""
+    dropout: float = 0.1
+    """Dropout on the attention weights and on the attention output."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def head_settings(self) -> dict[str, Any]:
+        """This object's ``HeadSettings`` fields, e.g. to build a ``ModelConfig`` from a training config."""
+        return {f.name: getattr(self, f.name) for f in fields(HeadSettings)}
+
+
+@dataclass(kw_only=True)
+class ModelConfig(HeadSettings):
     """Which model and its dimensions; the cache fixes the input dims, the rest are hyperparameters."""
 
     kind: str = "egre"
@@ -37,14 +59,6 @@ class ModelConfig:
     """C x H x W of the backbone feature map."""
     lare_shape: tuple[int, int, int] = (4, 32, 32)
     """L x h x w of the LaRE map."""
-    num_heads: int = 8
-    """Attention heads of the map-biased pool; the LaRE map is projected to one bias map per head."""
-    head_dim: int = 64
-    """d_k = d_v per head."""
-    channel_hidden: int = 128
-    """Hidden width of the LaRE channel gate (W1: L -> hidden, W2: hidden -> C)."""
-    dropout: float = 0.1
-    """Dropout on the attention weights and on the attention output."""
     cnn_widths: tuple[int, ...] = (16, 32, 64)
     """Channel widths of the lare-only CNN, one stride-2 conv3x3 block each (32x32 map -> 4x4)."""
 
@@ -56,8 +70,7 @@ class ModelConfig:
         self.cnn_widths = tuple(int(v) for v in self.cnn_widths)
         if len(self.fmap_shape) != 3 or len(self.lare_shape) != 3:
             raise ValueError(f"fmap_shape and lare_shape must be [C, H, W], got {self.fmap_shape}, {self.lare_shape}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        super().__post_init__()
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -72,7 +72,7 @@ def model_config_for(cfg: TrainConfig, split: CacheSplit) -> ModelConfig:
     layout = split.cache.layout
     return ModelConfig(
         kind=cfg.model, pooled_dim=layout.pooled_dim, fmap_shape=tuple(layout.fmap_shape), lare_shape=tuple(layout.lare_shape),
-        num_heads=cfg.num_heads, head_dim=cfg.head_dim, channel_hidden=cfg.channel_hidden, dropout=cfg.dropout,
+        **cfg.head_settings(),
     )
 
 
@@ -95,7 +95,7 @@ def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
     now = cfg.to_dict()
     changed = {k: (saved.get(k), now[k]) for k in now if k not in RESUME_FREE_KEYS and saved.get(k) != now[k]}
     if changed:
-        raise CheckpointError(f"{path}: saved with other settings {changed} (saved, now); use another --out or --no-resume")
+        raise CheckpointError(f"{path}: saved with other settings {changed} (saved, now); use another --out, or --overwrite to start afresh")
 
 
 def _set_rng_state(state: dict) -> None:

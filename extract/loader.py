@@ -1,0 +1,89 @@
+"""Stage 1's input side: manifest rows decoded and preprocessed in DataLoader workers, batched by block.
+
+A batch never spans two cache blocks, so blocks complete in order and are written whole; an image
+that cannot be used becomes its row's recorded error, never an exception that stops the job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from lare2.extract.images import ImageError, backbone_input, decode_rgb, lare_input
+from lare2.shared.cache import FeatureCache
+from lare2.shared.manifest import read_image_bytes
+from torch.utils.data import Dataset
+
+
+@dataclass
+class DecodedSample:
+    index: int  # row in the cache
+    lare_image: torch.Tensor | None  # [3, S, S] in [-1, 1]
+    backbone_image: torch.Tensor | None  # [3, 224, 224] normalised
+    error: str
+
+
+@dataclass
+class DecodedBatch:
+    """One batch as the loader yields it: images stacked in the worker, ready for a pinned copy."""
+
+    indices: list[int]
+    """Cache rows of the batch, in order."""
+    errors: list[str]
+    """Per row: "" when decoded, else why not."""
+    lare_images: torch.Tensor
+    """[G, 3, S, S] in [-1, 1]: the G decodable rows, in order (G may be 0)."""
+    backbone_images: torch.Tensor
+    """[G, 3, 224, 224] normalised, same rows."""
+
+    @property
+    def good_indices(self) -> list[int]:
+        return [i for i, e in zip(self.indices, self.errors) if not e]
+
+    def pin_memory(self) -> "DecodedBatch":
+        """Called by the DataLoader (``pin_memory=True``) so the host-to-GPU copy can be non-blocking."""
+        return dataclasses.replace(self, lare_images=self.lare_images.pin_memory(),
+                                   backbone_images=self.backbone_images.pin_memory())
+
+
+class ManifestImages(Dataset):
+    """Rows of the cache -> decoded model inputs (or the reason they could not be decoded)."""
+
+    def __init__(self, root: Path, paths: Sequence[str], image_size: int, max_pixels: int):
+        self.root, self.paths, self.image_size, self.max_pixels = root, list(paths), image_size, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> DecodedSample:
+        try:
+            data = read_image_bytes(self.root, self.paths[index])
+            image = decode_rgb(data, max_pixels=self.max_pixels)
+            return DecodedSample(index, lare_input(image, self.image_size), backbone_input(image), "")
+        except ImageError as err:
+            return DecodedSample(index, None, None, str(err))
+        except Exception as err:  # noqa: BLE001 - any failure of one image is that image's recorded error
+            return DecodedSample(index, None, None, f"{type(err).__name__}: {err}")
+
+
+def collate_decoded(samples: list[DecodedSample]) -> DecodedBatch:
+    good = [s for s in samples if not s.error]
+    empty = torch.empty(0)
+    return DecodedBatch(
+        indices=[s.index for s in samples],
+        errors=[s.error for s in samples],
+        lare_images=torch.stack([s.lare_image for s in good]) if good else empty,
+        backbone_images=torch.stack([s.backbone_image for s in good]) if good else empty,
+    )
+
+
+def block_batches(cache: FeatureCache, blocks: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of row indices; a batch never spans two blocks, so a block completes in order."""
+    batches = []
+    for block in blocks:
+        rows = list(range(*cache.block_slice(block).indices(len(cache))))
+        batches += [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    return batches
