@@ -14,8 +14,8 @@ MANIFEST    ?= data_manifests/genimage.parquet
 LAYOUT      ?= genimage
 SRC         ?= /data/GenImage
 SPLIT       ?= train
-SD          ?= models/stable-diffusion-v1-5
-CLIP        ?= models/RN50.pt
+SD          ?= ./models/stable-diffusion-v1-5
+CLIP        ?= ./models/RN50.pt
 CACHE       ?= cache
 EXTRACT_ARGS ?=
 NPROC       ?= 1
@@ -25,13 +25,14 @@ MANIFEST_ARGS ?=
 # Stage 2
 MODEL       ?= egre
 RUN         ?= runs/$(MODEL)
+REF_RUN     ?= runs/reference
 TRAIN_ARGS  ?=
-CKPT        ?= models/lare2_reference.pth
+CKPT        ?= ./models/lare2_reference.pth
 PYTEST_ARGS ?=
 
 # `make help` lists these with their current values
-HELP_VARS := MANIFEST LAYOUT SRC SPLIT SD CLIP CACHE NPROC RECOMPUTE EXTRACT_ARGS MANIFEST_ARGS MODEL RUN TRAIN_ARGS CKPT \
-             TORCH_SPEC PYTEST_ARGS
+HELP_VARS := MANIFEST LAYOUT SRC SPLIT SD CLIP CACHE NPROC RECOMPUTE EXTRACT_ARGS MANIFEST_ARGS MODEL RUN REF_RUN TRAIN_ARGS CKPT \
+             TORCH_SPEC PYTEST_ARGS PYTHON VENV
 HELP_MANIFEST      := manifest parquet (manifest, extract, verify)
 HELP_LAYOUT        := manifest builder: genimage, folders, list or webdataset
 HELP_SRC           := dataset folder the manifest is built from
@@ -44,10 +45,13 @@ HELP_RECOMPUTE     := verify: re-extract this many samples and compare bit for b
 HELP_EXTRACT_ARGS  := more lare2 extract options, e.g. "--timestep 280 --set batch_size=16"
 HELP_MANIFEST_ARGS := more lare2 manifest build options, e.g. "--val-fraction 0.05"
 HELP_MODEL         := detector: egre, linear or lare-only
-HELP_RUN           := run directory (train, eval, convert, calibrate)
+HELP_RUN           := run directory (train, eval, calibrate)
+HELP_REF_RUN       := run directory make convert writes (then make calibrate RUN=$(REF_RUN))
 HELP_TRAIN_ARGS    := more lare2 train options, e.g. "--preset debug --epochs 3"
 HELP_CKPT          := reference LaRE^2 checkpoint for make convert (placeholder path)
 HELP_TORCH_SPEC    := what setup installs torch from (CPU build by default)
+HELP_PYTHON        := the Python that creates the virtual environment
+HELP_VENV          := the virtual environment folder
 HELP_PYTEST_ARGS   := more pytest options for make test / test-fast
 
 .DEFAULT_GOAL := help
@@ -74,7 +78,7 @@ test: setup ## run the whole test suite (slow-marked cases included), 2 workers
 test-fast: setup ## the suite without slow-marked cases
 	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow" $(PYTEST_ARGS)
 
-demo: setup ## the main job on the embedded MiniGenImage: build, extract with ldm-a, train 3 detectors, evaluate on 4 generators
+demo: setup ## the main job on the embedded MiniGenImage: build, extract with ldm-a, train 4 detectors (egre, linear, lare-only, egre-zero-lare), evaluate on 4 generators
 	$(LARE2) minigenimage demo --out runs/minigenimage
 
 manifest: setup ## build a manifest: make manifest LAYOUT=genimage SRC=/data/GenImage MANIFEST=... MANIFEST_ARGS="--val-fraction 0.05"
@@ -97,14 +101,14 @@ train: setup ## stage 2: fit MODEL (egre|linear|lare-only) on cache/train, selec
 eval: setup ## per-generator report of RUN on every cache/test* cache
 	$(LARE2) eval $(RUN) $(foreach c,$(wildcard $(CACHE)/test*),--test $(c)) --report $(RUN)/report
 
-convert: setup ## reference checkpoint CKPT -> uncalibrated RUN (then extract val with CLIP=RUN/backbone.safetensors, make calibrate)
-	$(LARE2) convert-reference $(CKPT) --out $(RUN)
+convert: setup ## reference checkpoint CKPT -> uncalibrated REF_RUN (then extract val with CLIP=REF_RUN/backbone.safetensors, make calibrate RUN=REF_RUN)
+	$(LARE2) convert-reference $(CKPT) --out $(REF_RUN)
 
 calibrate: setup ## set RUN's threshold on cache/val reals (after make convert, or to recalibrate a trained run)
 	$(LARE2) calibrate $(RUN) --val $(CACHE)/val
 
 zoo: setup ## retrain the MiniGenImage generator zoo on the CPU (~40 min; the weights are committed, not part of demo)
-	$(LARE2) minigenimage zoo
+	OMP_NUM_THREADS=1 $(LARE2) minigenimage zoo  # one thread per script: measured fastest, and what the committed weights were made with
 
 minigenimage: setup ## build the MiniGenImage benchmark into data/minigenimage
 	$(LARE2) minigenimage build --out data/minigenimage

@@ -44,7 +44,7 @@ def write_photo_tree(root: Path, count: int, size: int = 320, seed: int = 0) -> 
     from lare2.minigenimage.photos import photos_of, random_crops
     from lare2.shared.manifest import build_folders, write_built
 
-    photos = photos_of("train")
+    photos = photos_of("detector-train")
     for i in range(count):
         crop_HW3 = random_crops(photos[i % len(photos)], 1, size, seed=seed + i)[0]
         folder = root / "images" / "bench" / "train" / ("0_real" if i % 2 == 0 else "1_fake")

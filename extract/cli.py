@@ -24,7 +24,8 @@ EXTRACT_HELP = ("Compute LaRE maps + backbone features for a manifest selection 
 def extract(
     manifest: str = typer.Option(..., "--manifest", "-m", help="Parquet manifest (lare2 manifest build)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Cache directory (created or resumed); default cache/SPLIT, or cache/all without --split."),
-    split: Optional[str] = typer.Option(None, help="Only this split (train/val/test)."),
+    split: Optional[str] = typer.Option(None, help="Only this split (train/val/test); required when the manifest has several."),
+    all_splits: bool = typer.Option(False, "--all-splits", help="One cache per split of the manifest, at OUT/SPLIT (OUT default: cache)."),
     generator: list[str] = typer.Option([], "--generator", "-g", help="Only these generators (repeatable)."),
     preset: str = typer.Option("paper", help="Settings preset: paper (docs/method.md §1) or debug (tiny models)."),
     sd: Optional[str] = typer.Option(None, "--sd", help="Latent diffusion model: diffusers folder, .safetensors/.ckpt, hub id, or 'tiny'."),
@@ -58,24 +59,45 @@ def extract(
                      backbone=clip or backbone, timestep=timestep, ensemble=ensemble, prompt_mode=prompt_mode,
                      image_size=image_size, batch_size=batch_size, num_workers=num_workers, device=device,
                      num_shards=num_shards, shard_index=shard_index, limit=limit)
-        overrides = parse_overrides(set_, ExtractConfig) | {k: v for k, v in named.items() if v is not None}
+        # --set comes last and wins, as before (options such as --num-shards always carry a value)
+        overrides = {k: v for k, v in named.items() if v is not None} | parse_overrides(set_, ExtractConfig)
         cfg = make_preset(preset, **overrides)
-    if not resume and (Path(cfg.out) / "zarr.json").exists():
-        fail(f"{cfg.out}: a cache already exists there and --no-resume was given; choose a new --out "
-             "(or drop --no-resume to continue it)")
+    configs = [cfg]
+    with user_errors():
+        splits = manifest_splits(cfg.manifest, cfg.generators)
+    if all_splits:
+        if split is not None:
+            fail(f"--split {split} and --all-splits: give one of them")
+        configs = [dataclasses.replace(cfg, split=s, out=str(Path(out or "cache") / s)) for s in splits]
+    elif cfg.split is None and len(splits) > 1:
+        fail(f"{cfg.manifest}: holds the splits {', '.join(splits)}, which must never share a cache; pass --split SPLIT "
+             "(writes cache/SPLIT), or --all-splits to write one cache per split under --out")
+    for one in configs:
+        if not resume and (Path(one.out) / "zarr.json").exists():
+            fail(f"{one.out}: a cache already exists there and --no-resume was given; choose a new --out "
+                 "(or drop --no-resume to continue it)")
 
     from lare2.extract.run import run_extraction
     from lare2.shared.logs import console
 
-    with user_errors():
-        summary = run_extraction(cfg, create_only=create_only)
-    if summary.rank != 0:
-        return  # under accelerate launch / torchrun, the main process speaks for the job
-    if json_out:
-        typer.echo(json.dumps(dataclasses.asdict(summary)))
-    else:
-        console.print(summary.line())
-        console.print(f"cache {summary.cache}: {summary.samples} samples, status counts {summary.counts}")
+    summaries = []
+    for one in configs:
+        with user_errors():
+            summaries.append(run_extraction(one, create_only=create_only))
+        if summaries[-1].rank == 0 and not json_out:  # under accelerate launch / torchrun, the main process speaks
+            console.print(summaries[-1].line())
+            console.print(f"cache {summaries[-1].cache}: {summaries[-1].samples} samples, status counts {summaries[-1].counts}")
+    if json_out and summaries[0].rank == 0:  # one document: a summary, or with --all-splits a list of them
+        documents = [dataclasses.asdict(summary) for summary in summaries]
+        typer.echo(json.dumps(documents if all_splits else documents[0]))
+
+
+def manifest_splits(manifest: str, generators: list[str]) -> list[str]:
+    """The splits of the manifest's rows (of ``generators``, when given), in the usual order."""
+    from lare2.shared.manifest import SPLITS, read_selection
+
+    present = set(read_selection(manifest, generators=generators).column("split").to_pylist())
+    return [s for s in SPLITS if s in present] + sorted(present - set(SPLITS))
 
 
 def register(app: typer.Typer) -> None:

@@ -266,8 +266,9 @@ def visual_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return dict(state)
 
 
-def load_state_strict(module: ModifiedResNet, state: Mapping[str, Tensor], where: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that names the file and a few offending keys."""
+def load_state_strict(module: nn.Module, state: Mapping[str, Tensor], where: str,
+                      what: str = "a CLIP ModifiedResNet") -> None:
+    """``load_state_dict(strict=True)`` with an error that names the file, ``what`` it should be and a few offending keys."""
     expected = set(module.state_dict())
     # BatchNorm fills a missing num_batches_tracked itself; every other key must match.
     missing = sorted(k for k in expected - set(state) if not k.endswith("num_batches_tracked"))
@@ -278,7 +279,7 @@ def load_state_strict(module: ModifiedResNet, state: Mapping[str, Tensor], where
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
         problems = [f"{label} {len(keys)}: {few(keys)}" for label, keys in
                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)) if keys]
-        raise ValueError(f"{where}: does not match a CLIP ModifiedResNet; " + "; ".join(problems))
+        raise ValueError(f"{where}: does not match {what}; " + "; ".join(problems))
     module.load_state_dict(state, strict=True)
 
 

@@ -55,6 +55,11 @@ def decode_rgb(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Imag
         raise ImageError(f"cannot decode: {err}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = pillow_limit  # a process-wide setting: leave it as found
+    return oriented_rgb(image)
+
+
+def oriented_rgb(image: Image.Image) -> Image.Image:
+    """A decoded image -> RGB as a viewer shows it (EXIF-rotated), or :class:`ImageError` when too small."""
     if min(image.size) < MIN_SIDE:
         raise ImageError(f"too small: {image.size[0]}x{image.size[1]} (minimum side {MIN_SIDE} px)")
     try:

@@ -142,11 +142,11 @@ def _finish(*, vae, unet, text_encoder, tokenizer, scheduler, source: str, devic
                            scheduler=scheduler, source=source, fingerprint=fingerprint)
 
 
-def ddpm_scheduler_from(folder: str | Path, subfolder: str | None = "scheduler") -> DDPMScheduler:
+def ddpm_scheduler_from(folder: str | Path, subfolder: str | None = "scheduler", **load_kwargs) -> DDPMScheduler:
     """A ``DDPMScheduler`` from a scheduler config, whatever scheduler class the config names."""
     from diffusers import DDPMScheduler
 
-    config = DDPMScheduler.load_config(str(folder), subfolder=subfolder)
+    config = DDPMScheduler.load_config(str(folder), subfolder=subfolder, **load_kwargs)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     return DDPMScheduler.from_config(config)
 
@@ -210,20 +210,23 @@ def _load_from_hub(spec: str, path: Path) -> dict:
     without network traffic when ``spec`` looks like a path or the hub is offline or unreachable."""
     if not looks_like_hub_id(spec):
         raise _source_error(spec, path, "not a hub id either ('org/name', without a path prefix or file suffix)")
-    if reason := hub_unavailable():
-        raise _source_error(spec, path, f"as a hub id: {reason}")
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    # no hub at hand: a copy already in the local hub cache still loads, without network traffic
+    reason = hub_unavailable()
+    local = {"local_files_only": True} if reason else {}
     try:
         return {
-            "vae": AutoencoderKL.from_pretrained(spec, subfolder="vae"),
-            "unet": UNet2DConditionModel.from_pretrained(spec, subfolder="unet"),
-            "text_encoder": CLIPTextModel.from_pretrained(spec, subfolder="text_encoder"),
-            "tokenizer": CLIPTokenizer.from_pretrained(spec, subfolder="tokenizer"),
-            "scheduler": ddpm_scheduler_from(spec),
+            "vae": AutoencoderKL.from_pretrained(spec, subfolder="vae", **local),
+            "unet": UNet2DConditionModel.from_pretrained(spec, subfolder="unet", **local),
+            "text_encoder": CLIPTextModel.from_pretrained(spec, subfolder="text_encoder", **local),
+            "tokenizer": CLIPTokenizer.from_pretrained(spec, subfolder="tokenizer", **local),
+            "scheduler": ddpm_scheduler_from(spec, **local),
         }
     except (OSError, ValueError) as err:  # no such repo, gated, no such subfolder, connection lost
+        if reason:
+            raise _source_error(spec, path, f"as a hub id: {reason}, and not in the local hub cache") from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise _source_error(spec, path, f"as a hub id: {first}", cls=ModelSourceError) from err
 

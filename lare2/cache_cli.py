@@ -1,6 +1,6 @@
 """``lare2 cache ...``: see what a cache holds and prove it whole.
 
-info, ls, show, verify, diff, stats, export, pack. Each prints rich tables, or with ``--json`` one
+info, ls, show, verify, repair, diff, stats, export, pack. Each prints rich tables, or with ``--json`` one
 JSON document on stdout for scripts. Exit codes (``lare2.shared.cli_errors``): 0 fine, 1 problems
 found (verify) or runs that disagree (diff), 2 bad usage (no such cache, not a cache, unknown id,
 bad option) with one ``error:`` line on stderr.
@@ -170,6 +170,7 @@ def show(
     path: PathArg,
     sample_id: Annotated[str, typer.Argument(help="Sample id (a unique prefix is enough).")],
     png: Annotated[Optional[Path], typer.Option(help="Save the image beside its LaRE map (one panel per channel).")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="With --png: add the attention of this egre run over the feature grid.")] = None,
     json: JsonOpt = False,
 ) -> None:
     """One sample: metadata, per-channel LaRE statistics, feature norms; optionally a PNG."""
@@ -179,12 +180,18 @@ def show(
     from lare2.shared.cache.plots import render_sample_png
     from lare2.shared.cache.summary import find_sample, sample_summary
 
-    with _usage_errors():
+    with _usage_errors():  # a damaged block (absent chunk) is refused too
         cache = open_cache(path)
         index = find_sample(cache, sample_id)
-    summary = sample_summary(cache, index)
+        summary = sample_summary(cache, index)
+    extra = {}
+    if run is not None and png is not None:
+        from lare2.heatmaps import cache_sample_attention
+
+        with _usage_errors():
+            extra[f"EGRE attention ({run.name})"] = cache_sample_attention(run, cache, index)
     if png is not None:
-        summary["png"] = render_sample_png(cache, index, png)
+        summary["png"] = render_sample_png(cache, index, png, extra_panels=extra)
     if json:
         _print_json(summary)
         return
@@ -223,12 +230,14 @@ def verify(
     tolerance: Annotated[float, typer.Option(
         help="0: bit for bit. Else a sample matches when max |difference| <= tolerance x its max |value| "
              "(for another device or compute dtype, e.g. 0.01).")] = 0.0,
+    allow_pending: Annotated[bool, typer.Option("--allow-pending",
+                                                help="Accept pending blocks (a cache still being written) with a warning.")] = False,
     json: JsonOpt = False,
 ) -> None:
     """Prove a cache whole; exit 1 on any problem.
 
-    Every chunk readable, no NaN/Inf in ok samples, ids unique, metadata equal to the manifest,
-    fingerprints consistent; pending blocks are a warning. --recompute K re-extracts K random ok
+    Every chunk a block must hold stored and readable, no NaN/Inf in ok samples, ids unique, metadata
+    equal to the manifest, fingerprints consistent; pending blocks are an error unless --allow-pending. --recompute K re-extracts K random ok
     samples and compares them bit for bit, or within --tolerance (skipped, with the reason, when
     the models or the device are not at hand).
     """
@@ -239,7 +248,8 @@ def verify(
     with _usage_errors():
         report = verify_cache(path, manifest=manifest, recompute=recompute, seed=seed, sd_model=sd or sd_model,
                               backbone=clip or backbone, device=device, compute_dtype=compute_dtype, tolerance=tolerance,
-                              recompute_fn=_load_recompute_fn() if recompute else None, progress=not json)
+                              recompute_fn=_load_recompute_fn() if recompute else None, progress=not json,
+                              allow_pending=allow_pending)
     if json:
         _print_json(report.to_dict())
     else:
@@ -257,6 +267,38 @@ def verify(
         verdict = "[green]OK[/]" if report.ok else f"[red]FAILED[/] ({len(report.errors)} problems)"
         console.print(f"{report.path}: {verdict}, {len(report.warnings)} warnings")
     if not report.ok:
+        raise typer.Exit(EXIT_PROBLEMS)
+
+
+@cache_app.command()
+def repair(
+    path: PathArg,
+    manifest: Annotated[Optional[Path], typer.Option(help="Manifest the cache was made from (default: the one it records).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list the damaged blocks; exit 1 when there are any.")] = False,
+    json: JsonOpt = False,
+) -> None:
+    """Mark every block with a missing, unreadable or inconsistent chunk as not done (metadata from the manifest),
+    so that rerunning the same `lare2 extract` recomputes exactly those blocks."""
+    from lare2.shared.cache.repair import repair_cache
+
+    with _usage_errors():
+        summary = repair_cache(path, manifest=manifest, dry_run=dry_run, progress=not json)
+    if json:
+        _print_json(summary)
+    else:
+        console = _console()
+        verb = "would reset" if dry_run else "reset"
+        for block, what in summary["damaged"].items():
+            first, last = summary["samples"][block]
+            console.print(f"{verb} block {block} (samples {first}-{last}): {', '.join(what)}", highlight=False)
+        for message in summary["other_errors"]:
+            console.print(f"[yellow]not repaired[/]: {message}", highlight=False)
+        if not summary["damaged"]:
+            console.print(f"{summary['path']}: no damaged blocks", highlight=False)
+        elif not dry_run:
+            console.print(f"{summary['path']}: {len(summary['reset'])} blocks reset; rerun the `lare2 extract` command "
+                          "that made the cache to recompute them", highlight=False)
+    if dry_run and summary["damaged"]:
         raise typer.Exit(EXIT_PROBLEMS)
 
 
@@ -318,8 +360,7 @@ def stats(
     from lare2.shared.cache.summary import label_name, lare_stats
 
     with _usage_errors():
-        cache = open_cache(path)
-    summary = lare_stats(cache, progress=not json)
+        summary = lare_stats(open_cache(path), progress=not json)
     if png is not None:
         summary["png"] = render_stats_png(summary, png)
     for group in summary["groups"]:

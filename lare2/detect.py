@@ -1,99 +1,341 @@
-"""Scoring new images with a trained detector: stage 1's feature extraction, then stage 2's model.
+"""Scoring new images with a trained detector: ``Detector``, built once from a run, under ``lare2 score``.
 
-The features are computed exactly as for the caches the detector was trained on (its config
-records that extraction config), cast through the cache's storage dtype, then scored. A detector
-is refused when the models at hand are not the ones its training features came from.
+    from lare2 import Detector
+    det = Detector.from_run("runs/egre", sd="/models/sd-v1-5", clip="/models/RN50.pt", device="cuda")
+    results = det.score(["a.png", "b.jpg"])    # list[Result], in input order
+    result = det.score_image(pil_image)        # one in-memory image
+    det.heatmap(result, "a_heat.png")          # the image, its LaRE map and EGRE's attention
 
-Prompts: with ``prompt_mode=class`` the class comes from ``class_name`` or the GenImage file-name
-rule; an image with neither gets the empty prompt (and the verdict records the prompt used).
+Features are computed exactly as for the caches the detector was trained on: the run records their
+extraction config (models, t, draws, prompt mode, image size, dtypes, seed) and the fingerprint of
+that extraction, and a detector whose models at hand give another fingerprint is refused. Images
+are decoded in DataLoader workers as in stage 1 (``extract/loader.py``); each image's draws are
+seeded from its bytes (``sample_seed(seed, content_id(bytes))``, as in a cache), the outputs go
+through the cache's storage dtypes, then the model scores them. A file's p(fake) therefore equals
+what ``lare2 extract`` + ``lare2 eval`` give it, to float tolerance (batches differ).
+
+Inputs: paths, bytes or PIL images. A PIL image opened from a file (``Image.open`` keeps its
+``filename``) is seeded from that file's bytes, so it scores as the file does; any other in-memory
+image is seeded from its pixels. An image that cannot be used is an error row, never an exception.
+
+Prompts follow the run's ``prompt_mode``. ``fixed`` and ``empty`` need nothing. ``class`` needs
+the image's ImageNet class: ``class_name`` when given; ``"auto"``: CLIP's zero-shot classifier
+(``extract/clip_text.py``: the text tower of the ``--clip`` file, the tokenizer of the SD folder),
+for every image; otherwise the GenImage file-name rule (``shared/classnames.py``), and an image
+without such a name is an error row that says so. The same bytes give the same p(fake) whatever
+the file is called only with ``fixed``/``empty`` prompts, an explicit class or ``auto``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, Union
 
-from lare2.shared.manifest import is_image_name
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lare2.extract.clip_text import zero_shot_input
+from lare2.extract.images import ImageError, backbone_input, decode_rgb, lare_input, oriented_rgb
+from lare2.extract.loader import DecodedSample, collate_decoded
+from lare2.shared.cli_errors import one_line
+from lare2.shared.manifest import content_id, is_image_name
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from lare2.extract.clip_text import ZeroShotImageNet
+    from lare2.extract.run import Models
+    from lare2.shared.config import ExtractConfig
+    from lare2.train.checkpoint import DetectorConfig
+
+STATUS_OK, STATUS_ERROR = "ok", "error"
+AUTO_CLASS = "auto"
+"""``class_name`` value that asks for CLIP zero-shot ImageNet classes."""
+ROW_FIELDS = ("path", "p_fake", "is_fake", "threshold", "prompt", "status", "error")
+"""The columns of ``lare2 score``'s CSV and JSON rows."""
+ImageInput = Union[str, Path, bytes, "Image.Image"]
 
 
 @dataclass
-class Verdict:
-    """One image's outcome: ``p_fake`` and ``fake`` are None when ``error`` says why it was not scored."""
+class Result:
+    """One image's outcome. ``p_fake`` and ``is_fake`` are None when ``status`` is ``error`` and ``error`` says why."""
 
     path: str
+    """The file, or ``<image N>`` / ``<bytes N>`` for the N-th in-memory input (0-based)."""
     p_fake: float | None
-    fake: bool | None
+    """The detector's probability that the image is generated."""
+    is_fake: bool | None
+    """``p_fake > threshold``."""
+    threshold: float
+    """The decision threshold used: the run's calibrated one unless overridden."""
     prompt: str
+    """The prompt the LaRE map was conditioned on ("" when none was used or the image failed first)."""
+    status: str
+    """``ok`` or ``error``."""
     error: str = ""
+    """Why the image was not scored."""
+    lare: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """The LaRE map [L, h, w] the detector saw (storage dtype round trip), for heatmaps."""
+    attention: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """EGRE's spatial attention [H, W] (sums to 1), None for models without one."""
+    source: Any = field(default=None, repr=False, compare=False)
+    """The input as given (a path, bytes or a PIL image), to draw the heatmap from."""
+
+    def row(self) -> dict:
+        """The CSV/JSON row: ``ROW_FIELDS``."""
+        return {name: getattr(self, name) for name in ROW_FIELDS}
 
 
-def image_files(inputs: list[Path]) -> list[Path]:
-    """Files as given, folders searched recursively for image names, in sorted order."""
-    files = []
-    for item in inputs:
+def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
+    """(files to score, files skipped): files as given; folders searched recursively (sorted within each folder), where
+    files without an image name (``.png``, ``.jpg``, ...) are skipped. A missing input raises FileNotFoundError."""
+    from lare2.shared.manifest.sources import files_under
+
+    files, skipped = [], []
+    for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and is_image_name(p.name))
+            for path in files_under(item):
+                (files if is_image_name(path.name) else skipped).append(path)
         elif item.is_file():
             files.append(item)
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
-    return files
+    return files, skipped
 
 
-def score_images(run_dir: Path, inputs: list[Path], *, sd_model: str | None = None, backbone: str | None = None,
-                 class_name: str | None = None, device: str = "auto", batch_size: int = 8) -> list[Verdict]:
-    """Verdicts for image files and folders, in the order of ``image_files``; bad images become error rows."""
-    import numpy as np
+def _label(item: Any, index: int) -> str:
+    if isinstance(item, (str, Path)):
+        return str(item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return f"<bytes {index}>"
+    return getattr(item, "filename", "") or f"<image {index}>"
 
-    from lare2.extract.images import ImageError, backbone_input, decode_rgb, lare_input
-    from lare2.extract.run import DecodedSample, compute_batch, load_models, stored_config
-    from lare2.shared.classnames import class_name_from_filename
-    from lare2.shared.config import identity_fingerprint
-    from lare2.shared.devices import resolve_device
-    from lare2.shared.manifest import content_id
-    from lare2.shared.seeding import sample_seed
-    from lare2.train.checkpoint import CheckpointError, load_detector, score_features
 
-    torch_device = resolve_device(device)
-    files = image_files(inputs)
-    model, detector = load_detector(run_dir, device=torch_device)
-    if detector.extraction is None:
-        raise CheckpointError(f"{run_dir}: the run does not record its extraction config; "
-                              "calibrate it on a cache first (lare2 calibrate RUN --val CACHE)")
-    cfg = stored_config(detector.extraction.to_dict(), torch_device, sd_model=sd_model, backbone=backbone)
-    models = load_models(cfg, torch_device)
-    if identity_fingerprint(cfg.identity(models.fingerprints)) != detector.extraction_fingerprint:
-        raise CheckpointError(f"{run_dir}: the models at hand ({models.fingerprints}) are not those the detector was "
-                              "trained on; pass --sd/--clip pointing at the same weights")
+@dataclass
+class ScoreSample(DecodedSample):
+    """One input decoded for scoring (``DecodedSample`` + what scoring needs besides the images)."""
 
-    verdicts: list[Verdict] = []
-    pending: list[tuple[Path, DecodedSample, str, int]] = []  # (path, inputs, prompt, seed)
+    key: str = ""
+    """Content id that seeds the image's draws."""
+    name: str = ""
+    """File name, for GenImage-style classes."""
+    clip_image: Any = None
+    """[3, 224, 224] in CLIP's preprocessing, for zero-shot classes (or None)."""
 
-    def flush() -> None:
-        if not pending:
-            return
-        arrays = compute_batch(models, [p[1] for p in pending], [p[2] for p in pending], [p[3] for p in pending],
-                               torch_device)
-        stored = {name: a.astype(models.layout.dtype(name)).astype(np.float32) for name, a in arrays.items()}
-        p_fake = score_features(model, stored["pooled"], stored["fmap"], stored["lare"]).cpu().numpy()
-        for (path, _, prompt, _), p in zip(pending, p_fake):
-            if np.isfinite(p):
-                verdicts.append(Verdict(str(path), float(p), bool(p > detector.threshold), prompt))
-            else:  # never let a failed computation read as "real"
-                verdicts.append(Verdict(str(path), None, None, prompt, "non-finite model output"))
-        pending.clear()
 
-    for index, path in enumerate(files):
+def decode_item(item: Any, max_pixels: int) -> tuple["Image.Image", str, str]:
+    """(RGB image, content id seeding its draws, file name) of a path, bytes or a PIL image."""
+    if isinstance(item, (str, Path)):
+        data = Path(item).read_bytes()
+        return decode_rgb(data, max_pixels=max_pixels), content_id(data), Path(item).name
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        data = bytes(item)
+        return decode_rgb(data, max_pixels=max_pixels), content_id(data), ""
+    if not hasattr(item, "convert"):
+        raise ImageError(f"not a path, bytes or PIL image: {type(item).__name__}")
+    item.load()
+    if item.size[0] * item.size[1] > max_pixels:
+        raise ImageError(f"{item.size[0]}x{item.size[1]} pixels, over the limit of {max_pixels} (decompression bomb guard)")
+    image = oriented_rgb(item)
+    filename = getattr(item, "filename", "")
+    if filename and Path(filename).is_file():  # seeded as the file itself is
+        return image, content_id(Path(filename).read_bytes()), Path(filename).name
+    return image, content_id(b"lare2:pixels:%dx%d:" % image.size + image.tobytes()), ""
+
+
+class ScoreInputs(Dataset):
+    """Inputs -> model inputs, decoded in DataLoader workers; a failure is the row's error, never an exception."""
+
+    def __init__(self, items: Sequence[Any], image_size: int, max_pixels: int, zero_shot: bool) -> None:
+        self.items, self.image_size, self.max_pixels, self.zero_shot = list(items), image_size, max_pixels, zero_shot
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> ScoreSample:
         try:
-            data = path.read_bytes()
-            image = decode_rgb(data, max_pixels=cfg.max_image_pixels)
+            image, key, name = decode_item(self.items[index], self.max_pixels)
+            return ScoreSample(index, lare_input(image, self.image_size), backbone_input(image), "", key=key, name=name,
+                               clip_image=zero_shot_input(image) if self.zero_shot else None)
         except (ImageError, OSError) as err:
-            verdicts.append(Verdict(str(path), None, None, "", str(err)))
-            continue
-        prompt = cfg.prompt_for(class_name or class_name_from_filename(path.name))
-        sample = DecodedSample(index, lare_input(image, cfg.image_size), backbone_input(image), "")
-        pending.append((path, sample, prompt, sample_seed(cfg.seed, content_id(data))))
-        if len(pending) == batch_size:
-            flush()
-    flush()
-    return verdicts
+            return ScoreSample(index, None, None, one_line(err))
+        except Exception as err:  # noqa: BLE001 - any failure of one image is that image's error row
+            return ScoreSample(index, None, None, f"{type(err).__name__}: {err}")
+
+
+def collate_scored(samples: list[ScoreSample]) -> tuple:
+    """(DecodedBatch, content ids, file names, stacked CLIP inputs or None), rows in order."""
+    clip_images = [s.clip_image for s in samples if not s.error and s.clip_image is not None]
+    return (collate_decoded(samples), [s.key for s in samples], [s.name for s in samples],
+            torch.stack(clip_images) if clip_images else None)
+
+
+class Detector:
+    """A trained detector with its stage-1 models, loaded once; scores paths, bytes and PIL images in batches."""
+
+    def __init__(self, model: torch.nn.Module, config: DetectorConfig, extraction: ExtractConfig, models: Models,
+                 device: torch.device, *, run_dir: str | Path = "",
+                 threshold: float | None = None, num_workers: int = 2, batch_size: int | None = None) -> None:
+        """Use ``Detector.from_run``. ``config``: the run's ``DetectorConfig``; ``extraction``: the ``ExtractConfig``
+        features are recomputed with; ``models``: stage 1's ``Models`` for it."""
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold={threshold}: expected a probability in [0, 1]")
+        self.model, self.config, self.extraction, self.models, self.device = model, config, extraction, models, device
+        self.run_dir = str(run_dir)
+        self.threshold = config.threshold if threshold is None else float(threshold)
+        """Decision threshold on p(fake): the run's calibrated one unless overridden."""
+        self.num_workers = num_workers
+        self.batch_size = batch_size or extraction.batch_size
+        self._zero_shot: ZeroShotImageNet | None = None
+
+    @classmethod
+    def from_run(cls, run: str | Path, sd: str | None = None, clip: str | None = None, device: str = "auto", *,
+                 threshold: float | None = None, num_workers: int = 2, batch_size: int | None = None) -> "Detector":
+        """Load a finished run and the stage-1 models its features came from.
+
+        ``sd`` / ``clip``: the latent diffusion and CLIP weights, when not where the run recorded them;
+        they must be the same weights (fingerprints checked). ``device``: ``auto`` (CUDA when present),
+        ``cpu`` or ``cuda``. ``threshold`` overrides the calibrated one; ``num_workers`` decode images
+        (0: in this process). Raises ``CheckpointError`` (a user error) for an unusable run or other weights.
+        """
+        from lare2.extract.run import load_models, stored_config
+        from lare2.shared.config import identity_fingerprint
+        from lare2.shared.devices import resolve_device
+        from lare2.train.checkpoint import CheckpointError, load_detector
+
+        torch_device = resolve_device(device)
+        model, config = load_detector(run, device=torch_device)
+        if config.extraction is None:
+            raise CheckpointError(f"{run}: the run does not record its extraction config; "
+                                  "calibrate it on a cache first (lare2 calibrate RUN --val CACHE)")
+        extraction = stored_config(config.extraction.to_dict(), torch_device, sd_model=sd, backbone=clip)
+        models = load_models(extraction, torch_device)
+        if identity_fingerprint(extraction.identity(models.fingerprints)) != config.extraction_fingerprint:
+            expected = config.extra.get("model_fingerprints") or "fingerprints not recorded"
+            raise CheckpointError(
+                f"{run}: the models at hand ({models.fingerprints}) are not those the detector was trained on "
+                f"(expected {expected}, recorded as sd_model={config.extraction.sd_model!r}, "
+                f"backbone={config.extraction.backbone!r}); pass --sd/--clip pointing at the same weights")
+        return cls(model, config, extraction, models, torch_device, run_dir=run, threshold=threshold,
+                   num_workers=num_workers, batch_size=batch_size)
+
+    @property
+    def prompt_mode(self) -> str:
+        """The run's prompt mode (``class``, ``fixed`` or ``empty``): scoring uses the same."""
+        return self.extraction.prompt_mode
+
+    def prepare_zero_shot(self) -> ZeroShotImageNet:
+        """Load CLIP's text tower and encode the 1,000 class prompts (once); raises ModelSourceError without one."""
+        if self._zero_shot is None:
+            from lare2.extract.clip_text import ZeroShotImageNet, load_text_tower
+
+            tower = load_text_tower(self.extraction.backbone, device=self.device,
+                                    dtype=next(self.models.backbone.parameters()).dtype)
+            self._zero_shot = ZeroShotImageNet(tower, self.models.lare.model.tokenizer, self.extraction.prompt_template)
+        return self._zero_shot
+
+    def score(self, items: Sequence[ImageInput], class_name: str | None = None) -> list[Result]:
+        """One ``Result`` per input, in input order (see ``iter_score``)."""
+        return list(self.iter_score(items, class_name))
+
+    def score_image(self, image: ImageInput, class_name: str | None = None) -> Result:
+        """The ``Result`` of one image (a PIL image, bytes or a path)."""
+        return self.score([image], class_name)[0]
+
+    def iter_score(self, items: Sequence[ImageInput], class_name: str | None = None) -> Iterator[Result]:
+        """Results in input order, a batch at a time, as they are computed.
+
+        ``class_name`` (class-prompt runs only): the ImageNet class of every image, or ``"auto"`` for
+        CLIP zero-shot classes; None: from GenImage-style file names (others are error rows)."""
+        from torch.utils.data import DataLoader
+
+        items = list(items)
+        zero_shot = self.prompt_mode == "class" and class_name == AUTO_CLASS
+        if zero_shot:
+            self.prepare_zero_shot()
+        dataset = ScoreInputs(items, self.extraction.image_size, self.extraction.max_image_pixels, zero_shot)
+        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate_scored,
+                            num_workers=self.num_workers if len(items) > 1 else 0,
+                            pin_memory=self.device.type == "cuda")
+        for batch, keys, names, clip_images in loader:
+            yield from self._score_batch(items, batch, keys, names, clip_images, class_name)
+
+    def _prompts(self, good: list[int], names: dict[int, str], clip_images, class_name: str | None) -> dict[int, tuple[str, str]]:
+        """Row -> (prompt, "") or ("", why there is none)."""
+        from lare2.shared.classnames import class_name as imagenet_name
+        from lare2.shared.classnames import class_name_from_filename
+
+        if self.prompt_mode != "class":
+            return {i: (self.extraction.prompt_for(""), "") for i in good}
+        if class_name and class_name != AUTO_CLASS:
+            return {i: (self.extraction.prompt_for(class_name), "") for i in good}
+        if class_name == AUTO_CLASS:
+            dtype = next(self.models.backbone.parameters()).dtype
+            pooled = self.models.backbone(clip_images.to(self.device, dtype)).pooled if good else None
+            classes = self._zero_shot.classify(pooled) if good else []
+            return {i: (self.extraction.prompt_for(imagenet_name(c)), "") for i, c in zip(good, classes)}
+        prompts = {}
+        for i in good:
+            found = class_name_from_filename(names[i]) if names[i] else ""
+            what = f"{names[i]!r} is not a GenImage-style file name" if names[i] else "an in-memory image has no file name"
+            prompts[i] = (self.extraction.prompt_for(found), "") if found else (
+                "", f"no ImageNet class for the class prompt the detector was trained with: {what}; "
+                    "pass --class-name NAME, or --class-name auto for CLIP zero-shot classes")
+        return prompts
+
+    @torch.inference_mode()
+    def _score_batch(self, items: list, batch, keys: list[str], names: list[str], clip_images,
+                     class_name: str | None) -> list[Result]:
+        from lare2.extract.run import compute_images
+        from lare2.heatmaps import spatial_attention_of
+        from lare2.shared.seeding import sample_seed
+        from lare2.train.checkpoint import score_features
+
+        position = {index: k for k, index in enumerate(batch.good_indices)}
+        by_row = dict(zip(batch.indices, zip(keys, names)))
+        prompts = self._prompts(batch.good_indices, {i: by_row[i][1] for i in batch.indices}, clip_images, class_name)
+        ready = [i for i in batch.good_indices if not prompts[i][1]]
+        scored: dict[int, tuple] = {}
+        if ready:
+            take = [position[i] for i in ready]
+            arrays = compute_images(self.models, batch.lare_images[take], batch.backbone_images[take],
+                                    [prompts[i][0] for i in ready],
+                                    [sample_seed(self.extraction.seed, by_row[i][0]) for i in ready], self.device)
+            stored = {name: a.astype(self.models.layout.dtype(name)).astype(np.float32) for name, a in arrays.items()}
+            p_fake = score_features(self.model, stored["pooled"], stored["fmap"], stored["lare"]).cpu().numpy()
+            attention = spatial_attention_of(self.model, stored["fmap"], stored["lare"])
+            for k, i in enumerate(ready):
+                bad = [name for name, a in stored.items() if not np.isfinite(a[k]).all()]
+                scored[i] = (float(p_fake[k]), stored["lare"][k], None if attention is None else attention[k], bad)
+        results = []
+        for index, decode_error in zip(batch.indices, batch.errors):
+            prompt, why = prompts.get(index, ("", decode_error))
+            common = dict(path=_label(items[index], index), threshold=self.threshold, prompt=prompt, source=items[index])
+            if index not in scored:
+                results.append(Result(p_fake=None, is_fake=None, status=STATUS_ERROR, error=why, **common))
+                continue
+            p, lare, attention, bad = scored[index]
+            if bad or not np.isfinite(p):  # never let a failed computation read as "real"
+                why = f"non-finite model output in {', '.join(bad) or 'p_fake'} (in its storage dtype)"
+                results.append(Result(p_fake=None, is_fake=None, status=STATUS_ERROR, error=why, **common))
+                continue
+            results.append(Result(p_fake=p, is_fake=bool(p > self.threshold), status=STATUS_OK, lare=lare,
+                                  attention=attention, **common))
+        return results
+
+    def heatmap(self, result: Result, out_png: str | Path) -> dict:
+        """Save the image, its LaRE map and EGRE's attention side by side, p(fake) in the title.
+
+        Returns ``{"png": path, "pixels": [width, height]}``; ValueError for an error row."""
+        from lare2.heatmaps import render_heatmap
+
+        if result.status != STATUS_OK or result.lare is None:
+            raise ValueError(f"{result.path}: not scored ({result.error or 'no maps kept'}): no heatmap")
+        image = decode_item(result.source, self.extraction.max_image_pixels)[0]
+        verdict = "FAKE" if result.is_fake else "real"
+        title = (f"{Path(result.path).name}: p(fake) = {result.p_fake:.3f}, {verdict} at threshold {result.threshold:.3f}"
+                 + (f"; prompt {result.prompt!r}" if result.prompt else ""))
+        return render_heatmap(image, result.lare, result.attention, title, out_png,
+                              no_attention_note=f"no spatial attention\n(model kind {self.config.model.kind!r})")

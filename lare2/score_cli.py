@@ -1,55 +1,159 @@
-"""``lare2 score``: a trained detector's verdict on image files and folders (table, CSV or JSON)."""
+"""``lare2 score``: a trained detector's verdict on image files and folders; a thin CLI on ``lare2.Detector``.
+
+Rows (``path, p_fake, is_fake, threshold, prompt, status, error``) come in input order and go to
+``--out`` (CSV, JSON or JSON Lines, by suffix) as they are scored, so an interrupted run keeps what
+it did; a bad ``--out`` is refused before any model loads. Exit 0 when every file was scored, 1 when
+some are error rows, 2 on bad usage.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from lare2.shared.cli_errors import check_device, user_errors
+from lare2.shared.cli_errors import EXIT_PROBLEMS, check_device, user_errors
 
-SCORE_HELP = "Score images or folders with a trained detector: p(fake) and the calibrated verdict."
+SCORE_HELP = ("Score images or folders with a trained detector: p(fake) and the verdict at the calibrated threshold. "
+              "Exit 0: all scored; 1: some files could not be; 2: bad usage.")
+OUT_SUFFIXES = (".csv", ".json", ".jsonl")
+MAX_SKIPPED_SHOWN = 10
+
+
+class RowWriter:
+    """Rows to ``path`` as they come: CSV, a JSON array (one row a line) or JSON Lines, flushed row by row."""
+
+    def __init__(self, path: Path, fields: tuple[str, ...]) -> None:
+        self.kind = path.suffix.lower()
+        if self.kind not in OUT_SUFFIXES:
+            raise ValueError(f"{path}: --out must end in {', '.join(OUT_SUFFIXES)}")
+        if not path.parent.is_dir():
+            raise ValueError(f"{path}: no folder {path.parent} to write into; create it or choose another --out")
+        try:
+            self.file = open(path, "w", newline="")
+        except OSError as err:
+            raise ValueError(f"{path}: cannot write ({err.strerror}); choose another --out") from None
+        self.rows = 0
+        self.csv = csv.DictWriter(self.file, fieldnames=list(fields)) if self.kind == ".csv" else None
+        if self.csv:
+            self.csv.writeheader()
+        elif self.kind == ".json":
+            self.file.write("[")
+
+    def write(self, row: dict) -> None:
+        if self.csv:
+            self.csv.writerow(row)
+        else:
+            separator = ("\n" if self.rows == 0 else ",\n") if self.kind == ".json" else ""
+            self.file.write(separator + json.dumps(row) + ("\n" if self.kind == ".jsonl" else ""))
+        self.rows += 1
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.kind == ".json":
+            self.file.write("\n]\n")
+        self.file.close()
+
+
+def heatmap_name(path: str, used: set[str]) -> str:
+    """``<stem>.png``, with ``-2``, ``-3``, ... for stems already used (inputs from several folders)."""
+    stem = Path(path).stem or "image"
+    name, n = f"{stem}.png", 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}.png"
+    used.add(name)
+    return name
 
 
 def score(
     run_dir: Path = typer.Argument(..., help="A finished run (lare2 train --out)."),
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
     sd: Optional[str] = typer.Option(None, "--sd", help="Latent diffusion weights, if not where the run recorded them."),
-    clip: Optional[str] = typer.Option(None, "--clip", "--backbone", help="Backbone weights, if not where the run recorded them."),
-    class_name: Optional[str] = typer.Option(None, help="Class for the prompt (default: from GenImage-style file names)."),
+    clip: Optional[str] = typer.Option(None, "--clip", "--backbone", help="CLIP weights, if not where the run recorded them."),
+    class_name: Optional[str] = typer.Option(
+        None, "--class-name",
+        help="Runs trained with class prompts: the ImageNet class of every image, or 'auto' (CLIP zero-shot; needs "
+             "--clip RN50.pt's text tower). Default: from GenImage-style file names; other images are error rows."),
+    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Decision threshold on p(fake) (default: the run's calibrated one)."),
+    heatmaps: Optional[Path] = typer.Option(None, "--heatmaps", help="Write one PNG per scored image here: image, LaRE map, EGRE attention."),
     device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the verdicts as CSV."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the rows to this .csv, .json or .jsonl, as they are scored."),
+    json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of a table."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Images per model call (default: the extraction's)."),
+    workers: int = typer.Option(2, min=0, help="DataLoader workers decoding images (0: in this process)."),
 ) -> None:
-    from rich.table import Table
+    import time
 
-    from lare2.detect import Verdict, score_images
-    from lare2.shared.logs import console
+    from lare2.detect import AUTO_CLASS, ROW_FIELDS, STATUS_ERROR, Detector, collect_inputs
+    from lare2.shared.logs import console, progress_bar, rate_text
 
     device = check_device(device)  # cuda without CUDA: one line, exit 2
+    writer = None
     with user_errors():
-        verdicts = score_images(run_dir, inputs, sd_model=sd, backbone=clip, class_name=class_name, device=device)
-    rows = [asdict(v) for v in verdicts]
-    if out:
-        with open(out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[f.name for f in fields(Verdict)])
-            writer.writeheader()
-            writer.writerows(rows)
+        files, skipped = collect_inputs(inputs)
+        if not files:
+            raise ValueError(f"{' '.join(map(str, inputs))}: no image files to score ({len(skipped)} other files skipped)")
+        if heatmaps is not None:
+            heatmaps.mkdir(parents=True, exist_ok=True)
+        writer = RowWriter(out, ROW_FIELDS) if out else None
+    try:
+        with user_errors():
+            detector = Detector.from_run(run_dir, sd=sd, clip=clip, device=device, threshold=threshold,
+                                         num_workers=workers, batch_size=batch_size)
+            if class_name == AUTO_CLASS and detector.prompt_mode == "class":
+                detector.prepare_zero_shot()
+        if class_name and detector.prompt_mode != "class":
+            console.print(f"note: the run uses prompt_mode={detector.prompt_mode!r}; --class-name is ignored")
+        results, used, started = [], set(), time.perf_counter()
+        with progress_bar("img") as bar:
+            task = bar.add_task(f"score {run_dir.name}", total=len(files), rate="")
+            for result in detector.iter_score(files, class_name):
+                results.append(result)
+                if writer:
+                    writer.write(result.row())
+                if heatmaps is not None and result.status != STATUS_ERROR:
+                    detector.heatmap(result, heatmaps / heatmap_name(result.path, used))
+                bar.update(task, completed=len(results), rate=rate_text(len(results), time.perf_counter() - started))
+    finally:
+        if writer:
+            writer.close()
+    seconds = time.perf_counter() - started
     if json_out:
-        typer.echo(json.dumps(rows))
-        return
-    table = Table(title=f"{run_dir}: p(fake), verdict at the calibrated threshold")
+        typer.echo(json.dumps([r.row() for r in results]))
+    else:
+        print_table(results, f"{run_dir}: p(fake), verdict at threshold {detector.threshold:.4g}")
+    errors = sum(r.status == STATUS_ERROR for r in results)
+    fake = sum(bool(r.is_fake) for r in results)
+    console.print(f"scored {len(results) - errors} of {len(results)} images in {seconds:.1f} s "
+                  f"({rate_text(len(results), seconds)}): {fake} fake, {len(results) - errors - fake} real, {errors} errors"
+                  + (f"; rows in {out}" if out else "") + (f"; heatmaps in {heatmaps}" if heatmaps is not None else ""))
+    if skipped:
+        shown = ", ".join(str(p) for p in skipped[:MAX_SKIPPED_SHOWN])
+        more = f" (+{len(skipped) - MAX_SKIPPED_SHOWN} more)" if len(skipped) > MAX_SKIPPED_SHOWN else ""
+        console.print(f"skipped {len(skipped)} files without an image name: {shown}{more}")
+    if errors:
+        raise typer.Exit(EXIT_PROBLEMS)
+
+
+def print_table(results: list, title: str) -> None:
+    """The rows as a table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
     for column in ("image", "p(fake)", "verdict", "prompt / error"):
-        table.add_column(column)
-    for v in verdicts:
-        verdict = "error" if v.error else ("FAKE" if v.fake else "real")
-        table.add_row(v.path, "" if v.p_fake is None else f"{v.p_fake:.4f}", verdict, v.error or repr(v.prompt))
-    console.print(table)
+        table.add_column(column, overflow="fold")
+    for r in results:
+        verdict = "error" if r.error else ("FAKE" if r.is_fake else "real")
+        table.add_row(r.path, "" if r.p_fake is None else f"{r.p_fake:.4f}", verdict, r.error or repr(r.prompt))
+    stdout = Console()
+    (stdout if stdout.is_terminal else Console(width=200)).print(table)
 
 
 def register(app: typer.Typer) -> None:
     app.command("score", help=SCORE_HELP)(score)
+

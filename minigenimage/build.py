@@ -7,7 +7,7 @@ Layout under ``<out>`` (GenImage's: each generator subset has its own real image
     manifest.parquet                 one row per image (columns ``lare2.shared.manifest.COLUMNS``)
     build.json                       the build config and the fingerprints of the zoo's weights
 
-Real images of a split are crops of that split's photographs only. Every file is a PNG written with
+Real images of a split are crops of that split's pool of photographs only (``SPLIT_POOL``). Every file is a PNG written with
 fixed settings and every draw is seeded, so a rebuild with the same config gives identical bytes.
 """
 
@@ -32,6 +32,8 @@ from lare2.shared.seeding import sample_seed
 
 GENIMAGE_FOLDER = {"train": "train", "val": "train", "test": "val"}
 """Our split -> GenImage's folder: GenImage's ``train`` holds our train and val, its ``val`` is our test."""
+SPLIT_POOL = {"train": "detector-train", "val": "val", "test": "test"}
+"""Our split -> the photograph pool its real images are cropped from (never the zoo's)."""
 
 
 @dataclass(kw_only=True)
@@ -88,14 +90,18 @@ def fake_plan(generator: str, split: str, count: int, seed: int) -> tuple[list[i
     return seeds, classes
 
 
-def real_images(generator: str, split: str, count: int, seed: int) -> list[tuple[str, str, np.ndarray]]:
-    """``count`` crops of the split's photographs, spread evenly: (photo name, class, uint8 [H, W, 3])."""
-    photos = photos_of(split)
+def real_images(generator: str, split: str, count: int, seed: int,
+                taken: set[bytes] | None = None) -> list[tuple[str, str, np.ndarray]]:
+    """``count`` crops of the split's pool of photographs, spread evenly: (photo name, class, uint8 [H, W, 3]).
+
+    ``taken``: pixels already in the benchmark (updated): no crop is written twice, so sample ids stay unique."""
+    photos = photos_of(SPLIT_POOL[split])
     per_photo = [count // len(photos) + (i < count % len(photos)) for i in range(len(photos))]
     crop_seed = sample_seed(seed, f"real/{generator}/{split}")
+    taken = set() if taken is None else taken
     out = []
     for photo, n in zip(photos, per_photo):
-        for crop in random_crops(photo, n, IMAGE_SIZE, crop_seed):
+        for crop in random_crops(photo, n, IMAGE_SIZE, crop_seed, exclude=taken):
             out.append((photo.name, photo.class_name, crop))
     return out
 
@@ -104,15 +110,19 @@ class _Writer:
     """Writes PNGs under ``root`` and collects the manifest rows."""
 
     def __init__(self, root: Path) -> None:
-        self.root, self.rows = root, []
+        self.root, self.rows, self.ids = root, [], {}
 
     def add(self, rel_path: str, pixels_HW3: np.ndarray, *, label: int, generator: str, split: str, class_name: str) -> None:
         data = png_bytes(pixels_HW3)
+        sample_id = hashlib.sha256(data).hexdigest()[:32]
+        if sample_id in self.ids:  # equal bytes would be one sample twice in a cache
+            raise ValueError(f"{rel_path}: same bytes as {self.ids[sample_id]}")
+        self.ids[sample_id] = rel_path
         path = self.root / rel_path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         self.rows.append({
-            "sample_id": hashlib.sha256(data).hexdigest()[:32], "path": rel_path, "label": label,
+            "sample_id": sample_id, "path": rel_path, "label": label,
             "generator": generator, "split": split, "class_name": class_name,
             "width": pixels_HW3.shape[1], "height": pixels_HW3.shape[0], "format": "PNG", "error": "",
         })
@@ -142,6 +152,7 @@ def _build(config: BuildConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     record = read_record(Path(config.zoo))
     writer = _Writer(out)
+    taken: set[bytes] = set()  # real crops' pixels, over the whole build
     jobs = [(config.train_generator, "train", config.train_count), (config.train_generator, "val", config.val_count)]
     jobs += [(g, "test", config.test_count) for g in config.generators]
     for generator in dict.fromkeys(g for g, _, _ in jobs):
@@ -154,7 +165,7 @@ def _build(config: BuildConfig) -> Path:
                 class_name = CLASS_NAMES[class_index]
                 writer.add(f"{folder}/ai/{split}_{i:05d}_{class_name}.png", pixels,
                            label=1, generator=generator, split=split, class_name=class_name)
-            for i, (photo, class_name, pixels) in enumerate(real_images(generator, split, count, config.seed)):
+            for i, (photo, class_name, pixels) in enumerate(real_images(generator, split, count, config.seed, taken)):
                 writer.add(f"{folder}/nature/{split}_{i:05d}_{photo}.png", pixels,
                            label=0, generator=generator, split=split, class_name=class_name)
             log.info("%s %s: %d fake + %d real images in %s", generator, split, count, count, out / folder)

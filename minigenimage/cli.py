@@ -70,17 +70,18 @@ def register(app: typer.Typer) -> None:
         clip: str = typer.Option("small", "--clip", help="Stage-1 image backbone: small, tiny, or a CLIP RN50 weight file."),
         backbone: Optional[str] = typer.Option(None, "--backbone", hidden=True, help="Old spelling of --clip."),
         epochs: Optional[int] = typer.Option(None, help="Training epochs per detector (default: 40)."),
-        model: List[str] = typer.Option([], help="Detector to train, repeatable (default: egre, linear and lare-only)."),
+        model: List[str] = typer.Option([], help="Detector to train, repeatable: egre, linear, lare-only, egre-zero-lare (default: all four)."),
         zoo: Optional[Path] = typer.Option(None, help="Generator zoo to sample and take ldm-a from (default: the committed zoo)."),
+        prompt_mode: str = typer.Option("class", help="Stage-1 prompts: class (the paper's; ldm-a is class-conditioned) or empty."),
         json_out: bool = typer.Option(False, "--json", help="Print {model: evaluation report} as JSON on stdout."),
     ) -> None:
-        """The whole method on MiniGenImage: build, extract with ldm-a, train 3 detectors, evaluate on 4 generators."""
+        """The whole method on MiniGenImage: build, extract with ldm-a, train 4 detectors (egre, linear, lare-only, egre-zero-lare), evaluate on 4 generators."""
         from lare2.minigenimage.demo import DemoConfig, run_demo
 
         extra = ({} if epochs is None else {"epochs": epochs}) | ({"models": list(model)} if model else {})
         with user_errors():
             config = DemoConfig(out=str(out), build_preset=preset, seed=seed, backbone=backbone or clip,
-                                zoo=str(zoo or ""), **extra)
+                                zoo=str(zoo or ""), prompt_mode=prompt_mode, **extra)
             reports = run_demo(config)
         if json_out:
             from lare2.shared.jsonio import to_json

@@ -3,12 +3,14 @@
 1. build the benchmark (photo crops + images sampled from the committed generator zoo);
 2. stage 1 with ``ldm-a`` as the LaRE model (the benchmark's stand-in for Stable Diffusion) and
    a seeded random backbone (``small`` by default), for train / val / test;
-3. stage 2: ``egre``, ``linear`` and ``lare-only`` on ldm-a vs real, selected and calibrated on val;
+3. stage 2: ``egre``, ``linear``, ``lare-only`` and ``egre-zero-lare`` (EGRE with the LaRE map
+   zeroed in training and testing) on ldm-a vs real, selected and calibrated on val;
 4. per-generator evaluation of each model on all four generators, and one comparison table.
 
 The backbone is a small ModifiedResNet with seeded random weights (no CLIP weights can be had
 offline), so the ``linear`` row measures what random pooled features carry; ``egre`` adds the
-feature map and the LaRE map, ``lare-only`` the LaRE map alone. The README reads the table.
+feature map and the LaRE map, ``lare-only`` the LaRE map alone, ``egre-zero-lare`` the feature map
+without the LaRE map. The README reads the table.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from lare2.shared.logs import console, get_logger
 
 log = get_logger(__name__)
 
-MODELS = ("egre", "linear", "lare-only")
+DETECTORS = {
+    "egre": {"model": "egre"},
+    "linear": {"model": "linear"},
+    "lare-only": {"model": "lare-only"},
+    "egre-zero-lare": {"model": "egre", "zero_lare": True},  # the ablation: what the LaRE map adds to EGRE
+}
+"""The demo's detectors: name -> training settings."""
+MODELS = tuple(DETECTORS)
 
 
 @dataclass(kw_only=True)
@@ -50,8 +59,14 @@ class DemoConfig:
     ``lare2 minigenimage zoo --zoo DIR`` retrains one elsewhere without touching the committed weights."""
     batch_size: int = 16
     """Images per stage-1 model call."""
+    prompt_mode: str = "class"
+    """Stage-1 prompts (docs/method.md §1.4): ``class`` (the paper's), ``empty`` or ``fixed``."""
 
     def __post_init__(self) -> None:
+        from lare2.shared.config import PROMPT_MODES
+
+        if self.prompt_mode not in PROMPT_MODES:
+            raise ValueError(f"prompt_mode={self.prompt_mode!r}: choose from {PROMPT_MODES}")
         unknown = sorted(set(self.models) - set(MODELS))
         if unknown:
             raise ValueError(f"models {unknown}: choose from {MODELS}")
@@ -92,7 +107,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     for split in ("train", "val", "test"):
         extract_config = paper(manifest=str(manifest), out=str(out / "cache" / split), split=split,
                                sd_model=str(cfg.zoo_dir / "ldm-a"), backbone=cfg.backbone, image_size=IMAGE_SIZE,
-                               batch_size=cfg.batch_size, num_workers=0, seed=cfg.seed)
+                               batch_size=cfg.batch_size, num_workers=0, seed=cfg.seed, prompt_mode=cfg.prompt_mode)
         console.print(run_extraction(extract_config).line())
         caches[split] = extract_config.out
 
@@ -100,7 +115,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     reports = {}
     for model in cfg.models:
         run_dir = out / model
-        run_training(train_preset(cfg.train_preset, model=model, train=caches["train"], val=caches["val"],
+        run_training(train_preset(cfg.train_preset, **DETECTORS[model], train=caches["train"], val=caches["val"],
                                   out=str(run_dir), epochs=cfg.epochs, seed=cfg.seed, device="cpu"))
         console.rule(f"[bold]4/4 {model}: per-generator evaluation")
         reports[model] = evaluate(run_dir, [caches["test"]], report_dir=run_dir / "report")

@@ -1,14 +1,13 @@
-"""The real photographs of MiniGenImage: files that ship inside installed packages, their licences,
-classes and splits, and random multi-scale crops of them.
+"""The real photographs of MiniGenImage, their licences, classes and pools, and random multi-scale crops.
 
-Every photograph belongs to exactly one split, so no photograph gives patches to two splits:
+Two sources: camera photographs from Debian packages, copied into ``minigenimage/photographs/``
+(downscaled; their credits and licences in ``photographs/photos.tsv``, the provenance in
+``photographs/README.md``), and 11 images that ship inside scikit-image. ``pools.tsv`` lists them
+all with their class and pool (``lare2.minigenimage.pools``: zoo, detector-train, val, test); no
+photograph gives crops to two pools.
 
-- ``train``: the generators of the zoo train on these crops, and so does the detector (real class);
-- ``val``: the detector's model selection and calibration; no generator sees them;
-- ``test``: GenImage's ``val`` folders; neither the generators nor the detector see them in training.
-
-Classes are coarse (``person``, ``sky``...) so that test photographs share classes with training
-photographs, as GenImage's real and generated images share ImageNet classes.
+Classes are coarse (``animal``, ``building``...) so that test photographs share classes with the
+zoo's photographs, as GenImage's real and generated images share ImageNet classes.
 """
 
 from __future__ import annotations
@@ -22,14 +21,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SPLITS = ("train", "val", "test")
+from lare2.minigenimage.pools import POOLS, read_pools
+
 CROP_SCALES = (0.3, 1.0)
 """A crop's side, as a fraction of the photograph's shorter side, is drawn uniformly from this range."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class Photo:
-    """One source photograph inside an installed package."""
+    """One source photograph: a file inside an installed package (this one included)."""
 
     name: str
     """Short name, used in file names of the benchmark."""
@@ -40,52 +40,26 @@ class Photo:
     sha256: str
     """First 16 hex of sha256 of the file bytes; a different file is refused (the benchmark would change)."""
     licence: str
-    """Licence or copyright status, as the package documents it."""
+    """Licence or copyright status, as the package documents it (for the Debian photographs read the
+    ``notes`` column of ``photographs/photos.tsv`` too: it often states the photographer's terms better)."""
     credit: str
     """Photographer or source, as the package documents it."""
     class_name: str
     """Coarse class: the prompt of conditional generators is ``a photo of a {class_name}``."""
-    split: str
-    """``train``, ``val`` or ``test``."""
+    pool: str
+    """``zoo``, ``detector-train``, ``val`` or ``test``."""
 
 
-def _photo(name: str, package: str, file: str, sha256: str, licence: str, credit: str, class_name: str, split: str) -> Photo:
-    return Photo(name=name, package=package, file=file, sha256=sha256, licence=licence, credit=credit,
-                 class_name=class_name, split=split)
-
-
-# Licences are those the packages document: skimage.data docstrings, sklearn/datasets/images/README.txt,
-# matplotlib's sample_data. Stereo partners (motorcycle_right), drawings, text pages and tiny images are left out.
-PHOTOS: tuple[Photo, ...] = (
-    _photo("astronaut", "skimage", "data/astronaut.png", "88431cd9653ccd53", "public domain (NASA)", "NASA, Eileen Collins", "person", "train"),
-    _photo("chelsea", "skimage", "data/chelsea.png", "596aa1e7cb875eb7", "CC0", "Stefan van der Walt", "animal", "train"),
-    _photo("coffee", "skimage", "data/coffee.png", "cc02f8ca188b167c", "CC0", "Rachel Michetti", "object", "train"),
-    _photo("coins", "skimage", "data/coins.png", "f8d773fc9cfa6f4d", "no known copyright restrictions", "Brooklyn Museum", "object", "train"),
-    _photo("rocket", "skimage", "data/rocket.jpg", "c2dd0de7c538df8d", "public domain (SpaceX)", "SpaceX", "sky", "train"),
-    _photo("hubble", "skimage", "data/hubble_deep_field.jpg", "3a19c5dd8a927a93", "public domain (NASA)", "NASA / HubbleSite", "sky", "train"),
-    _photo("ihc", "skimage", "data/ihc.png", "f8dd1aa387ddd1f4", "no known copyright restrictions", "CMMI", "microscopy", "train"),
-    _photo("brick", "skimage", "data/brick.png", "7966caf324f6ba84", "CC0", "CC0Textures", "texture", "train"),
-    _photo("grass", "skimage", "data/grass.png", "b6b6022426b38936", "CC0", "linolafett (DeviantArt)", "texture", "train"),
-    _photo("china", "sklearn", "datasets/images/china.jpg", "8378025ad2519d64", "CC BY 2.0", "danielbuechele (Flickr)", "scene", "train"),
-    _photo("camera", "skimage", "data/camera.png", "b0793d2adda0fa6a", "CC0", "Lav Varshney", "person", "val"),
-    _photo("clock", "skimage", "data/clock_motion.png", "f029226b28b642e8", "public domain", "Stefan van der Walt", "object", "val"),
-    _photo("motorcycle", "skimage", "data/motorcycle_left.png", "db18e9c415761740", "Middlebury 2014 stereo benchmark (research use)", "Scharstein et al., Middlebury College", "object", "val"),
-    _photo("grace_hopper", "matplotlib", "mpl-data/sample_data/grace_hopper.jpg", "a8ca6d734765703b", "public domain (US Navy)", "US Navy", "person", "test"),
-    _photo("moon", "skimage", "data/moon.png", "78739619d11f7eb9", "public domain", "scikit-image data", "sky", "test"),
-    _photo("gravel", "skimage", "data/gravel.png", "c48615b451bf1e60", "CC0", "CC0Textures", "texture", "test"),
-    _photo("retina", "skimage", "data/retina.jpg", "38a07f36f27f095e", "CC0", "Mikael Haggstrom (Wikimedia)", "microscopy", "test"),
-    _photo("cell", "skimage", "data/cell.png", "8d23a7fb81f7cc87", "CC0", "Paul Muller et al.", "microscopy", "test"),
-    _photo("flower", "sklearn", "datasets/images/flower.jpg", "a77f6ec41e353afd", "CC BY 2.0", "vultilion (Flickr)", "scene", "test"),
-)
+PHOTOS: tuple[Photo, ...] = tuple(Photo(**row) for row in read_pools())
 
 CLASS_NAMES: tuple[str, ...] = tuple(sorted({p.class_name for p in PHOTOS}))
 """Class index -> name; conditional generators embed the index (GAN, pixel DDPM) or the prompt (LDMs)."""
 
 
-def photos_of(split: str) -> list[Photo]:
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}: choose from {SPLITS}")
-    return [p for p in PHOTOS if p.split == split]
+def photos_of(pool: str) -> list[Photo]:
+    if pool not in POOLS:
+        raise ValueError(f"pool={pool!r}: choose from {POOLS}")
+    return [p for p in PHOTOS if p.pool == pool]
 
 
 def photo_path(photo: Photo) -> Path:
@@ -117,29 +91,42 @@ def load_photo(photo: Photo) -> Image.Image:
         return img.convert("RGB")
 
 
-def random_crops(photo: Photo, count: int, size: int, seed: int, *, flip: bool = False) -> np.ndarray:
-    """``count`` square crops of random position and scale, resized to ``size`` (bicubic) -> uint8 [N, size, size, 3].
+def random_crops(photo: Photo, count: int, size: int, seed: int, *, flip: bool = False,
+                 exclude: set[bytes] | None = None) -> np.ndarray:
+    """``count`` distinct square crops of random position and scale, resized to ``size`` (bicubic)
+    -> uint8 [N, size, size, 3].
 
-    Deterministic from ``(seed, photo.name)``; ``flip`` mirrors half of them left-right (training augmentation).
+    Deterministic from ``(seed, photo.name)``; ``flip`` mirrors half of them left-right (training
+    augmentation). A crop whose pixels repeat an earlier one, or one in ``exclude`` (pixel bytes; the
+    crops taken are added to it), is drawn again: two draws can land on the same box (e.g. the whole
+    of a square photograph), and two files with equal bytes would share a sample id.
     """
     image = load_photo(photo)
     width, height = image.size
     rng = np.random.default_rng([seed, int(hashlib.sha256(photo.name.encode()).hexdigest()[:8], 16)])
+    taken = exclude if exclude is not None else set()
     crops_NHW3 = np.empty((count, size, size, 3), dtype=np.uint8)
-    for i in range(count):
+    i = 0
+    while i < count:
         side = int(round(rng.uniform(*CROP_SCALES) * min(width, height)))
         left = int(rng.integers(0, width - side + 1))
         top = int(rng.integers(0, height - side + 1))
         crop = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
         mirror = flip and bool(rng.integers(0, 2))
-        crops_NHW3[i] = np.asarray(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else crop)
+        pixels_HW3 = np.asarray(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else crop)
+        if pixels_HW3.tobytes() in taken:
+            continue
+        taken.add(pixels_HW3.tobytes())
+        crops_NHW3[i] = pixels_HW3
+        i += 1
     return crops_NHW3
 
 
 def training_crops(count_per_photo: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Crops of the ``train`` photographs for the zoo: uint8 [N, size, size, 3] and class indices int64 [N]."""
+    """Crops of the ``zoo`` photographs, the only ones the generators see: uint8 [N, size, size, 3] and
+    class indices int64 [N]."""
     images, labels = [], []
-    for photo in photos_of("train"):
+    for photo in photos_of("zoo"):
         images.append(random_crops(photo, count_per_photo, size, seed, flip=True))
         labels.append(np.full(count_per_photo, CLASS_NAMES.index(photo.class_name), dtype=np.int64))
     return np.concatenate(images), np.concatenate(labels)

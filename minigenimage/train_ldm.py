@@ -60,9 +60,9 @@ class LdmTrainConfig(ZooTrainConfig):
 
 
 def preset(name: str) -> LdmTrainConfig:
-    """ldm-a: width 32, seed 0; ldm-b: width 24, seed 1 (another model on the same VAE)."""
+    """ldm-a: width 32, seed 0, 6000 steps; ldm-b: width 24, seed 1, 1000 steps (another model on the same VAE)."""
     if name == "ldm-a":
-        return LdmTrainConfig(name="ldm-a", width=32, seed=0)
+        return LdmTrainConfig(name="ldm-a", width=32, seed=0, steps=6000)
     if name == "ldm-b":
         return LdmTrainConfig(name="ldm-b", width=24, seed=1, steps=1000)
     raise ValueError(f"name={name!r}: choose from ('ldm-a', 'ldm-b')")

@@ -124,8 +124,8 @@ class ZooTrainConfig:
     """Zoo folder the weights are written to."""
     seed: int = 0
     """Seeds the crops, the initial weights, the batches and the noise."""
-    crops_per_photo: int = 100
-    """Training crops per train photograph."""
+    crops_per_photo: int = 20
+    """Training crops per photograph of the ``zoo`` pool (73 photographs: 1,460 crops)."""
     steps: int = 1000
     """Optimizer steps."""
     batch_size: int = 32

@@ -2,7 +2,8 @@
 
 Exit codes
     0  success
-    1  the command ran and found problems (``cache verify`` findings, ``cache diff`` differences)
+    1  the command ran and found problems (``cache verify`` findings, ``cache diff`` differences,
+       ``score`` error rows)
     2  bad usage or bad input: ONE line ``error: <message>`` on stderr naming the file or value and
        the remedy (typer's own usage box for bad options), never a traceback
     3  ``lare2 train`` stopped early on purpose (the hidden ``--stop-after-steps``)
@@ -31,6 +32,8 @@ EXIT_STOPPED = 3
 # lare2 exception classes that always mean bad input (matched by name: importing them would load torch)
 USER_ERROR_NAMES = frozenset({"CacheError", "CacheExistsError", "ManifestError", "SettingsError", "ModelSourceError",
                               "ModelNotFoundError", "CheckpointError", "ImageError"})
+EXTRA_OF_PACKAGE = {"diffusers": "extract", "transformers": "extract", "skimage": "demo"}
+"""Packages of the optional installs (pyproject.toml extras): a missing one is a usage error that names the extra."""
 USER_ERROR_TYPES: tuple[type[BaseException], ...] = (FileNotFoundError, FileExistsError, NotADirectoryError,
                                                       IsADirectoryError, ValueError)
 
@@ -66,6 +69,11 @@ def user_errors(*extra: type[BaseException]) -> Iterator[None]:
     unknown sample id). Anything else propagates with its traceback: that is a bug."""
     try:
         yield
+    except ModuleNotFoundError as err:  # a stage's extra not installed: say which
+        extra_name = EXTRA_OF_PACKAGE.get((err.name or "").split(".")[0])
+        if extra_name is None or os.environ.get("LARE2_TRACEBACK"):
+            raise
+        fail(f"this command needs {err.name}, which is not installed: pip install 'lare2[{extra_name}]'")
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
         if not is_user_error(err, extra) or os.environ.get("LARE2_TRACEBACK"):
             raise

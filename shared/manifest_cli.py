@@ -47,7 +47,8 @@ def build(
 ) -> None:
     """Build a manifest from a dataset layout."""
     from lare2.shared.logs import get_logger
-    from lare2.shared.manifest import BUILDERS, build_manifest, parse_label, print_build_report, write_built
+    from lare2.shared.manifest import (BUILDERS, build_manifest, count_rows, parse_label, print_build_report, split_warnings,
+                                       write_built)
 
     if kind not in BUILDERS:
         _fail(f"unknown manifest builder {kind!r}; choose from {sorted(BUILDERS)}")
@@ -69,7 +70,10 @@ def build(
         built = build_manifest(kind, src, **options)
         print_build_report(built)
         write_built(out, built)
-    get_logger(__name__).info("%s: %d rows (%d with errors) under %s", out, built.table.num_rows, built.num_errors, built.root)
+    log = get_logger(__name__)
+    log.info("%s: %d rows (%d with errors) under %s", out, built.table.num_rows, built.num_errors, built.root)
+    for warning in split_warnings(count_rows(built.table)):
+        log.warning("%s: %s", out, warning)
     if as_json:
         show(out, as_json=True)
 
@@ -82,7 +86,8 @@ def show(
     from rich.console import Console
     from rich.table import Table
 
-    from lare2.shared.manifest import LABEL_FAKE, LABEL_REAL, count_rows, read_manifest, read_manifest_metadata
+    from lare2.shared.logs import get_logger
+    from lare2.shared.manifest import LABEL_FAKE, LABEL_REAL, count_rows, read_manifest, read_manifest_metadata, split_warnings
 
     with user_errors():
         meta = read_manifest_metadata(path)
@@ -96,7 +101,10 @@ def show(
         "num_rows": table.num_rows,
         "num_errors": sum(c["errors"] for c in counts),
         "counts": counts,
+        "warnings": split_warnings(counts),
     }
+    for warning in [] if as_json else summary["warnings"]:
+        get_logger(__name__).warning("%s: %s", path, warning)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return

@@ -10,12 +10,13 @@ import shutil
 import numpy as np
 import pytest
 import zarr
+from lare2.shared.cache import META_COLUMNS, FeatureCache, plots
 from PIL import Image
 from typer.testing import CliRunner
 
 from lare2 import cache_cli
 from lare2.cli import app
-from lare2.shared.cache import META_COLUMNS, FeatureCache, plots
+from tests.rich_tables import table_rows
 from tests.tiny_caches import (
     CHUNK,
     ERROR_INDICES,
@@ -41,19 +42,6 @@ def run(*args: str) -> tuple[int, str, str]:
 def run_json(*args: str) -> tuple[int, dict]:
     code, out, _ = run(*args, "--json")
     return code, json.loads(out)
-
-
-def table_rows(out: str, cells: int) -> list[list[str]]:
-    """Body rows with ``cells`` cells of the rich tables printed in ``out``, each cell stripped
-    (header rows use another border character and are left out)."""
-    rows = []
-    for line in out.splitlines():
-        line = line.strip()
-        if line.startswith("│") and line.endswith("│"):
-            row = [cell.strip() for cell in line[1:-1].split("│")]
-            if len(row) == cells:
-                rows.append(row)
-    return rows
 
 
 def lines(text: str) -> list[str]:
@@ -239,13 +227,18 @@ def test_missing_cache_is_a_usage_error(tmp_path, command):
 
 # ---- verify -------------------------------------------------------------------------------------
 def test_verify_passes_an_intact_cache_and_warns_about_pending(tiny):
-    code, report = run_json("verify", tiny.path)
+    code, report = run_json("verify", tiny.path, "--allow-pending")
     assert code == 0 and report["ok"] is True and report["errors"] == []
     (pending,) = [w for w in report["warnings"] if w["check"] == "status"]
     assert pending["items"] == [PENDING_BLOCK] and "incomplete" in pending["message"]
     assert report["checked"]["ok_samples_scanned"] == len(ok_indices())
     assert report["checked"]["manifest_rows"] == NUM_SAMPLES  # the recorded manifest was used
-    code, out, _ = run("verify", tiny.path)
+    # without --allow-pending, an unfinished cache is not whole: exit 1, naming the pending block and the way out
+    code, strict = run_json("verify", tiny.path)
+    (unfinished,) = strict["errors"]
+    assert code == 1 and unfinished["check"] == "status" and unfinished["items"] == [PENDING_BLOCK]
+    assert unfinished["message"].startswith(pending["message"]) and "--allow-pending" in unfinished["message"]
+    code, out, _ = run("verify", tiny.path, "--allow-pending")
     assert code == 0 and "OK" in out
     shown = lines(out)
     assert shown[-1] == f"{tiny.path}: OK, {len(report['warnings'])} warnings" and len(report["warnings"]) == 1
@@ -263,7 +256,7 @@ def _errors(report: dict, check: str) -> list:
 
 def test_verify_catches_a_deleted_chunk(tiny_copy):
     (tiny_copy / "lare" / "c" / "0" / "0" / "0" / "0").unlink()
-    code, report = run_json("verify", tiny_copy)
+    code, report = run_json("verify", tiny_copy, "--allow-pending")
     assert code == 1 and report["ok"] is False
     assert _errors(report, "chunks") == ["lare/c/0/0/0/0"]
     # the block reads back as NaN: its ok samples are flagged too
@@ -272,11 +265,11 @@ def test_verify_catches_a_deleted_chunk(tiny_copy):
 
 def test_verify_catches_a_corrupted_chunk(tiny_copy):
     (tiny_copy / "fmap" / "c" / "1" / "0" / "0" / "0").write_bytes(b"\x00garbage" * 64)
-    code, report = run_json("verify", tiny_copy)
+    code, report = run_json("verify", tiny_copy, "--allow-pending")
     assert code == 1
     (unreadable,) = _errors(report, "chunks")
     assert unreadable.startswith("fmap/c/1/0/0/0")
-    code, out, _ = run("verify", tiny_copy)
+    code, out, _ = run("verify", tiny_copy, "--allow-pending")
     assert code == 1 and "FAILED" in out and "fmap/c/1/0/0/0" in out
     shown = lines(out)
     assert shown[-1] == f"{tiny_copy}: FAILED ({len(report['errors'])} problems), {len(report['warnings'])} warnings"
@@ -287,7 +280,7 @@ def test_verify_catches_a_corrupted_chunk(tiny_copy):
 
 def test_verify_text_names_the_check_of_each_finding(tiny_copy):
     (tiny_copy / "fmap" / "c" / "1" / "0" / "0" / "0").write_bytes(b"\x00garbage" * 64)
-    code, out, _ = run("verify", tiny_copy)
+    code, out, _ = run("verify", tiny_copy, "--allow-pending")
     assert code == 1
     assert "error [chunks] 1 chunks cannot be read (corrupt)" in lines(out)
     assert "warning [status] incomplete: 1 of 6 blocks (4 samples) not extracted yet" in lines(out)
@@ -295,7 +288,7 @@ def test_verify_text_names_the_check_of_each_finding(tiny_copy):
 
 def test_verify_catches_a_corrupted_metadata_chunk(tiny_copy):
     (tiny_copy / "meta" / "generator" / "c" / "2").write_bytes(b"not zstd at all")
-    code, report = run_json("verify", tiny_copy)
+    code, report = run_json("verify", tiny_copy, "--allow-pending")
     assert code == 1 and _errors(report, "chunks")[0].startswith("meta/generator/c/2")
 
 
@@ -303,14 +296,14 @@ def test_verify_catches_nan_in_an_ok_sample(tiny_copy):
     index = ok_indices()[3]
     group = zarr.open_group(tiny_copy, mode="r+")
     group["pooled"][index, 2] = np.nan
-    code, report = run_json("verify", tiny_copy)
+    code, report = run_json("verify", tiny_copy, "--allow-pending")
     assert code == 1 and _errors(report, "values") == [FeatureCache.open(tiny_copy).column("sample_id")[index]]
 
 
 def test_verify_catches_a_duplicate_id(tiny_copy, tiny):
     group = zarr.open_group(tiny_copy, mode="r+")
     group["meta/sample_id"][7] = tiny.ids[2]
-    code, report = run_json("verify", tiny_copy)
+    code, report = run_json("verify", tiny_copy, "--allow-pending")
     assert code == 1
     assert _errors(report, "ids") == [tiny.ids[2]]
     assert tiny.ids[7] in _errors(report, "manifest")  # now missing from the cache
@@ -324,7 +317,7 @@ def test_verify_catches_a_manifest_row_missing_from_the_cache(tiny, tmp_path):
         rows[column].append(value)
     manifest = tmp_path / "bigger.parquet"
     write_tiny_manifest(manifest, rows, tiny.root)
-    code, report = run_json("verify", tiny.path, "--manifest", manifest)
+    code, report = run_json("verify", tiny.path, "--allow-pending", "--manifest", manifest)
     assert code == 1
     missing = [f for f in report["errors"] if f["check"] == "manifest"]
     assert len(missing) == 1 and missing[0]["items"] == ["f" * 16] and "missing from the cache" in missing[0]["message"]
@@ -335,14 +328,14 @@ def test_verify_catches_metadata_that_differs_from_the_manifest(tiny, tmp_path):
     rows["label"][0] = 1 - rows["label"][0]
     manifest = tmp_path / "relabelled.parquet"
     write_tiny_manifest(manifest, rows, tiny.root)
-    code, report = run_json("verify", tiny.path, "--manifest", manifest)
+    code, report = run_json("verify", tiny.path, "--allow-pending", "--manifest", manifest)
     assert code == 1 and _errors(report, "manifest") == [tiny.ids[0]]
 
 
 def test_verify_catches_inconsistent_fingerprints(tiny_copy):
     group = zarr.open_group(tiny_copy, mode="r+")
     group.attrs["fingerprints"] = {**group.attrs["fingerprints"], "sd": "0" * 16}
-    code, report = run_json("verify", tiny_copy)
+    code, report = run_json("verify", tiny_copy, "--allow-pending")
     assert code == 1 and _errors(report, "fingerprints") == ["sd"]
 
 
@@ -366,7 +359,7 @@ def _fake_recompute(change_index: int | None = None):
 def test_verify_recompute_matches_bit_for_bit(tiny, monkeypatch):
     recompute, calls = _fake_recompute()
     monkeypatch.setattr(cache_cli, "_load_recompute_fn", lambda: recompute)
-    code, report = run_json("verify", tiny.path, "--recompute", "5")
+    code, report = run_json("verify", tiny.path, "--allow-pending", "--recompute", "5")
     assert code == 0 and report["ok"]
     assert len(calls[0]) == 5 and set(calls[0]) <= set(ok_indices())
     assert report["recompute"]["arrays"]["lare"] == {"compared": True, "mismatched": [], "max_abs_diff": 0.0}
@@ -375,13 +368,13 @@ def test_verify_recompute_matches_bit_for_bit(tiny, monkeypatch):
 def test_verify_recompute_catches_a_one_ulp_mismatch(tiny, monkeypatch):
     recompute, _ = _fake_recompute(change_index=ok_indices()[0])
     monkeypatch.setattr(cache_cli, "_load_recompute_fn", lambda: recompute)
-    code, report = run_json("verify", tiny.path, "--recompute", str(len(ok_indices())))  # all ok samples
+    code, report = run_json("verify", tiny.path, "--allow-pending", "--recompute", str(len(ok_indices())))  # all ok samples
     assert code == 1
     assert _errors(report, "recompute") == [tiny.ids[ok_indices()[0]]]
     assert 0 < report["recompute"]["arrays"]["lare"]["max_abs_diff"] < 1e-6
     assert report["recompute"]["arrays"]["fmap"]["mismatched"] == []
     # another device or dtype: a relative tolerance accepts rounding, not a real change
-    code, report = run_json("verify", tiny.path, "--recompute", str(len(ok_indices())), "--tolerance", "1e-4")
+    code, report = run_json("verify", tiny.path, "--allow-pending", "--recompute", str(len(ok_indices())), "--tolerance", "1e-4")
     assert code == 0 and report["recompute"]["tolerance"] == 1e-4
 
 
@@ -392,7 +385,7 @@ def test_verify_recompute_tolerance_still_catches_a_real_change(tiny, monkeypatc
         return arrays
 
     monkeypatch.setattr(cache_cli, "_load_recompute_fn", lambda: changed)
-    code, report = run_json("verify", tiny.path, "--recompute", "3", "--tolerance", "0.01")
+    code, report = run_json("verify", tiny.path, "--allow-pending", "--recompute", "3", "--tolerance", "0.01")
     assert code == 1 and len(_errors(report, "recompute")) == 1
 
 
@@ -407,7 +400,7 @@ def test_verify_recompute_is_skipped_without_the_extractor(tiny, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_extractor)
-    code, report = run_json("verify", tiny.path, "--recompute", "2")
+    code, report = run_json("verify", tiny.path, "--allow-pending", "--recompute", "2")
     assert code == 0
     (skipped,) = [w for w in report["warnings"] if w["check"] == "recompute"]
     assert skipped["message"].startswith("skipped:") and "diffusers" in skipped["message"]

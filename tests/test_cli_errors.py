@@ -47,6 +47,8 @@ def world(tmp_path_factory) -> SimpleNamespace:
     write_synthetic_cache(tmp / "train", num_samples=64, signal="lare", seed=1, layout=LAYOUT)
     write_synthetic_cache(tmp / "val", num_samples=32, signal="lare", seed=2, layout=LAYOUT)
     write_synthetic_cache(tmp / "stranger", num_samples=32, signal="lare", seed=3, layout=LAYOUT, identity={"seed": 9})
+    shutil.copytree(tmp / "val", tmp / "testsplit")  # the val cache, relabelled as extracted from the test split
+    zarr.open_group(tmp / "testsplit", mode="r+")["meta/split"][:] = np.array(["test"] * 32, dtype=np.dtypes.StringDType())
     run = tmp / "run"
     trained = invoke("train", "--preset", "debug", "--train", tmp / "train", "--val", tmp / "val", "--out", run,
                      "--epochs", "1", "--set", "progress=false", "--set", "head_dim=8")
@@ -60,12 +62,13 @@ def world(tmp_path_factory) -> SimpleNamespace:
     assert converted.exit_code == 0, converted.output
     return SimpleNamespace(tmp=tmp, missing=tmp / "no_such_thing", cache=tiny.path, manifest=tiny.manifest,
                            images=tiny.root, other=other.path, corrupt=corrupt, damaged=damaged, train=tmp / "train",
-                           val=tmp / "val", stranger=tmp / "stranger", run=run, converted=tmp / "converted",
+                           val=tmp / "val", stranger=tmp / "stranger", testsplit=tmp / "testsplit", run=run, converted=tmp / "converted",
                            ckpt=tmp / "reference.pth")
 
 
 def _extract(*args: str) -> list[str]:
-    return ["extract", "--manifest", "{manifest}", "--preset", "debug", "--out", "{tmp}/extracted", "--device", "cpu", *args]
+    return ["extract", "--manifest", "{manifest}", "--split", "train", "--preset", "debug", "--out", "{tmp}/extracted",
+            "--device", "cpu", *args]
 
 
 def _train(*args: str) -> list[str]:
@@ -95,7 +98,11 @@ CASES = [
     ("extract-bad-preset", ["extract", "--manifest", "{manifest}", "--preset", "huge"], 2, "huge"),
     ("extract-missing-sd", _extract("--sd", "{missing}", "--clip", "tiny"), 2, "{missing}"),
     ("extract-missing-clip", _extract("--sd", "tiny", "--clip", "{missing}"), 2, "{missing}"),
-    ("extract-no-resume-existing", ["extract", "--manifest", "{manifest}", "--preset", "debug", "--out", "{cache}", "--no-resume"], 2, "{cache}"),
+    ("extract-no-resume-existing", ["extract", "--manifest", "{manifest}", "--split", "train", "--preset", "debug", "--out", "{cache}",
+                                    "--no-resume"], 2, "{cache}"),
+    ("extract-several-splits-no-split", ["extract", "--manifest", "{manifest}", "--preset", "debug", "--out", "{tmp}/x"], 2,
+     "pass --split SPLIT"),
+    ("extract-split-and-all-splits", _extract("--all-splits"), 2, "--all-splits"),
     ("extract-cuda", _extract("--device", "cuda"), 2, "cuda"),
     # cache
     ("cache-info-missing", ["cache", "info", "{missing}"], 2, "{missing}"),
@@ -107,6 +114,9 @@ CASES = [
     ("cache-stats-corrupt", ["cache", "stats", "{corrupt}"], 2, "{corrupt}"),
     ("cache-verify-corrupt", ["cache", "verify", "{corrupt}"], 2, "{corrupt}"),
     ("cache-verify-finds-nan", ["cache", "verify", "{damaged}"], 1, "FAILED"),
+    ("cache-verify-pending", ["cache", "verify", "{cache}"], 1, "1 of 6 blocks (4 samples) not extracted yet"),
+    ("cache-repair-missing", ["cache", "repair", "{missing}"], 2, "{missing}"),
+    ("cache-repair-dry-run-finds-damage", ["cache", "repair", "{damaged}", "--dry-run"], 1, "would reset block 0"),
     ("cache-verify-cuda", ["cache", "verify", "{cache}", "--recompute", "1", "--device", "cuda"], 2, "cuda"),
     ("cache-diff-missing", ["cache", "diff", "{cache}", "{missing}"], 2, "{missing}"),
     ("cache-diff-differs", ["cache", "diff", "{cache}", "{other}"], 1, "differ"),
@@ -127,13 +137,20 @@ CASES = [
     ("train-bad-preset", _train("--preset", "huge"), 2, "huge"),
     ("train-no-resume-existing", ["train", "--preset", "debug", "--train", "{train}", "--val", "{val}", "--out", "{run}", "--no-resume"], 2, "{run}"),
     ("train-cuda", _train("--device", "cuda"), 2, "cuda"),
+    ("train-val-is-train", ["train", "--preset", "debug", "--train", "{train}", "--val", "{train}", "--out", "{tmp}/r"], 2,
+     "shares 64 sample ids with the training cache"),
+    ("train-test-split-as-val", ["train", "--preset", "debug", "--train", "{train}", "--val", "{testsplit}", "--out", "{tmp}/r"], 2,
+     "{testsplit}: the validation cache holds 32 samples of the test split"),
+    ("train-pending-cache", ["train", "--preset", "debug", "--train", "{cache}", "--val", "{val}", "--out", "{tmp}/r"], 2,
+     "--allow-pending"),
     # eval
     ("eval-missing-run", ["eval", "{missing}", "--test", "{val}"], 2, "{missing}"),
     ("eval-cache-as-run", ["eval", "{cache}", "--test", "{val}"], 2, "{cache}"),
     ("eval-missing-test", ["eval", "{run}", "--test", "{missing}"], 2, "{missing}"),
     ("eval-parquet-as-test", ["eval", "{run}", "--test", "{manifest}"], 2, "{manifest}"),
     ("eval-incompatible-test", ["eval", "{run}", "--test", "{stranger}"], 2, "{stranger}"),
-    ("eval-other-dims", ["eval", "{run}", "--test", "{cache}"], 2, "{cache}"),
+    ("eval-other-dims", ["eval", "{run}", "--test", "{cache}", "--allow-pending"], 2, "{cache}"),
+    ("eval-pending-test", ["eval", "{run}", "--test", "{cache}"], 2, "--allow-pending"),
     ("eval-glob-matches-nothing", ["eval", "{run}", "--test", "{tmp}/nomatch_*"], 2, "nomatch_*"),
     ("eval-no-test", ["eval", "{run}"], 2, "--test"),
     ("eval-uncalibrated", ["eval", "{converted}", "--test", "{val}"], 2, "{converted}"),
@@ -146,7 +163,7 @@ CASES = [
     ("calibrate-cache-as-run", ["calibrate", "{cache}", "--val", "{val}"], 2, "{cache}"),
     ("calibrate-parquet-as-val", ["calibrate", "{run}", "--val", "{manifest}"], 2, "{manifest}"),
     ("calibrate-incompatible-val", ["calibrate", "{run}", "--val", "{stranger}"], 2, "{stranger}"),
-    ("calibrate-other-dims", ["calibrate", "{converted}", "--val", "{cache}"], 2, "{cache}"),
+    ("calibrate-other-dims", ["calibrate", "{converted}", "--val", "{cache}", "--allow-pending"], 2, "{cache}"),
     ("calibrate-bad-fpr", ["calibrate", "{run}", "--val", "{val}", "--target-fpr", "2"], 2, "--target-fpr"),
     # score
     ("score-missing-run", ["score", "{missing}", "{manifest}"], 2, "{missing}"),
@@ -154,9 +171,15 @@ CASES = [
     ("score-missing-image", ["score", "{run}", "{tmp}/no_such_image.png"], 2, "no_such_image.png"),
     ("score-uncalibrated", ["score", "{converted}", "{manifest}"], 2, "{converted}"),
     ("score-cuda", ["score", "{run}", "{manifest}", "--device", "cuda"], 2, "cuda"),
+    ("score-out-no-folder", ["score", "{run}", "{manifest}", "-o", "{tmp}/nodir/v.csv"], 2, "nodir/v.csv"),
+    ("score-out-bad-suffix", ["score", "{run}", "{manifest}", "-o", "{tmp}/v.xlsx"], 2, "v.xlsx"),
+    ("score-heatmaps-under-a-file", ["score", "{run}", "{manifest}", "--heatmaps", "{manifest}/heat"], 2, "heat"),
+    ("score-no-image-files", ["score", "{run}", "{cache}"], 2, "no image files"),
+    ("score-threshold-range", ["score", "{run}", "{manifest}", "--threshold", "2"], 2, USAGE_BOX),
     # minigenimage
     ("minigenimage-build-bad-preset", ["minigenimage", "build", "--preset", "huge", "--out", "{tmp}/mg"], 2, "huge"),
     ("minigenimage-zoo-bad-family", ["minigenimage", "zoo", "--family", "vqgan"], 2, "vqgan"),
+    ("minigenimage-demo-bad-prompt-mode", ["minigenimage", "demo", "--prompt-mode", "poem", "--out", "{tmp}/demo"], 2, "poem"),
     ("minigenimage-demo-missing-zoo", ["minigenimage", "demo", "--zoo", "{missing}", "--out", "{tmp}/demo"], 2, "{missing}"),
 ]
 NEEDS_NO_CUDA = {case[0] for case in CASES if case[0].endswith("-cuda")}
@@ -217,3 +240,18 @@ def test_set_values_are_converted_by_the_fields_type(stage: str, pair: str, expe
     from lare2.train.config import TrainConfig
 
     assert parse_overrides([pair], ExtractConfig if stage == "extract" else TrainConfig) == expected
+
+
+def test_a_missing_extra_is_named_with_its_install_command(world, monkeypatch) -> None:
+    import sys
+
+    for name in [m for m in sys.modules if m == "diffusers" or m.startswith("diffusers.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now fails as if not installed
+    for module in ("lare2.extract.models", "lare2.extract.tiny_models"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    result = invoke("extract", "--manifest", world.manifest, "--split", "train", "--preset", "debug", "--out", f"{world.tmp}/no-diffusers",
+                    "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: this command needs diffusers, which is not installed: pip install 'lare2[extract]'"], result.output

@@ -17,10 +17,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-from typer.testing import CliRunner
-
-from lare2.cli import app
 from lare2.shared import classnames
 from lare2.shared.manifest import (
     MANIFEST_SCHEMA,
@@ -39,6 +35,11 @@ from lare2.shared.manifest import (
     write_built,
     write_manifest,
 )
+from PIL import Image
+from typer.testing import CliRunner
+
+from lare2.cli import app
+from tests.rich_tables import table_rows
 
 # Entries of the authors' filename_to_folder.json (GitHub luo3300612/LaRE, f8b2966).
 AUTHORS_VAL_SYNSETS = {
@@ -81,18 +82,6 @@ def _write(path: Path, data: bytes) -> Path:
 
 def _sha_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
-
-
-def _table_rows(out: str, cells: int) -> list[list[str]]:
-    """Body rows with ``cells`` cells of the rich tables printed in ``out``, each cell stripped."""
-    rows = []
-    for line in out.splitlines():
-        line = line.strip()
-        if line.startswith("│") and line.endswith("│"):
-            row = [cell.strip() for cell in line[1:-1].split("│")]
-            if len(row) == cells:
-                rows.append(row)
-    return rows
 
 
 def _error_line(stderr: str) -> str:
@@ -367,7 +356,7 @@ def test_duplicates_dropped_within_a_split_and_reported(tmp_path: Path, capsys: 
     err = capsys.readouterr().err
     assert "1 images occur more than once" in err
     assert "1 images occur more than once (1 copies dropped)" in err
-    rows = _table_rows(err, 4)  # sample_id, split(s), copies, dropped: one line per copy
+    rows = table_rows(err, 4)  # sample_id, split(s), copies, dropped: one line per copy
     assert rows[0][:2] == [_sha_id(same)[:12], "test, train"] and all(r[:2] == ["", ""] for r in rows[1:])
     assert sorted(r[2] for r in rows) == ["g/test/1_fake/c.png", "g/train/1_fake/a.png", "g/train/1_fake/b.png"]
     assert [r[3] for r in rows if r[3]] == ["g/train/1_fake/b.png"]
@@ -474,8 +463,8 @@ def test_cli_build_then_show_json(tmp_path: Path) -> None:
     table_view = runner.invoke(app, ["manifest", "show", str(out)], env={"COLUMNS": "200"})
     assert table_view.exit_code == 0 and "stable_diffusion_v_1_4" in table_view.stdout
     # one row per split x generator: real, fake and unreadable counts of the manifest's rows
-    shown = {(r[0], r[1]): r[2:] for r in _table_rows(table_view.stdout, 5)}
-    assert len(_table_rows(table_view.stdout, 5)) == len(shown)
+    shown = {(r[0], r[1]): r[2:] for r in table_rows(table_view.stdout, 5)}
+    assert len(table_rows(table_view.stdout, 5)) == len(shown)
     assert shown == {(s, g): [str(expected[(s, g, 0)]), str(expected[(s, g, 1)]),
                               str(sum(1 for r in rows if (r["split"], r["generator"]) == (s, g) and r["error"]))]
                      for s, g, _ in expected}

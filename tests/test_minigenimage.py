@@ -18,7 +18,9 @@ import torch
 from PIL import Image
 
 from lare2.minigenimage.build import BuildConfig, build, fake_plan, png_bytes, preset
-from lare2.minigenimage.photos import CLASS_NAMES, PHOTOS, SPLITS, file_sha256, photo_path, photos_of, random_crops
+from lare2.minigenimage.build import SPLIT_POOL, real_images
+from lare2.minigenimage.photos import CLASS_NAMES, PHOTOS, file_sha256, photo_path, photos_of, random_crops, training_crops
+from lare2.minigenimage.pools import POOL_COLUMNS, POOLS, SUBJECT_GROUPS, assign_pools, read_pools
 from lare2.minigenimage.sampling import CHUNK, load_sampler, sample
 from lare2.minigenimage.zoo import GENERATORS, ZOO_DIR, read_record
 
@@ -49,22 +51,73 @@ def bench(tmp_path_factory) -> Path:
 
 # --- photographs -------------------------------------------------------------------------------
 
-def test_photos_are_on_disk_licensed_and_split_by_photograph():
-    assert len({p.name for p in PHOTOS}) == len(PHOTOS) >= 10
+def test_photos_are_on_disk_licensed_and_in_one_pool_each():
+    assert len({p.name for p in PHOTOS}) == len(PHOTOS) >= 200
     for photo in PHOTOS:
-        assert photo.licence and photo.credit and photo.split in SPLITS and photo.class_name in CLASS_NAMES
+        assert photo.licence and photo.credit and photo.pool in POOLS and photo.class_name in CLASS_NAMES
         assert file_sha256(photo_path(photo)) == photo.sha256, photo.name
-    for split in SPLITS:
-        assert photos_of(split), split
-    # every class a test photograph shows is one the generators were trained on
-    assert {p.class_name for p in photos_of("test")} <= {p.class_name for p in photos_of("train")}
-    assert {p.class_name for p in photos_of("train")} == set(CLASS_NAMES)
+    # no photograph (and no file: the same picture under two names) gives crops to two pools
+    assert len({(p.package, p.file) for p in PHOTOS}) == len({p.sha256 for p in PHOTOS}) == len(PHOTOS)
+    # each pool large enough that one photograph is a small share of its reals
+    sizes = {pool: len(photos_of(pool)) for pool in POOLS}
+    assert sizes["detector-train"] >= 30 and sizes["test"] >= 30 and sizes["val"] >= 20 and sizes["zoo"] >= 50, sizes
+    # every class the detector's photographs show is one the generators were trained on
+    zoo_classes = {p.class_name for p in photos_of("zoo")}
+    assert zoo_classes == set(CLASS_NAMES)
+    for pool in ("detector-train", "val", "test"):
+        assert {p.class_name for p in photos_of(pool)} <= zoo_classes, pool
     with pytest.raises(ValueError, match="choose from"):
-        photos_of("holdout")
+        photos_of("train")
+
+
+def test_pools_table_is_what_the_seeded_stratified_rule_deals():
+    rows = read_pools()
+    assert tuple(rows[0]) == POOL_COLUMNS
+    dealt = assign_pools({r["name"]: r["class_name"] for r in rows})
+    assert {r["name"]: r["pool"] for r in rows} == dealt
+    for group in set(SUBJECT_GROUPS.values()):  # photographs of one view share a pool
+        assert len({dealt[n] for n, g in SUBJECT_GROUPS.items() if g == group}) == 1, group
+    # stratified: each class with 20+ photographs is spread over every pool near the 7:5:3:5 shares
+    by_class: dict[str, list[str]] = {}
+    for name, pool in dealt.items():
+        by_class.setdefault(next(r["class_name"] for r in rows if r["name"] == name), []).append(pool)
+    for cls, pools in by_class.items():
+        if len(pools) >= 20:
+            for pool, share in (("zoo", 7), ("detector-train", 5), ("val", 3), ("test", 5)):
+                assert abs(pools.count(pool) - len(pools) * share / 20) <= 1.5, (cls, pool, pools.count(pool))
+    # another seed deals another table: the seed really is the rule's
+    assert assign_pools({r["name"]: r["class_name"] for r in rows}, seed=1) != dealt
+
+
+def test_the_zoo_trains_on_zoo_photographs_only():
+    crops, classes = training_crops(2, 16, seed=0)
+    assert len(crops) == 2 * len(photos_of("zoo"))
+    expected = np.concatenate([random_crops(p, 2, 16, seed=0, flip=True) for p in photos_of("zoo")])
+    np.testing.assert_array_equal(crops, expected)
+    assert SPLIT_POOL == {"train": "detector-train", "val": "val", "test": "test"}
+
+
+@pytest.mark.parametrize("seed", [0, 7, 11])
+def test_real_crops_are_unique_whatever_the_seed(seed: int):
+    taken: set[bytes] = set()
+    names = []
+    for generator in GENERATORS:
+        for split, count in (("train", 240), ("val", 80), ("test", 120)):
+            crops = real_images(generator, split, count, seed, taken)
+            assert len(crops) == count
+            assert {name for name, _, _ in crops} <= {p.name for p in photos_of(SPLIT_POOL[split])}
+            names += [c.tobytes() for _, _, c in crops]
+    assert len(set(names)) == len(names) == len(taken)
+
+
+def test_a_square_photo_cropped_whole_twice_is_drawn_again():
+    photo = next(p for p in PHOTOS if p.name == "chelsea")
+    crops = random_crops(photo, 400, 8, seed=3)  # 8 px crops of one photo: repeats would be likely
+    assert len({c.tobytes() for c in crops}) == 400
 
 
 def test_random_crops_are_seeded_and_multiscale():
-    photo = photos_of("train")[0]
+    photo = photos_of("zoo")[0]
     a, b = random_crops(photo, 5, 64, seed=1), random_crops(photo, 5, 64, seed=1)
     assert a.shape == (5, 64, 64, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
@@ -138,7 +191,7 @@ def test_manifest_rows_match_files_and_splits_are_by_photograph(bench: Path):
         assert row["path"].startswith(f"{row['generator']}/{folder}/{'ai' if row['label'] else 'nature'}/")
         if row["label"] == 0:  # a real crop names its photograph, which must belong to the row's split
             photo = Path(row["path"]).stem.split("_", 2)[2]  # <split>_<index>_<photo>
-            assert photo in {p.name for p in photos_of(row["split"])}, row["path"]
+            assert photo in {p.name for p in photos_of(SPLIT_POOL[row["split"]])}, row["path"]
     train_rows = [r for r in rows if r["split"] in ("train", "val")]
     assert {r["generator"] for r in train_rows} == {"ldm-a"}
     assert {r["generator"] for r in rows if r["split"] == "test"} == set(GENERATORS)
@@ -194,7 +247,7 @@ def test_generated_images_are_not_real_crops(bench: Path):
     rows = pq.read_table(bench / "manifest.parquet").to_pylist()
     fakes = np.stack([decode(bench / r["path"]) for r in rows if r["label"] == 1]).astype(np.float32)
     reals = np.stack([decode(bench / r["path"]) for r in rows if r["label"] == 0])
-    train_crops = np.concatenate([random_crops(p, 20, 64, seed=0) for p in photos_of("train")])
+    train_crops = np.concatenate([random_crops(p, 3, 64, seed=0) for p in photos_of("zoo")])
     reals = np.concatenate([reals, train_crops]).astype(np.float32)
     # RMS distance (0..255 scale) from each fake to its nearest real image
     d2 = (fakes ** 2).sum((1, 2, 3))[:, None] + (reals ** 2).sum((1, 2, 3))[None] - 2 * np.einsum("nhwc,mhwc->nm", fakes, reals)

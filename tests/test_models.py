@@ -130,7 +130,8 @@ def test_nonexistent_relative_path_is_not_retried_on_the_hub(tmp_path: Path, mon
     with pytest.raises(ModelSourceError) as info:  # `--sd models/sd15`: org/name-shaped, so a hub id were a hub on
         load_latent_diffusion("models/sd15")
     assert one_line_error(info) == (f"latent diffusion model 'models/sd15': not a folder or file on disk "
-                                    f"(no {tmp_path.resolve() / 'models/sd15'}); as a hub id: HF_HUB_OFFLINE is set; {REMEDY}")
+                                    f"(no {tmp_path.resolve() / 'models/sd15'}); as a hub id: HF_HUB_OFFLINE is set, "
+                                    f"and not in the local hub cache; {REMEDY}")
     for path_like in ("./models/sd15", "models/sd15.safetensors", "~/models/sd15", "models/v1/sd15"):
         with pytest.raises(FileNotFoundError) as info:
             load_latent_diffusion(path_like)
@@ -156,8 +157,39 @@ def test_unreachable_hub_is_one_attempt_and_one_line(monkeypatch) -> None:
         load_latent_diffusion("someorg/some-model")
     assert one_line_error(info) == ("latent diffusion model 'someorg/some-model': not a folder or file on disk "
                                     f"(no {Path('someorg/some-model').resolve()}); as a hub id: hub unreachable "
-                                    f"(https://hub.invalid: Name or service not known); {REMEDY}")
+                                    f"(https://hub.invalid: Name or service not known), and not in the local hub cache; {REMEDY}")
     assert len(calls) == 1 and calls[0][1] <= 5  # one short probe, no retries
+
+
+def test_a_hub_model_in_the_local_cache_loads_without_a_hub(tmp_path: Path, monkeypatch, no_network) -> None:
+    """Offline, a hub id already downloaded into the hub cache loads from there (no network: no_network)."""
+    from lare2.extract import models
+
+    seen = []
+    folder = save_tiny_sd(tmp_path / "cached")
+
+    def from_cache(cls_method):
+        def load(spec, subfolder=None, local_files_only=False, **kwargs):
+            seen.append((subfolder, local_files_only))
+            return cls_method(str(folder), subfolder=subfolder, **kwargs)
+        return load
+
+    import diffusers
+    import transformers
+
+    for owner, name in ((diffusers.AutoencoderKL, "from_pretrained"), (diffusers.UNet2DConditionModel, "from_pretrained"),
+                        (transformers.CLIPTextModel, "from_pretrained"), (transformers.CLIPTokenizer, "from_pretrained")):
+        monkeypatch.setattr(owner, name, from_cache(getattr(owner, name)))
+    scheduler_from = models.ddpm_scheduler_from
+
+    def scheduler_from_cache(spec, local_files_only=False, **kwargs):
+        seen.append(("scheduler", local_files_only))
+        return scheduler_from(folder, **kwargs)
+
+    monkeypatch.setattr(models, "ddpm_scheduler_from", scheduler_from_cache)
+    model = load_latent_diffusion("someorg/some-model")
+    assert model.unet is not None and model.source == "someorg/some-model"
+    assert sorted(seen) == sorted([(c, True) for c in ("vae", "unet", "text_encoder", "tokenizer", "scheduler")])
 
 
 def test_folder_without_unet_names_the_missing_subfolder(tmp_path: Path, tiny_folder: Path) -> None:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from lare2.cli import app
 from lare2.shared.cache import FeatureCache
 from lare2.shared.config import debug
-from tests.bad_images import good_rgb
+from tests.bad_images import GALLERY, good_rgb
 
 pytestmark = pytest.mark.slow
 
@@ -59,20 +59,152 @@ def pipeline(tmp_path_factory):
     return root, sd
 
 
-def test_score_new_images_equals_scoring_their_cached_features(pipeline):
-    from lare2.detect import score_images
-    root, sd = pipeline
-    cache, from_cache, threshold = scored_test_cache(root)
-    verdicts = {Path(v.path).name: v for v in score_images(root / "run", [root / "images/gen-x/test"])}
-    assert sorted(verdicts) == sorted(Path(path).name for path in cache.column("path"))  # the same 4 images
-    for path, p in zip(cache.column("path"), from_cache):
-        v = verdicts[Path(path).name]
-        assert v.error == "" and v.prompt.startswith("a photo of a ")
-        assert v.p_fake == pytest.approx(float(p), abs=1e-4)
-        assert v.fake == (v.p_fake > threshold)
+@pytest.fixture(scope="module")
+def detector(pipeline):
+    from lare2 import Detector
+
+    root, _ = pipeline
+    return Detector.from_run(root / "run", device="cpu", num_workers=0)
 
 
-def test_score_refuses_other_models_and_reports_bad_files(pipeline, tmp_path):
+def cached_scores(root: Path) -> dict[str, float]:
+    """File name -> p(fake) of the test cache's samples, as `extract` + `eval` score them."""
+    cache, scores, _ = scored_test_cache(root)
+    return {Path(path).name: float(p) for path, p in zip(cache.column("path"), scores)}
+
+
+def test_a_folder_of_good_and_bad_files_scores_like_the_cache(pipeline, tmp_path):
+    import shutil
+
+    root, _ = pipeline
+    folder = tmp_path / "mixed"
+    shutil.copytree(root / "images/gen-x/test", folder)
+    bad = {"zero_byte.png": (GALLERY["zero_byte.png"][0], "empty file"),
+           "truncated.jpg": (GALLERY["truncated.jpg"][0], "cannot decode"),
+           "text_named.jpg": (b"this is a text file, not a picture\n" * 4, "not an image Pillow can identify"),
+           "bomb.png": (GALLERY["bomb.png"][0], "decompression bomb")}
+    for name, (data, _) in bad.items():
+        (folder / name).write_bytes(data)
+    (folder / "notes.txt").write_text("not scored")
+    out = tmp_path / "rows.csv"
+    result = CliRunner().invoke(app, ["score", str(root / "run"), str(folder), "--device", "cpu", "-o", str(out),
+                                      "--heatmaps", str(tmp_path / "heat"), "--workers", "2"])
+    assert result.exit_code == 1, result.output  # some rows are errors
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    good = cached_scores(root)
+    from lare2.shared.manifest.sources import files_under
+    assert [r["path"] for r in rows] == [str(p) for p in files_under(folder) if p.suffix in (".png", ".jpg")]  # input order
+    assert len(rows) == len(good) + len(bad)
+    threshold = scored_test_cache(root)[2]
+    for r in rows:
+        name = Path(r["path"]).name
+        if name in bad:
+            assert (r["status"], r["p_fake"], r["is_fake"]) == ("error", "", "") and bad[name][1] in r["error"], r
+        else:
+            assert r["status"] == "ok" and r["error"] == "" and r["prompt"].startswith("a photo of a ")
+            assert float(r["p_fake"]) == pytest.approx(good[name], abs=1e-5)
+            assert r["is_fake"] == str(float(r["p_fake"]) > threshold) and float(r["threshold"]) == pytest.approx(threshold)
+    assert "scored 4 of 8 images" in result.stderr and "4 errors" in result.stderr
+    assert "skipped 1 files without an image name" in result.stderr and "notes.txt" in result.stderr
+    from PIL import Image
+
+    from lare2.heatmaps import heatmap_pixels
+    pngs = sorted((tmp_path / "heat").iterdir())
+    assert [p.name for p in pngs] == sorted(f"{Path(n).stem}.png" for n in good)
+    for png in pngs:
+        with Image.open(png) as im:
+            assert im.size == heatmap_pixels()
+
+
+def test_paths_pil_images_and_bytes_score_alike_in_any_batch(pipeline, detector, tmp_path):
+    from PIL import Image
+
+    from lare2 import Detector
+    root, _ = pipeline
+    paths = sorted((root / "images/gen-x/test").rglob("*.png"))
+    from_paths = detector.score(paths)
+    from_pil = detector.score([Image.open(p) for p in paths])
+    from_bytes = detector.score([p.read_bytes() for p in paths], class_name="goldfish")
+    one_by_one = Detector.from_run(root / "run", device="cpu", batch_size=1, num_workers=2).score(paths)
+    good = cached_scores(root)
+    for path, a, b, c in zip(paths, from_paths, from_pil, one_by_one):
+        assert a.status == b.status == c.status == "ok"
+        assert a.p_fake == pytest.approx(good[path.name], abs=1e-5)
+        assert b.p_fake == pytest.approx(a.p_fake, abs=1e-6) and c.p_fake == pytest.approx(a.p_fake, abs=1e-5)
+        assert a.prompt == b.prompt and b.path == str(path)
+    assert all(r.prompt == "a photo of a goldfish" and r.path == f"<bytes {i}>" for i, r in enumerate(from_bytes))
+    copies = [tmp_path / f"copy_{i}.png" for i in range(len(paths))]  # same bytes, other names: an explicit class
+    for path, copy in zip(paths, copies):
+        copy.write_bytes(path.read_bytes())
+    renamed = detector.score(copies, class_name="goldfish")
+    assert [r.p_fake for r in renamed] == pytest.approx([r.p_fake for r in from_bytes], abs=1e-6)
+    assert detector.score(copies)[0].status == "error"  # without one, a name that is not GenImage-style has no class
+    one = detector.score_image(Image.open(paths[0]).convert("RGB"))  # no file behind it: seeded from its pixels
+    assert one.status == "error" and "no ImageNet class" in one.error and "in-memory image" in one.error
+    assert 0.0 <= detector.score_image(Image.open(paths[0]).convert("RGB"), class_name="goldfish").p_fake <= 1.0
+
+
+def test_class_prompts_need_a_class_unless_auto(pipeline, tmp_path):
+    from lare2 import Detector
+    from lare2.extract.clip_text import load_text_tower, tokenize, zero_shot_input
+    from lare2.extract.images import decode_rgb
+    from lare2.shared.classnames import class_name
+    from tests.test_clip_text import write_two_tower_clip
+
+    root, _ = pipeline
+    nameless = tmp_path / "holiday.png"
+    nameless.write_bytes((next((root / "images/gen-x/test").rglob("*.png"))).read_bytes())
+    refused = CliRunner().invoke(app, ["score", str(root / "run"), str(nameless), "--device", "cpu", "--json"])
+    assert refused.exit_code == 1
+    (row,) = json.loads(refused.stdout)
+    assert row["status"] == "error" and "'holiday.png' is not a GenImage-style file name" in row["error"]
+    no_tower = CliRunner().invoke(app, ["score", str(root / "run"), str(nameless), "--device", "cpu", "--class-name", "auto"])
+    assert no_tower.exit_code == 2 and "text tower" in no_tower.stderr
+
+    clip = write_two_tower_clip(tmp_path / "clip.pt", seed=2)  # the same image tower as the run's ``tiny``
+    det = Detector.from_run(root / "run", clip=str(clip), device="cpu", num_workers=0)
+    auto = det.score([nameless], class_name="auto")[0]
+    # the zero-shot argmax, computed directly from the two towers
+    tower, tokenizer = load_text_tower(clip), det.models.lare.model.tokenizer
+    ids, eot = tokenize(tokenizer, [f"a photo of a {class_name(i)}" for i in range(1000)], 77)
+    import torch
+    with torch.no_grad():
+        text = torch.nn.functional.normalize(tower(ids, eot), dim=-1)
+        image = det.models.backbone(zero_shot_input(decode_rgb(nameless.read_bytes()))[None]).pooled
+    best = int((torch.nn.functional.normalize(image, dim=-1) @ text.T).argmax())
+    assert auto.status == "ok" and auto.prompt == f"a photo of a {class_name(best)}"
+    # auto ignores file names: the GenImage-named original scores the same with it
+    original = next((root / "images/gen-x/test").rglob("*.png"))
+    assert det.score([original], class_name="auto")[0].p_fake == pytest.approx(auto.p_fake, abs=1e-6)
+
+
+def test_attention_and_heatmap(pipeline, detector, tmp_path):
+    from PIL import Image
+
+    from lare2.heatmaps import heatmap_pixels
+    from lare2.shared.cache.plots import show_figure_pixels
+    root, _ = pipeline
+    path = sorted((root / "images/gen-x/test").rglob("*.png"))[0]
+    result = detector.score([path])[0]
+    assert result.attention.shape == (14, 14) and result.attention.sum() == pytest.approx(1.0, abs=1e-5)
+    assert (result.attention >= 0).all() and result.lare.shape == (4, 32, 32)
+    shown = detector.heatmap(result, tmp_path / "heat.png")
+    with Image.open(tmp_path / "heat.png") as im:
+        assert im.size == heatmap_pixels() == tuple(shown["pixels"])
+    error_row = detector.score([b""])[0]
+    with pytest.raises(ValueError, match="not scored"):
+        detector.heatmap(error_row, tmp_path / "none.png")
+
+    cache = FeatureCache.open(root / "cache/test")
+    shown = CliRunner().invoke(app, ["cache", "show", str(root / "cache/test"), cache.column("sample_id")[0],
+                                     "--png", str(tmp_path / "sample.png"), "--run", str(root / "run")])
+    assert shown.exit_code == 0, shown.output
+    with Image.open(tmp_path / "sample.png") as im:
+        assert im.size == show_figure_pixels(1 + 4 + 1)  # image, 4 LaRE channels, attention
+
+
+def test_score_refuses_other_models_and_bad_usage(pipeline, tmp_path):
     from lare2.extract.models import load_latent_diffusion
     from lare2.extract.tiny_models import save_tiny_sd
 
@@ -80,31 +212,41 @@ def test_score_refuses_other_models_and_reports_bad_files(pipeline, tmp_path):
     other_sd = save_tiny_sd(tmp_path / "other-sd", seed=1)
     refused = CliRunner().invoke(app, ["score", str(root / "run"), str(root / "images/gen-x/test"), "--sd", str(other_sd)])
     assert refused.exit_code == 2 and "not those the detector was trained on" in refused.output
-    # the one error line names the run and the weights at hand: the other SD's fingerprint, not the trained one's
+    # the one error line names the run, the weights at hand and the ones the run expects
     error = [line for line in refused.output.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and error[0].startswith(f"error: {root / 'run'}: ")
-    assert load_latent_diffusion(other_sd).fingerprint in error[0]
-    assert load_latent_diffusion(root / "tiny-sd").fingerprint not in error[0]
+    have, expected = error[0].split("expected")
+    assert load_latent_diffusion(other_sd).fingerprint in have
+    assert load_latent_diffusion(root / "tiny-sd").fingerprint in expected
+    # a bad --out is refused before anything is scored, and nothing is written
+    for out, why in ((tmp_path / "nodir" / "v.csv", "no folder"), (tmp_path / "v.xlsx", "must end in")):
+        bad = CliRunner().invoke(app, ["score", str(root / "run"), str(root / "images/gen-x/test"), "-o", str(out)])
+        assert bad.exit_code == 2 and why in bad.stderr and not out.exists() and "scored" not in bad.stderr
 
-    (tmp_path / "broken.png").write_bytes(b"not a picture")
-    (tmp_path / "fine.png").write_bytes(good_rgb(seed=3))
-    result = CliRunner().invoke(app, ["score", str(root / "run"), str(tmp_path / "broken.png"), str(tmp_path / "fine.png"),
-                                      "--json", "--out", str(tmp_path / "scores.csv")])
-    assert result.exit_code == 0, result.output
-    rows = {Path(r["path"]).name: r for r in json.loads(result.stdout.strip().splitlines()[-1])}
-    assert rows["broken.png"]["p_fake"] is None and "not an image" in rows["broken.png"]["error"]
-    assert 0.0 <= rows["fine.png"]["p_fake"] <= 1.0 and rows["fine.png"]["prompt"] == ""
-    threshold = scored_test_cache(root)[2]
-    broken = {"path": str(tmp_path / "broken.png"), "p_fake": None, "fake": None, "prompt": "",
-              "error": "not an image Pillow can identify"}
-    assert {k: rows["broken.png"][k] for k in broken} == broken
-    assert rows["fine.png"]["fake"] is (rows["fine.png"]["p_fake"] > threshold) and rows["fine.png"]["error"] == ""
-    assert (tmp_path / "scores.csv").read_text().count("\n") == 3
-    with open(tmp_path / "scores.csv", newline="") as f:
-        table = {Path(r["path"]).name: r for r in csv.DictReader(f)}
-    assert sorted(table) == ["broken.png", "fine.png"]  # the CSV holds the JSON rows
-    assert float(table["fine.png"]["p_fake"]) == pytest.approx(rows["fine.png"]["p_fake"], abs=1e-6)
-    assert table["broken.png"]["p_fake"] == "" and table["broken.png"]["error"] == rows["broken.png"]["error"]
+
+def test_rows_reach_the_file_as_they_are_scored(tmp_path):
+    from lare2.detect import ROW_FIELDS
+    from lare2.score_cli import RowWriter
+
+    for suffix in (".csv", ".json", ".jsonl"):
+        path = tmp_path / f"rows{suffix}"
+        writer = RowWriter(path, ROW_FIELDS)
+        row = dict(path="a.png", p_fake=0.25, is_fake=False, threshold=0.5, prompt="", status="ok", error="")
+        writer.write(row)
+        assert "a.png" in path.read_text()  # on disk before the next row, let alone the end
+        writer.write({**row, "path": "b.png"})
+        writer.close()
+        text = path.read_text()
+        rows = (list(csv.DictReader(text.splitlines())) if suffix == ".csv" else json.loads(text) if suffix == ".json"
+                else [json.loads(line) for line in text.splitlines()])
+        assert [r["path"] for r in rows] == ["a.png", "b.png"]
+
+
+def test_training_on_class_prompts_warns():
+    from lare2.train.trainer import class_prompt_warning
+
+    assert "--class-name auto" in class_prompt_warning({"prompt_mode": "class", "prompt_template": "a photo of a {}"})
+    assert class_prompt_warning({"prompt_mode": "empty"}) == ""
 
 
 def test_eval_reads_the_test_cache_made_by_stage_1(pipeline, tmp_path):

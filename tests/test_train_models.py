@@ -144,3 +144,17 @@ def test_every_model_trains_a_step_at_batch_size_1(kind: str) -> None:
 def test_unknown_kind_names_the_choices() -> None:
     with pytest.raises(ValueError, match="egre"):
         ModelConfig(kind="resnet")
+
+
+def test_zero_lare_ablation_ignores_the_map_and_nothing_else() -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(pooled_dim=16, fmap_shape=(16, 7, 7), lare_shape=(4, 16, 16), head_dim=8)
+    full, ablated = EGREClassifier(config).eval(), EGREClassifier(ModelConfig(**{**config.to_dict(), "zero_lare": True})).eval()
+    ablated.load_state_dict(full.state_dict())  # same weights: only the guiding map differs
+    pooled, fmap = torch.randn(3, 16), torch.randn(3, 16, 7, 7)
+    lare_a, lare_b = torch.rand(3, 4, 16, 16), 5 * torch.rand(3, 4, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ablated(pooled, fmap, lare_a), ablated(pooled, fmap, lare_b))
+        torch.testing.assert_close(ablated(pooled, fmap, lare_a), full(pooled, fmap, torch.zeros_like(lare_a)))
+        assert not torch.allclose(full(pooled, fmap, lare_a), full(pooled, fmap, lare_b))
+    assert ModelConfig.from_dict({k: v for k, v in config.to_dict().items() if k != "zero_lare"}).zero_lare is False

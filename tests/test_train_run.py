@@ -71,7 +71,8 @@ def test_changed_settings_refuse_to_resume(data, tmp_path, capsys) -> None:
     # a user error: one `error:` line and exit 2 (the CheckpointError used to escape as a traceback)
     assert main(train_args(data, tmp_path / "run", "--lr", "0.01")) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "lr" in err and "Traceback" not in err
+    assert err.startswith("error:") and "Traceback" not in err
+    assert "saved with other settings {'lr': (0.001, 0.01)}" in err, err
 
 
 def test_caches_from_other_extractions_are_refused(data, tmp_path, capsys) -> None:
@@ -158,11 +159,15 @@ def test_pending_samples_are_counted_and_reported(tmp_path, caplog) -> None:
     from lare2.train.data import CacheSplit
     from tests.tiny_caches import CHUNK, ERROR_INDICES, build_tiny_cache
 
+    from lare2.shared.cache import CacheError
+
     cache = build_tiny_cache(tmp_path, images=False)
+    with pytest.raises(CacheError, match="4 of 24 samples are still pending .* --allow-pending"):
+        CacheSplit(cache.path, ("lare",))  # an unfinished extraction is refused unless asked for
     lare2_logger = logging.getLogger("lare2")
     lare2_logger.addHandler(caplog.handler)
     try:
-        split = CacheSplit(cache.path, ("lare",))
+        split = CacheSplit(cache.path, ("lare",), allow_pending=True)
     finally:
         lare2_logger.removeHandler(caplog.handler)
     assert (split.num_pending, split.num_errors) == (CHUNK, len(ERROR_INDICES))

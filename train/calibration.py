@@ -26,12 +26,13 @@ def is_calibrated(config: DetectorConfig) -> bool:
     return bool(config.extra.get("calibrated", True)) and bool(config.extraction_fingerprint)
 
 
-def calibrate_run(run_dir: str | Path, val: str | Path, target_fpr: float | None = None) -> DetectorConfig:
+def calibrate_run(run_dir: str | Path, val: str | Path, target_fpr: float | None = None,
+                  allow_pending: bool = False) -> DetectorConfig:
     """Score ``val``'s ok samples with the run's detector, set the threshold for ``target_fpr``
     (default: the run's own, else 0.05) on its reals and rewrite ``config.json``."""
     run_dir = Path(run_dir)
     model, config = load_detector(run_dir)
-    split = CacheSplit(val, type(model).input_names)
+    split = CacheSplit(val, type(model).input_names, allow_pending=allow_pending)
     # an uncalibrated conversion adopts the cache's extraction; anything else must match its own
     expected = config if is_calibrated(config) else dataclasses.replace(config, extraction_fingerprint=split.fingerprint)
     check_compatible(expected, split.fingerprint, split.cache.layout, val)
@@ -46,7 +47,7 @@ def calibrate_run(run_dir: str | Path, val: str | Path, target_fpr: float | None
                        f"the threshold is set on other features. Extract val with --clip {backbone} and calibrate again.")
     fpr = target_fpr if target_fpr is not None else (config.target_fpr or DEFAULT_TARGET_FPR)
     calibrated = calibrated_config_for(model, config.model, split, fpr, extra={})
-    calibrated.train = config.train
+    calibrated.train, calibrated.train_ids_digest = config.train, config.train_ids_digest
     calibrated.extra = {**config.extra, **calibrated.extra, "calibrated": True, "val_cache": str(val)}
     save_detector(run_dir, model, calibrated)
     logger.info(f"{run_dir}: threshold {calibrated.threshold:.4g} for {fpr:.0%} FPR on "

@@ -50,6 +50,9 @@ class DetectorConfig:
     """Metrics of the selected model on the validation split."""
     train: dict = field(default_factory=dict)
     """The resolved training config (empty for converted checkpoints)."""
+    train_ids_digest: str | None = None
+    """Digest of the training cache's sample ids (``lare2.train.split_safety.ids_digest``): ``lare2 eval``
+    warns when a test cache is that cache (None for converted checkpoints)."""
     extra: dict = field(default_factory=dict)
     """Provenance, best epoch, source checkpoint and similar records."""
 
@@ -58,21 +61,21 @@ class DetectorConfig:
             "model": self.model.to_dict(), "extraction_fingerprint": self.extraction_fingerprint,
             "extraction": self.extraction.to_dict() if self.extraction else None,
             "threshold": self.threshold, "target_fpr": self.target_fpr, "val_metrics": self.val_metrics,
-            "train": self.train, **self.extra,
+            "train": self.train, "train_ids_digest": self.train_ids_digest, **self.extra,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DetectorConfig":
         # runs written before the typed field kept the extraction config as "extract_config"
         known = {"model", "extraction_fingerprint", "extraction", "extract_config", "threshold", "target_fpr",
-                 "val_metrics", "train"}
+                 "val_metrics", "train", "train_ids_digest"}
         stored_extraction = d.get("extraction") or d.get("extract_config")
         return cls(
             model=ModelConfig.from_dict(d["model"]), extraction_fingerprint=d["extraction_fingerprint"],
             extraction=ExtractConfig.from_dict(stored_extraction) if stored_extraction else None,
             threshold=float(d.get("threshold", 0.5)), target_fpr=d.get("target_fpr"),
             val_metrics=dict(d.get("val_metrics", {})), train=dict(d.get("train", {})),
-            extra={k: v for k, v in d.items() if k not in known},
+            train_ids_digest=d.get("train_ids_digest"), extra={k: v for k, v in d.items() if k not in known},
         )
 
 

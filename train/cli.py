@@ -74,6 +74,9 @@ def train_command(
                                           help="--resume (default): continue the run at --out from its last saved epoch. "
                                                "--no-resume: refuse when --out already holds a run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in --out, replacing the run there."),
+    allow_pending: bool = typer.Option(False, "--allow-pending", help="Use caches still being extracted (pending samples left out)."),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap",
+                                       help="Accept train and val sharing sample ids, or test data in either (a leak, if not meant)."),
     json_out: bool = JsonOpt,
     stop_after_steps: Optional[int] = typer.Option(None, hidden=True, help="Debug: stop without saving after N steps."),
 ) -> None:
@@ -85,7 +88,8 @@ def train_command(
     with user_errors():
         overrides = parse_overrides(set_, TrainConfig)
         named = {"model": model, "train": train, "val": val, "out": out, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                 "seed": seed, "device": device, "target_fpr": target_fpr, "stop_after_steps": stop_after_steps}
+                 "seed": seed, "device": device, "target_fpr": target_fpr, "stop_after_steps": stop_after_steps,
+                 "allow_pending": allow_pending or None, "allow_overlap": allow_overlap or None}
         overrides.update({k: v for k, v in named.items() if v is not None})
         if resume is not None:  # an explicit flag wins over --set resume=...
             overrides["resume"] = resume
@@ -117,6 +121,8 @@ def eval_command(
     batch_size: int = typer.Option(256, help="Samples per scoring batch."),
     device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda."),
     plots: bool = typer.Option(True, help="Write roc.png and acc_ap.png."),
+    allow_pending: bool = typer.Option(False, "--allow-pending", help="Score caches still being extracted (pending samples left out)."),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Test caches sharing samples with the training cache: no warning."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Per-generator ACC/AP/AUC/TPR@FPR table for every test cache; JSON, CSV and PNG plots."""
@@ -130,7 +136,8 @@ def eval_command(
     torch_device = check_device(device)
     # with --json the table goes to stderr, so that stdout holds the JSON document only
     with user_errors(), contextlib.redirect_stdout(sys.stderr if json_out else sys.stdout):
-        result = evaluate(run_dir, tests, report, batch_size=batch_size, device=torch_device, plots=plots)
+        result = evaluate(run_dir, tests, report, batch_size=batch_size, device=torch_device, plots=plots,
+                          allow_pending=allow_pending, allow_overlap=allow_overlap)
     if json_out:
         _echo_json({key: result[key] for key in ("run", "threshold", "target_fpr", "model", "rows", "mean", "extraction_errors")}
                    | {"report_dir": str(report or run_dir / "report")})
@@ -141,6 +148,7 @@ def convert_reference_command(
     out: Path = typer.Option(..., help="Run directory to write."),
     lare_size: int = typer.Option(32, help="Side of the LaRE map the head will see: image size / 8 (32 at 256 px)."),
     val: Optional[str] = typer.Option(None, hidden=True, help="Removed: calibrate with `lare2 calibrate`."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Write an uncalibrated run from a reference checkpoint (head loaded strictly; backbone saved aside).
@@ -151,6 +159,8 @@ def convert_reference_command(
     if val is not None:
         fail(f"--val {val}: convert-reference no longer calibrates; run `lare2 calibrate {out} --val {val}` after it "
              f"(extract {val} with --clip {out}/backbone.safetensors first)")
+    if _holds_run(out) and not overwrite:
+        fail(f"{out}: already holds a run; choose a new --out, or pass --overwrite to replace it")
     from lare2.train.trainer import REFERENCE_BACKBONE_FILE, convert_reference
 
     with user_errors():
@@ -165,6 +175,7 @@ def calibrate_command(
     run_dir: Path = typer.Argument(..., help="Run directory (lare2 convert-reference or lare2 train)."),
     val: str = typer.Option(..., help="Validation cache extracted with the run's backbone (and, for a trained run, its settings)."),
     target_fpr: Optional[float] = typer.Option(None, help="FPR on validation reals for the threshold (default: the run's, else 0.05)."),
+    allow_pending: bool = typer.Option(False, "--allow-pending", help="Use a val cache still being extracted."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Set a run's decision threshold from a validation cache's reals; refuses a cache that does not fit the run."""
@@ -173,7 +184,7 @@ def calibrate_command(
     if target_fpr is not None and not 0.0 < target_fpr < 1.0:
         fail(f"--target-fpr {target_fpr}: expected a number in (0, 1)")
     with user_errors():
-        config = calibrate_run(run_dir, val, target_fpr)
+        config = calibrate_run(run_dir, val, target_fpr, allow_pending)
     if json_out:
         _echo_json({"run_dir": run_dir, "val": val, "threshold": config.threshold, "target_fpr": config.target_fpr,
                     "val_metrics": config.val_metrics})

@@ -22,7 +22,8 @@ MIXED_PRECISION: tuple[str, ...] = get_args(MixedPrecision)
 __all__ = ["DEVICES", "MIXED_PRECISION", "PRESETS", "RESUME_FREE_KEYS", "SELECT_METRICS", "TrainConfig", "preset"]
 
 # Settings a resumed run may change without invalidating its saved state.
-RESUME_FREE_KEYS = ("out", "epochs", "stop_after_steps", "log_every", "device", "resume", "progress", "cpu_threads")
+RESUME_FREE_KEYS = ("out", "epochs", "stop_after_steps", "log_every", "device", "resume", "progress", "cpu_threads",
+                    "allow_pending", "allow_overlap")
 
 
 @dataclass(kw_only=True)
@@ -82,6 +83,10 @@ class TrainConfig(HeadSettings):
     """Log the running training loss every N steps."""
     stop_after_steps: int | None = None
     """Debug: stop (without saving) after this many optimiser steps in total, as a crash would."""
+    allow_pending: bool = False
+    """Train on caches whose extraction is unfinished (their pending samples left out); refused otherwise."""
+    allow_overlap: bool = False
+    """Accept train and val caches sharing sample ids, or holding test data; refused otherwise (split safety)."""
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -58,9 +58,13 @@ def _to_batch(arrays: dict[str, np.ndarray], labels: np.ndarray, index: np.ndarr
 
 
 class CacheSplit:
-    """The ok samples of one cache, read in chunk-sized blocks."""
+    """The ok samples of one cache, read in chunk-sized blocks.
 
-    def __init__(self, path: str | Path, names: Sequence[str]) -> None:
+    Refuses (``CacheError``) a cache with pending samples unless ``allow_pending`` (then they are left
+    out, with a warning), a block missing a chunk it must hold (``lare2.shared.cache.presence``) and an
+    ok sample holding NaN/Inf."""
+
+    def __init__(self, path: str | Path, names: Sequence[str], allow_pending: bool = False) -> None:
         self.cache = FeatureCache.open(path)
         self.path = Path(path)
         self.names = tuple(names)
@@ -74,6 +78,10 @@ class CacheSplit:
         status = self.cache.column("status")
         self.num_pending = int((status == STATUS_PENDING).sum())
         self.num_errors = int((status == STATUS_ERROR).sum())
+        if self.num_pending and not allow_pending:
+            raise CacheError(f"{self.path}: {self.num_pending} of {len(status)} samples are still pending (extraction not "
+                             "finished); rerun the `lare2 extract` command to complete the cache, or pass --allow-pending "
+                             "to use the finished part")
         if self.num_pending:  # an unfinished extraction: say so, the figures cover only part of the data
             log.warning("%s: %d of %d samples are still pending (extraction not finished) and are left out; "
                         "rerun the extraction to complete the cache", self.path, self.num_pending, len(status))
@@ -92,8 +100,16 @@ class CacheSplit:
         """Arrays and cache indices of the ok samples of one block."""
         sl = self.cache.block_slice(block)
         keep = self.ok[sl]
-        arrays = self.cache.read(sl, self.names)
-        return {n: a[keep] for n, a in arrays.items()}, np.arange(sl.start, sl.stop)[keep]
+        self.cache.presence.require([block])  # every array and column of the block, not only those read here
+        arrays = {n: a[keep] for n, a in self.cache.read(sl, self.names).items()}
+        for name, values in arrays.items():  # an ok sample never holds NaN: the extractor records those as errors
+            bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+            if bad.any():
+                sample = self.cache.column("sample_id")[sl][keep][bad][0]
+                raise CacheError(f"{self.path}: block {block}: {name} holds NaN/Inf for {int(bad.sum())} samples whose "
+                                 f"status is ok (e.g. {sample}); `lare2 cache repair {self.path}` marks the block for "
+                                 "re-extraction")
+        return arrays, np.arange(sl.start, sl.stop)[keep]
 
     def _epoch_windows(self, epoch: int, seed: int, shuffle_blocks: int,
                        world_size: int = 1) -> tuple[np.random.Generator, list[list[int]]]:

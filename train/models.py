@@ -36,6 +36,8 @@ class HeadSettings:
     """Hidden width of the LaRE channel gate (W1: L -> hidden, W2: hidden -> C)."""
     dropout: float = 0.1
     """Dropout on the attention weights and on the attention output."""
+    zero_lare: bool = False
+    """Ablation: EGRE sees a LaRE map of zeros, in training and in scoring alike (what the map adds)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
@@ -96,7 +98,9 @@ class MapBiasedAttention(nn.Module):
             nn.init.xavier_uniform_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, query_BQD: torch.Tensor, tokens_BTD: torch.Tensor, bias_BTN: torch.Tensor) -> torch.Tensor:
+    def forward(self, query_BQD: torch.Tensor, tokens_BTD: torch.Tensor, bias_BTN: torch.Tensor,
+                return_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The attended output [B, Q, d_out]; with ``return_weights`` also the softmax weights [B, N, Q, T] (before dropout)."""
         B, Q, _ = query_BQD.shape
         T = tokens_BTD.shape[1]
         N, K = self.num_heads, self.head_dim
@@ -105,9 +109,10 @@ class MapBiasedAttention(nn.Module):
         v_BNTK = self.fc_v(tokens_BTD).view(B, T, N, K).transpose(1, 2)
         logits_BNQT = q_BNQK @ k_BNTK.transpose(-1, -2) / math.sqrt(K)
         logits_BNQT = logits_BNQT + bias_BTN.transpose(1, 2).unsqueeze(2)  # bias [B, N, 1, T] for every query
-        weights_BNQT = self.dropout(logits_BNQT.softmax(dim=-1))
-        out_BQNK = (weights_BNQT @ v_BNTK).transpose(1, 2)
-        return self.fc_o(out_BQNK.reshape(B, Q, N * K))
+        softmax_BNQT = logits_BNQT.softmax(dim=-1)
+        out_BQNK = (self.dropout(softmax_BNQT) @ v_BNTK).transpose(1, 2)
+        out_BQD = self.fc_o(out_BQNK.reshape(B, Q, N * K))
+        return (out_BQD, softmax_BNQT) if return_weights else out_BQD
 
 
 class MapAttentionPool(nn.Module):
@@ -121,15 +126,23 @@ class MapAttentionPool(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.layer_norm = nn.LayerNorm(channels)
 
-    def forward(self, fmap_BCHW: torch.Tensor, bias_BNHW: torch.Tensor) -> torch.Tensor:
+    def forward(self, fmap_BCHW: torch.Tensor, bias_BNHW: torch.Tensor,
+                return_attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The spatial feature [B, C]; with ``return_attention`` also where the query looked: [B, H, W], each
+        head's weights on the H*W positions renormalised to sum to 1 (the mean token's share left out), averaged over heads."""
         tokens_BSC = fmap_BCHW.flatten(2).transpose(1, 2)  # S = H*W spatial tokens
         tokens_BTC = torch.cat([tokens_BSC.mean(dim=1, keepdim=True), tokens_BSC], dim=1)
         tokens_BTC = tokens_BTC + self.positional_embedding.to(tokens_BTC.dtype)
         bias_BSN = bias_BNHW.flatten(2).transpose(1, 2)
         bias_BTN = torch.cat([bias_BSN.mean(dim=1, keepdim=True), bias_BSN], dim=1)
         query_B1C = tokens_BTC[:, :1]
-        out_B1C = self.dropout(self.attention(query_B1C, tokens_BTC, bias_BTN))
-        return self.layer_norm(query_B1C + out_B1C)[:, 0]  # index, not squeeze(): keeps batch size 1
+        out_B1C, weights_BN1T = self.attention(query_B1C, tokens_BTC, bias_BTN, return_weights=True)
+        spatial_BC = self.layer_norm(query_B1C + self.dropout(out_B1C))[:, 0]  # index, not squeeze(): keeps batch size 1
+        if not return_attention:
+            return spatial_BC
+        grid_BNS = weights_BN1T[:, :, 0, 1:]
+        grid_BNS = grid_BNS / grid_BNS.sum(dim=-1, keepdim=True)
+        return spatial_BC, grid_BNS.mean(dim=1).unflatten(-1, fmap_BCHW.shape[-2:])
 
 
 class LareChannelGate(nn.Module):
@@ -168,6 +181,7 @@ class EGREClassifier(nn.Module):
 
     def encode(self, pooled_BD: torch.Tensor, fmap_BCHW: torch.Tensor, lare_BLhw: torch.Tensor) -> torch.Tensor:
         """The refined feature [B, D + 2C] the head classifies."""
+        lare_BLhw = self.guide(lare_BLhw)
         lare_BLHW = F.adaptive_avg_pool2d(lare_BLhw, fmap_BCHW.shape[-2:])  # align the map to the feature grid
         spatial_BC = self.attn_pool(fmap_BCHW, self.conv(lare_BLHW))
         channel_BC = self.channel_align(fmap_BCHW, lare_BLhw)
@@ -175,6 +189,15 @@ class EGREClassifier(nn.Module):
 
     def forward(self, pooled: torch.Tensor | None, fmap: torch.Tensor | None, lare: torch.Tensor | None) -> torch.Tensor:
         return self.fc(self.encode(pooled, fmap, lare))
+
+    def guide(self, lare_BLhw: torch.Tensor) -> torch.Tensor:
+        """The map EGRE is guided by: the LaRE map, or zeros in the ``zero_lare`` ablation."""
+        return torch.zeros_like(lare_BLhw) if self.config.zero_lare else lare_BLhw
+
+    def spatial_attention(self, fmap_BCHW: torch.Tensor, lare_BLhw: torch.Tensor) -> torch.Tensor:
+        """Where the attention pool looked: [B, H, W] over the feature grid, summing to 1 (``MapAttentionPool``)."""
+        lare_BLHW = F.adaptive_avg_pool2d(self.guide(lare_BLhw), fmap_BCHW.shape[-2:])
+        return self.attn_pool(fmap_BCHW, self.conv(lare_BLHW), return_attention=True)[1]
 
 
 # ---- baselines ------------------------------------------------------------------------------------

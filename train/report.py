@@ -25,6 +25,7 @@ from lare2.shared.jsonio import write_json
 from lare2.train.checkpoint import check_compatible, load_detector, score_split
 from lare2.train.data import CacheSplit
 from lare2.train.metrics import detection_metrics
+from lare2.train.split_safety import warn_test_overlap
 
 logger = get_logger(__name__)
 
@@ -50,13 +51,16 @@ class ScoredCache:
     num_errors: int
 
 
-def score_caches(run_dir: str | Path, test_paths: Sequence[str | Path], batch_size: int = 256, device: str = "cpu"):
-    """Load the detector and score every test cache (refusing caches from another extraction)."""
+def score_caches(run_dir: str | Path, test_paths: Sequence[str | Path], batch_size: int = 256, device: str = "cpu",
+                 allow_pending: bool = False, allow_overlap: bool = False):
+    """Load the detector and score every test cache (refusing caches from another extraction or unfinished
+    ones unless ``allow_pending``; warning loudly about one that shares samples with the training cache)."""
     model, config = load_detector(run_dir, device=device)
     scored = []
     for path in test_paths:
-        split = CacheSplit(path, type(model).input_names)
+        split = CacheSplit(path, type(model).input_names, allow_pending=allow_pending)
         check_compatible(config, split.fingerprint, split.cache.layout, path)
+        warn_test_overlap(split.cache, config.train_ids_digest, config.extra.get("train_cache"), allow_overlap)
         labels, scores, index = score_split(model, split, batch_size)
         generators = split.cache.column("generator")[index]
         status = split.cache.column("status")
@@ -170,12 +174,13 @@ def write_plots(curves: dict[str, tuple[np.ndarray, np.ndarray]], rows: Sequence
 
 
 def evaluate(run_dir: str | Path, test_paths: Sequence[str | Path], report_dir: str | Path | None = None,
-             batch_size: int = 256, device: str = "cpu", plots: bool = True) -> dict:
+             batch_size: int = 256, device: str = "cpu", plots: bool = True, allow_pending: bool = False,
+             allow_overlap: bool = False) -> dict:
     """Score every test cache, print the per-generator table, write metrics.json/.csv (+ plots)."""
     if not test_paths:
         raise ValueError("no test caches given (--test)")
     report_dir = Path(report_dir) if report_dir else Path(run_dir) / "report"
-    _, config, scored = score_caches(run_dir, test_paths, batch_size, device)
+    _, config, scored = score_caches(run_dir, test_paths, batch_size, device, allow_pending, allow_overlap)
     rows, curves = generator_rows(scored, config.threshold)
     mean = mean_row(rows)
     report = {

@@ -41,12 +41,15 @@ from lare2.train.checkpoint import (
 )
 from lare2.train.config import RESUME_FREE_KEYS, TrainConfig
 from lare2.train.data import CacheSplit
+from lare2.train.split_safety import cache_ids, check_train_val, ids_digest
 from lare2.train.metrics import calibrate_threshold, detection_metrics
 from lare2.train.models import ModelConfig, build_model
 
 logger = get_logger(__name__)
 
 RESUME_FILE = "resume.pt"
+MIN_CALIBRATION_REALS = 100
+"""Fewer validation reals than this and calibration warns: the threshold's FPR rests on a handful of images."""
 HISTORY_FILE = "history.json"
 
 
@@ -77,7 +80,9 @@ def model_config_for(cfg: TrainConfig, split: CacheSplit) -> ModelConfig:
 
 
 def _open_splits(cfg: TrainConfig, input_names: tuple[str, ...]) -> tuple[CacheSplit, CacheSplit]:
-    train, val = CacheSplit(cfg.train, input_names), CacheSplit(cfg.val, input_names)
+    train = CacheSplit(cfg.train, input_names, allow_pending=cfg.allow_pending)
+    val = CacheSplit(cfg.val, input_names, allow_pending=cfg.allow_pending)
+    check_train_val(train.cache, val.cache, cfg.allow_overlap)
     if train.fingerprint != val.fingerprint:
         raise CacheError(f"{cfg.val}: extraction fingerprint {val.fingerprint} differs from {cfg.train}'s {train.fingerprint}; "
                          "train and validation features must come from the same extraction settings")
@@ -92,8 +97,9 @@ def _open_splits(cfg: TrainConfig, input_names: tuple[str, ...]) -> tuple[CacheS
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
-    now = cfg.to_dict()
-    changed = {k: (saved.get(k), now[k]) for k in now if k not in RESUME_FREE_KEYS and saved.get(k) != now[k]}
+    now, defaults = cfg.to_dict(), TrainConfig().to_dict()  # a setting newer than the saved state has its default there
+    changed = {k: (saved.get(k, defaults[k]), now[k]) for k in now
+               if k not in RESUME_FREE_KEYS and saved.get(k, defaults[k]) != now[k]}
     if changed:
         raise CheckpointError(f"{path}: saved with other settings {changed} (saved, now); use another --out, or --overwrite to start afresh")
 
@@ -129,7 +135,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     out = Path(cfg.out)
 
     seed_everything(cfg.seed)
-    probe = CacheSplit(cfg.train, ())
+    probe = CacheSplit(cfg.train, (), allow_pending=cfg.allow_pending)
     model_config = model_config_for(cfg, probe)
     model = build_model(model_config)
     train_split, val_split = _open_splits(cfg, type(model).input_names)
@@ -161,6 +167,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         logger.info(f"{cfg.model}: {sum(p.numel() for p in trainable):,} trainable parameters; "
                     f"train {train_split.num_ok} / val {val_split.num_ok} ok samples; extraction {fingerprint}")
+        warning = class_prompt_warning(train_split.cache.attrs.get("extract_config") or {})
+        if warning:
+            logger.warning(warning)
 
     model, optimizer_acc = accelerator.prepare(model, optimizer)
     for epoch in range(start_epoch, cfg.epochs):
@@ -221,10 +230,11 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             tmp.replace(resume_path)  # atomic: a kill leaves the previous epoch's state intact
         accelerator.wait_for_everyone()
 
-    return _finish(cfg, accelerator, model_config, val_split, best)
+    return _finish(cfg, accelerator, model_config, val_split, best, train_split.cache)
 
 
-def _finish(cfg: TrainConfig, accelerator, model_config: ModelConfig, val_split: CacheSplit, best: dict) -> TrainResult:
+def _finish(cfg: TrainConfig, accelerator, model_config: ModelConfig, val_split: CacheSplit, best: dict,
+            train_cache) -> TrainResult:
     """Reload the best epoch, calibrate its threshold on validation reals, write config.json."""
     from safetensors.torch import load_file
 
@@ -236,6 +246,7 @@ def _finish(cfg: TrainConfig, accelerator, model_config: ModelConfig, val_split:
         extra={"best_epoch": best["epoch"] + 1, "select_metric": cfg.select_metric, "train_cache": str(cfg.train), "val_cache": str(cfg.val)},
     )
     config.train = cfg.to_dict()
+    config.train_ids_digest = ids_digest(cache_ids(train_cache))
     threshold, val_metrics = config.threshold, config.val_metrics
     n_real = val_metrics["n_real"]
     if accelerator.is_main_process:
@@ -246,10 +257,25 @@ def _finish(cfg: TrainConfig, accelerator, model_config: ModelConfig, val_split:
     return TrainResult(run_dir=out, finished=True, best_epoch=best["epoch"] + 1, threshold=threshold, val_metrics=val_metrics)
 
 
+def class_prompt_warning(extract_config: dict) -> str:
+    """A warning when features were extracted with class prompts, which images in the wild can only approximate."""
+    if extract_config.get("prompt_mode") != "class":
+        return ""
+    return ("this detector is trained on LaRE maps made with class prompts "
+            f"({extract_config.get('prompt_template', 'a photo of a {}')!r} + the ImageNet class of a GenImage file name): "
+            "an image without such a name can only be scored with --class-name NAME or --class-name auto "
+            "(CLIP zero-shot, an approximation of the training prompts); for images in the wild, extract with "
+            "--prompt-mode empty (README: 'Train and evaluate')")
+
+
 def calibrated_config_for(model: nn.Module, model_config: ModelConfig, val_split: CacheSplit, target_fpr: float,
                           extra: dict) -> DetectorConfig:
     """A detector config for already-trained weights, calibrated on ``val_split`` reals."""
     labels, scores, _ = score_split(model.eval(), val_split)
+    n_real = int((labels == 0).sum())
+    if n_real < MIN_CALIBRATION_REALS:
+        logger.warning(f"the threshold rests on {n_real} validation reals of {val_split.path} (fewer than "
+                       f"{MIN_CALIBRATION_REALS}): its false positive rate is a coarse estimate; calibrate on a larger val split")
     threshold = calibrate_threshold(scores[labels == 0], target_fpr)
     val_metrics = detection_metrics(labels, scores, threshold)
     val_metrics["fpr@thr"] = float((scores[labels == 0] > threshold).mean())
@@ -258,7 +284,8 @@ def calibrated_config_for(model: nn.Module, model_config: ModelConfig, val_split
     return DetectorConfig(model=model_config, extraction_fingerprint=val_split.fingerprint,
                           extraction=ExtractConfig.from_dict(stored_extraction) if stored_extraction else None,
                           threshold=threshold, target_fpr=target_fpr, val_metrics=val_metrics,
-                          extra={**extra, "provenance": provenance()})
+                          extra={**extra, "model_fingerprints": dict(val_split.cache.attrs.get("fingerprints") or {}),
+                                 "provenance": provenance()})
 
 
 REFERENCE_BACKBONE_FILE = "backbone.safetensors"

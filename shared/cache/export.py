@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lare2.shared.cache.errors import CacheError
 from lare2.shared.cache.store import ARRAY_NAMES, META_COLUMNS, STATUS_ERROR, STATUS_OK, STATUS_PENDING, FeatureCache, open_cache
 from lare2.shared.jsonio import jsonable
 from lare2.shared.logs import progress_bar
@@ -81,7 +82,13 @@ def export_webdataset(
                 if not any(s in wanted for s in block_status):
                     bar.advance(task)
                     continue
+                cache.presence.require([block])  # a missing chunk would export fill values as data
                 arrays = cache.read(sl) if STATUS_OK in block_status else {}
+                for name, values in arrays.items():
+                    bad = (block_status == STATUS_OK) & ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+                    if bad.any():
+                        raise CacheError(f"{cache.path}: block {block}: {name} holds NaN/Inf for {int(bad.sum())} samples "
+                                         f"whose status is ok; `lare2 cache repair {cache.path}` marks it for re-extraction")
                 for offset, sample_status in enumerate(block_status):
                     if sample_status not in wanted:
                         continue

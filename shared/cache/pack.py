@@ -18,6 +18,7 @@ from pathlib import Path
 import zarr
 
 from lare2.shared.cache.errors import CacheError, CacheExistsError
+from lare2.shared.cache.presence import EVERY_CHUNK_ATTR, storing
 from lare2.shared.cache.store import ARRAY_NAMES, META_COLUMNS, FeatureCache, create_arrays, staging_path
 from lare2.shared.jsonio import jsonable
 
@@ -27,7 +28,7 @@ def pack_cache(source: str | Path, out: str | Path, shard_blocks: int = 64, prog
 
     Values, chunks, metadata and attributes are copied as they are (``packed`` is added to the
     attributes). Refuses a cache with pending blocks (a packed one cannot be appended to) and an
-    existing ``out``. Written shard by shard into a hidden folder, renamed into place at the end.
+    existing ``out``, and one with a missing chunk (``presence``). Written shard by shard into a hidden folder, renamed into place at the end.
     """
     from lare2.shared.logs import progress_bar
 
@@ -44,6 +45,7 @@ def pack_cache(source: str | Path, out: str | Path, shard_blocks: int = 64, prog
     if src.shard_blocks > 1:
         raise CacheError(f"{src.path}: already packed ({src.shard_blocks} blocks per shard)")
     n, c = len(src), src.layout.chunk_samples
+    src.presence.require(range(src.num_blocks))  # the copy would store an absent chunk's fill values as data
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_path(out)
     group = zarr.open_group(staging, mode="w-")
@@ -56,10 +58,11 @@ def pack_cache(source: str | Path, out: str | Path, shard_blocks: int = 64, prog
             for start in range(0, n, samples_per_shard):  # whole shards: each shard file is written once
                 window = slice(start, min(start + samples_per_shard, n))
                 for name in names:
-                    group[name][window] = src.group[name][window]
+                    storing(group[name])[window] = src.group[name][window]
                 bar.advance(task)
-        group["block_done"][:] = src.group["block_done"][:]
-        group.attrs.update(jsonable({**src.attrs, "packed": {"shard_blocks": shard_blocks, "source": str(src.path)}}))
+        storing(group["block_done"])[:] = src.group["block_done"][:]
+        group.attrs.update(jsonable({**src.attrs, "packed": {"shard_blocks": shard_blocks, "source": str(src.path)},
+                                     EVERY_CHUNK_ATTR: True}))
         os.rename(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

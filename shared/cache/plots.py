@@ -22,8 +22,10 @@ def show_figure_pixels(num_panels: int) -> tuple[int, int]:
     return round(SHOW_PANEL_INCHES[0] * num_panels * FIGURE_DPI), round(SHOW_PANEL_INCHES[1] * FIGURE_DPI)
 
 
-def render_sample_png(cache: FeatureCache, index: int, out: str | Path) -> dict:
-    """Save the source image beside its LaRE map, one panel per latent channel.
+def render_sample_png(cache: FeatureCache, index: int, out: str | Path,
+                      extra_panels: dict[str, np.ndarray] | None = None) -> dict:
+    """Save the source image beside its LaRE map, one panel per latent channel, then ``extra_panels``
+    (title -> a 2-D map, e.g. a detector's attention over the feature grid), each on its own colour scale.
 
     When the image is not at hand only the LaRE panels are drawn; the returned dict says so
     (``image_shown``, ``image_note``) and gives the PNG's pixel size.
@@ -45,7 +47,8 @@ def render_sample_png(cache: FeatureCache, index: int, out: str | Path) -> dict:
         note = str(source)
 
     channels = lare_4HW.shape[0]
-    panels = channels + (image is not None)
+    extra_panels = extra_panels or {}
+    panels = channels + (image is not None) + len(extra_panels)
     fig = Figure(figsize=(SHOW_PANEL_INCHES[0] * panels, SHOW_PANEL_INCHES[1]), dpi=FIGURE_DPI)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, panels, squeeze=False)[0]
@@ -61,6 +64,9 @@ def render_sample_png(cache: FeatureCache, index: int, out: str | Path) -> dict:
         ax = axes[first + c]
         ax.imshow(lare_4HW[c], cmap="magma", vmin=0.0, vmax=vmax or 1.0, interpolation="nearest")
         ax.set_title(f"LaRE channel {c}", fontsize=9)
+    for k, (title, values) in enumerate(extra_panels.items()):
+        axes[first + channels + k].imshow(values, cmap="viridis", interpolation="nearest")
+        axes[first + channels + k].set_title(title, fontsize=9)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])

@@ -15,6 +15,7 @@ Work is done in *blocks* of C consecutive samples: a block covers exactly one ch
 array, so concurrent writers (ranks, array jobs) never touch the same chunk, and a block counts as
 done only after all its chunks are written (Zarr's local store writes each chunk atomically via
 rename). A failed sample keeps NaN in every array (the fill value) and ``status == "error"``.
+Every chunk is stored, fill values included (``presence``): an absent chunk is damage, and reads refuse it.
 
 A packed cache (``lare2.shared.cache.pack``, K blocks per Zarr v3 shard) reads the same and is
 read-only for the extractor.
@@ -36,6 +37,7 @@ import pyarrow as pa
 import zarr
 
 from lare2.shared.cache.errors import CacheError, CacheExistsError
+from lare2.shared.cache.presence import EVERY_CHUNK_ATTR, ChunkPresence, storing
 from lare2.shared.jsonio import jsonable
 from lare2.shared.manifest.table import CACHE_COLUMNS, MANIFEST_SCHEMA
 
@@ -108,6 +110,14 @@ def _fill_value(dtype: str):
     return 0
 
 
+def column_values(column: str, values: Sequence) -> np.ndarray:
+    """``values`` of a metadata column as the store keeps them (strings as ``StringDType``)."""
+    dtype = META_COLUMNS[column]
+    if dtype == "str":
+        return np.asarray(list(values), dtype=object).astype(np.dtypes.StringDType())
+    return np.asarray(list(values), dtype=dtype)
+
+
 def staging_path(path: Path) -> Path:
     """A hidden sibling folder where a store is built before it is renamed into place."""
     return path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
@@ -148,6 +158,7 @@ class FeatureCache:
     group: zarr.Group
     layout: CacheLayout
     _meta_cache: dict = field(default_factory=dict, repr=False)
+    _presence: ChunkPresence | None = field(default=None, repr=False)
 
     # ---- creation and opening -------------------------------------------------------------
     @classmethod
@@ -185,15 +196,12 @@ class FeatureCache:
         group = zarr.open_group(staging, mode="w-")
         create_arrays(group, n, layout)
         meta = group["meta"]
-        for col, dtype in META_COLUMNS.items():
+        for col in META_COLUMNS:
             if col in rows:
-                meta[col][:] = np.asarray(list(rows[col]), dtype=object if dtype == "str" else dtype).astype(
-                    _zarr_dtype(dtype) if dtype != "str" else np.dtypes.StringDType()
-                )
-        meta["status"][:] = np.full(n, STATUS_PENDING, dtype=np.dtypes.StringDType())
-        group.attrs.update(
-            jsonable({"lare2_cache_format": CACHE_FORMAT_VERSION, "num_samples": n, "layout": layout.to_dict(), **(attrs or {})})
-        )
+                storing(meta[col])[:] = column_values(col, rows[col])
+        storing(meta["status"])[:] = np.full(n, STATUS_PENDING, dtype=np.dtypes.StringDType())
+        group.attrs.update(jsonable({"lare2_cache_format": CACHE_FORMAT_VERSION, "num_samples": n, "layout": layout.to_dict(),
+                                     **(attrs or {}), EVERY_CHUNK_ATTR: True}))
         try:
             os.rename(staging, path)  # atomic; fails if another creator got there first
         except OSError:
@@ -271,13 +279,14 @@ class FeatureCache:
             expected = (n, *self.layout.sample_shape(name))
             if tuple(values.shape) != expected:
                 raise CacheError(f"{self.path}: block {block} {name} has shape {tuple(values.shape)}, expected {expected}")
-            self.group[name][sl] = np.asarray(values, dtype=self.layout.dtype(name))
+            storing(self.group[name])[sl] = np.asarray(values, dtype=self.layout.dtype(name))
         meta = self.group["meta"]
-        meta["seed"][sl] = np.asarray(seed, dtype=np.int64)
-        meta["status"][sl] = np.asarray(list(status), dtype=np.dtypes.StringDType())
-        meta["error"][sl] = np.asarray(list(error), dtype=np.dtypes.StringDType())
-        self.group["block_done"][block] = 1
+        storing(meta["seed"])[sl] = np.asarray(seed, dtype=np.int64)
+        storing(meta["status"])[sl] = np.asarray(list(status), dtype=np.dtypes.StringDType())
+        storing(meta["error"])[sl] = np.asarray(list(error), dtype=np.dtypes.StringDType())
+        storing(self.group["block_done"])[block] = 1
         self._meta_cache.clear()
+        self._presence = None
 
     def finalize(self) -> dict:
         """Counts per status; recorded in the attributes once every block is done.
@@ -294,8 +303,26 @@ class FeatureCache:
         return counts
 
     # ---- reading --------------------------------------------------------------------------
+    @property
+    def presence(self) -> ChunkPresence:
+        """Which chunks each block must hold and holds (refreshed after this object writes)."""
+        if self._presence is None:
+            self._presence = ChunkPresence(self.path, self.group, self.layout.chunk_samples, len(self),
+                                           bool(self.group.attrs.get(EVERY_CHUNK_ATTR)))
+        return self._presence
+
     def read(self, index: slice | Sequence[int] | np.ndarray, names: Iterable[str] = ARRAY_NAMES) -> dict[str, np.ndarray]:
-        """Arrays for ``index`` (a slice or sorted/unsorted integer indices), in the stored dtype."""
+        """Arrays for ``index`` (a slice or sorted/unsorted integer indices), in the stored dtype.
+
+        ``CacheError`` when a chunk that the rows' blocks must hold is missing (it would read as NaN)."""
+        names = tuple(names)
+        c = self.layout.chunk_samples
+        if isinstance(index, slice):
+            start, stop, _ = index.indices(len(self))
+            blocks: Iterable[int] = range(start // c, -(-stop // c))
+        else:
+            blocks = np.unique(np.asarray(index, dtype=np.int64) // c)
+        self.presence.require(blocks, names)
         out = {}
         for name in names:
             arr = self.group[name]
@@ -311,7 +338,8 @@ class FeatureCache:
         if name not in META_COLUMNS:
             raise KeyError(f"unknown metadata column {name!r}; choose from {list(META_COLUMNS)}")
         if name not in self._meta_cache:
-            values = self.group["meta"][name][:]
+            self.presence.require_column(name)  # an absent chunk would read as fill values (label 0: real)
+            values = self.presence.status if name == "status" else self.group["meta"][name][:]
             self._meta_cache[name] = values.astype(object) if META_COLUMNS[name] == "str" else values
         return self._meta_cache[name]
 

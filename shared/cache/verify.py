@@ -12,8 +12,9 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from lare2.shared.cache.chunks import block_chunk_coords, chunk_file, file_count, iter_arrays
+from lare2.shared.cache.chunks import iter_arrays
 from lare2.shared.cache.errors import CacheError, RecomputeUnavailable
+from lare2.shared.cache.presence import EVERY_CHUNK_ATTR, ChunkPresence
 from lare2.shared.cache.store import (
     ARRAY_NAMES,
     KNOWN_STATUSES,
@@ -59,6 +60,9 @@ class VerifyReport:
     """What was looked at: chunks read, ok samples scanned, manifest rows, recomputed samples."""
     recompute: dict | None = None
     """Per-array comparison of recomputed samples, when ``recompute`` was asked and ran."""
+    damaged: dict[int, set[str]] = field(default_factory=dict)
+    """Blocks whose chunks are missing, unreadable or inconsistent: block -> what (``lare``, ``meta/label``,
+    ``values``, ``status``, ``manifest``); what ``lare2 cache repair`` resets."""
 
     @property
     def errors(self) -> list[Finding]:
@@ -75,6 +79,9 @@ class VerifyReport:
     def add(self, check: str, severity: str, message: str, items: Sequence = ()) -> None:
         self.findings.append(Finding(check=check, severity=severity, message=message, items=list(items)))
 
+    def damage(self, block: int, what: str) -> None:
+        self.damaged.setdefault(int(block), set()).add(what)
+
     def to_dict(self) -> dict:
         return {
             "path": self.path,
@@ -83,6 +90,7 @@ class VerifyReport:
             "warnings": [f.to_dict() for f in self.warnings],
             "checked": jsonable(self.checked),
             "recompute": jsonable(self.recompute),
+            "damaged_blocks": {str(b): sorted(w) for b, w in sorted(self.damaged.items())},
         }
 
 
@@ -119,13 +127,15 @@ def _check_chunks_and_values(
         except Exception:  # a decode error somewhere: read chunk by chunk below to name the bad ones
             pass
         values = np.full(arr.shape, arr.fill_value, dtype=arr.dtype)
-        chunk = arr.chunks[0]
-        for b in range(arr.nchunks):
+        chunk = arr.chunks[0]  # a block per chunk (block_done: one marker per chunk)
+        for b in range(-(-arr.shape[0] // chunk)):
             sl = slice(b * chunk, min((b + 1) * chunk, arr.shape[0]))
             try:
                 values[sl] = arr[sl]
             except Exception as err:
-                unreadable.append(f"{name}/{arr.metadata.encode_chunk_key(block_chunk_coords(arr, b))} ({err})")
+                per_file = (arr.shards or arr.chunks)[0] // chunk
+                unreadable.append(f"{name}/{arr.metadata.encode_chunk_key((b // per_file,))} ({err})")
+                report.damage(b * chunk // cache.layout.chunk_samples, name)
             chunks_read += 1
         small[name] = values
 
@@ -133,11 +143,14 @@ def _check_chunks_and_values(
                for c, dtype in META_COLUMNS.items()}
     status, ids = columns["status"], columns["sample_id"]
     done = small["block_done"].astype(bool)
-    for name in ("meta/sample_id", "meta/status"):  # never all-fill, so every chunk must be on disk
-        arr = arrays.get(name)
-        if arr is not None:
-            missing += [f"{name}/{arr.metadata.encode_chunk_key((b,))}" for b in range(file_count(arr))
-                        if not chunk_file(cache, arr, (b,)).is_file()]
+    # an absent chunk reads as fill values (label 0, NaN): every chunk a block must hold has to be stored
+    presence = ChunkPresence(cache.path, group, cache.layout.chunk_samples, len(cache),
+                             bool(cache.attrs.get(EVERY_CHUNK_ATTR)), status=status)
+    for block in range(cache.num_blocks):
+        for name in presence.missing(block):
+            missing.append(presence.chunk_key(name, block))  # a missing shard file: once for its blocks
+            report.damage(block, name)
+    missing = list(dict.fromkeys(missing))
 
     nonfinite: dict[str, list[int]] = {name: [] for name in ARRAY_NAMES}
     ok = status == STATUS_OK
@@ -150,24 +163,24 @@ def _check_chunks_and_values(
                 arr = arrays.get(name)
                 if arr is None:
                     continue
-                coords = block_chunk_coords(arr, block)
-                key = f"{name}/{arr.metadata.encode_chunk_key(coords)}"
-                # zarr skips writing chunks that hold only the fill value (NaN): a block of failed
-                # samples has no file, a block with an ok sample must have one
-                if done[block] and block_ok.any() and not chunk_file(cache, arr, coords).is_file():
-                    missing.append(key)
                 chunks_read += 1
                 try:
                     values = arr[sl]
                 except Exception as err:  # zarr raises the codec's own error type on a bad chunk
-                    unreadable.append(f"{key} ({err})")
+                    unreadable.append(f"{presence.chunk_key(name, block)} ({err})")
+                    report.damage(block, name)
                     continue
                 rows_finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
-                nonfinite[name] += [sl.start + int(i) for i in np.flatnonzero(block_ok & ~rows_finite)]
+                bad = [sl.start + int(i) for i in np.flatnonzero(block_ok & ~rows_finite)]
+                nonfinite[name] += bad
+                if bad:
+                    report.damage(block, "values")
             bar.advance(task)
 
     if missing:
-        report.add("chunks", "error", f"{len(missing)} chunks missing on disk", missing)
+        blocks = sorted({b for b, what in report.damaged.items() if what - {"values"}})
+        report.add("chunks", "error", f"{len(missing)} chunks missing on disk (they would read as fill values; "
+                   f"blocks {_some(blocks)})", missing)
     if unreadable:
         report.add("chunks", "error", f"{len(unreadable)} chunks cannot be read (corrupt)", unreadable)
     for name, rows in nonfinite.items():
@@ -176,6 +189,10 @@ def _check_chunks_and_values(
     report.checked["chunks_read"] = chunks_read
     report.checked["ok_samples_scanned"] = int(ok.sum())
     return columns, done
+
+
+def _some(items: Sequence, shown: int = 10) -> str:
+    return ", ".join(map(str, items[:shown])) + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def _check_structure(cache: FeatureCache, report: VerifyReport) -> bool:
@@ -196,16 +213,25 @@ def _check_structure(cache: FeatureCache, report: VerifyReport) -> bool:
     return whole
 
 
-def _check_status(cache: FeatureCache, report: VerifyReport, status: np.ndarray, done: np.ndarray) -> None:
+def _check_status(cache: FeatureCache, report: VerifyReport, status: np.ndarray, done: np.ndarray,
+                  allow_pending: bool = False) -> None:
     unknown = sorted({str(s) for s in status if s not in KNOWN_STATUSES})
     if unknown:
         report.add("status", "error", f"unknown status values {unknown}", unknown)
+        for i in np.flatnonzero([s not in KNOWN_STATUSES for s in status]):
+            report.damage(int(i) // cache.layout.chunk_samples, "status")
     pending_blocks = [int(b) for b in np.flatnonzero(~done)]
     if pending_blocks:
         pending_samples = sum(cache.block_slice(b).stop - cache.block_slice(b).start for b in pending_blocks)
-        report.add("status", "warning", f"incomplete: {len(pending_blocks)} of {cache.num_blocks} blocks "
-                   f"({pending_samples} samples) not extracted yet", pending_blocks)
+        message = f"incomplete: {len(pending_blocks)} of {cache.num_blocks} blocks ({pending_samples} samples) not extracted yet"
+        if allow_pending:
+            report.add("status", "warning", message, pending_blocks)
+        else:
+            report.add("status", "error", f"{message}; rerun `lare2 extract` to finish it "
+                       "(--allow-pending accepts a cache still being written)", pending_blocks)
     stale = [int(b) for b in np.flatnonzero(done) if (status[cache.block_slice(int(b))] == STATUS_PENDING).any()]
+    for block in stale:
+        report.damage(block, "status")
     if stale:
         report.add("status", "error", f"{len(stale)} blocks marked done still hold pending samples", stale)
     recorded = cache.attrs.get("counts")
@@ -217,8 +243,10 @@ def _check_status(cache: FeatureCache, report: VerifyReport, status: np.ndarray,
                        sorted(differing))
 
 
-def _check_ids(report: VerifyReport, ids: np.ndarray) -> None:
+def _check_ids(report: VerifyReport, ids: np.ndarray, chunk_samples: int) -> None:
     empty = int((ids == "").sum())
+    for i in np.flatnonzero(ids == ""):
+        report.damage(int(i) // chunk_samples, "meta/sample_id")
     if empty:
         report.add("ids", "error", f"{empty} samples have an empty id", [int(i) for i in np.flatnonzero(ids == "")])
     values, counts = np.unique(ids[ids != ""].astype(str), return_counts=True)
@@ -247,6 +275,8 @@ def _check_manifest(cache: FeatureCache, report: VerifyReport, manifest: Path, c
         report.add("manifest", "error", f"{len(missing)} manifest rows are missing from the cache", missing)
     if extra:
         report.add("manifest", "error", f"{len(extra)} cache samples are not in the manifest", extra)
+    for sample_id in extra:
+        report.damage(in_cache[sample_id] // cache.layout.chunk_samples, "manifest")
     # the manifest columns of samples present on both sides must agree
     mismatched: dict[str, list[str]] = {}
     rows = {c: table.column(c).to_pylist() for c in MANIFEST_COLUMNS if c != "sample_id"}
@@ -258,6 +288,7 @@ def _check_manifest(cache: FeatureCache, report: VerifyReport, manifest: Path, c
         for column, values in rows.items():
             if jsonable(stored[column][i]) != jsonable(values[r]):
                 mismatched.setdefault(column, []).append(sample_id)
+                report.damage(i // cache.layout.chunk_samples, f"meta/{column}")
     for column, sample_ids in mismatched.items():
         report.add("manifest", "error", f"column {column!r} differs from the manifest for {len(sample_ids)} samples", sample_ids)
 
@@ -351,6 +382,7 @@ def verify_cache(
     compute_dtype: str | None = None,
     tolerance: float = 0.0,
     progress: bool = False,
+    allow_pending: bool = False,
 ) -> VerifyReport:
     """Prove a cache whole, or list why it is not.
 
@@ -363,7 +395,8 @@ def verify_cache(
     ``tolerance``, relative, for another device or ``compute_dtype``); it is skipped, with a
     warning saying why, when the function is None or raises :class:`RecomputeUnavailable`,
     ``OSError`` (weights not found) or ``CacheError`` (other weights than the cache's).
-    Pending blocks are a warning (incomplete), not an error.
+    Pending blocks are an error (incomplete), a warning with ``allow_pending``. ``report.damaged`` lists
+    the blocks that ``lare2 cache repair`` resets.
     """
     cache = open_cache(path)
     report = VerifyReport(path=str(cache.path))
@@ -371,8 +404,8 @@ def verify_cache(
         return report
     columns, done = _check_chunks_and_values(cache, report, progress)
     status, ids = columns["status"], columns["sample_id"]
-    _check_status(cache, report, status, done)
-    _check_ids(report, ids)
+    _check_status(cache, report, status, done, allow_pending)
+    _check_ids(report, ids, cache.layout.chunk_samples)
     recorded = (cache.attrs.get("manifest") or {}).get("path")
     if manifest is not None:
         _check_manifest(cache, report, Path(manifest), columns)

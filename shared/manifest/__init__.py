@@ -23,7 +23,7 @@ _LAZY = {
     "built": ("BuiltManifest", "DuplicateGroup", "holdout_score", "write_built"),
     "builders": ("BUILDERS", "FOLDER_LABELS", "GENIMAGE_LABELS", "GENIMAGE_SPLITS", "build_folders", "build_genimage",
                  "build_list", "build_manifest", "build_webdataset"),
-    "report": ("print_build_report",),
+    "report": ("MIN_SPLIT_IMAGES", "print_build_report", "split_warnings"),
 }
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 
