@@ -130,11 +130,12 @@ def score(
     fake = sum(bool(r.is_fake) for r in results)
     console.print(f"scored {len(results) - errors} of {len(results)} images in {seconds:.1f} s "
                   f"({rate_text(len(results), seconds)}): {fake} fake, {len(results) - errors - fake} real, {errors} errors"
-                  + (f"; rows in {out}" if out else "") + (f"; heatmaps in {heatmaps}" if heatmaps is not None else ""))
+                  + (f"; rows in {out}" if out else "") + (f"; heatmaps in {heatmaps}" if heatmaps is not None else ""),
+                  soft_wrap=True)
     if skipped:
         shown = ", ".join(str(p) for p in skipped[:MAX_SKIPPED_SHOWN])
         more = f" (+{len(skipped) - MAX_SKIPPED_SHOWN} more)" if len(skipped) > MAX_SKIPPED_SHOWN else ""
-        console.print(f"skipped {len(skipped)} files without an image name: {shown}{more}")
+        console.print(f"skipped {len(skipped)} files without an image name: {shown}{more}", soft_wrap=True, highlight=False)  # paths whole
     if errors:
         raise typer.Exit(EXIT_PROBLEMS)
 

@@ -274,7 +274,7 @@ def test_cli_registers_build_and_zoo():
     assert [description.strip() for _, description in listed] == [
         "Sample the zoo and crop the photographs into GenImage's layout, with a manifest.",
         "Train the generator zoo on the CPU (the VAE first: ldm-a and ldm-b decode with it).",
-        "The whole method on MiniGenImage: build, extract with ldm-a, train 3 detectors, evaluate on 4 generators."]
+        "The whole method on MiniGenImage: build, extract with ldm-a, train 4 detectors (egre, linear, lare-only, egre-zero-lare), evaluate on 4 generators."]
 
 
 def test_demo_samples_and_extracts_with_the_zoo_it_is_given(tmp_path: Path, monkeypatch):
