@@ -107,7 +107,7 @@ convert: setup ## reference checkpoint CKPT -> uncalibrated REF_RUN (then extrac
 calibrate: setup ## set RUN's threshold on cache/val reals (after make convert, or to recalibrate a trained run)
 	$(LARE2) calibrate $(RUN) --val $(CACHE)/val
 
-zoo: setup ## retrain the MiniGenImage generator zoo on the CPU (~40 min; the weights are committed, not part of demo)
+zoo: setup ## retrain the MiniGenImage generator zoo on the CPU (~45 min; the weights are committed, not part of demo)
 	OMP_NUM_THREADS=1 $(LARE2) minigenimage zoo  # one thread per script: measured fastest, and what the committed weights were made with
 
 minigenimage: setup ## build the MiniGenImage benchmark into data/minigenimage
