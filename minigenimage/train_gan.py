@@ -1,5 +1,5 @@
 """Train the zoo's GAN (``gan``, the BigGAN stand-in): a class-conditional DCGAN generator against a
-spectral-norm projection discriminator, hinge loss, on 64 x 64 crops of the train photographs.
+spectral-norm projection discriminator, hinge loss, on 64 x 64 crops of the zoo-pool photographs.
 
 Writes ``<zoo>/gan/generator.safetensors`` and ``<zoo>/gan/config.json`` (the generator only).
 

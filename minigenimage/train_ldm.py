@@ -1,4 +1,4 @@
-"""Train a latent diffusion model of the zoo (``ldm-a`` or ``ldm-b``) on the VAE latents of the train crops.
+"""Train a latent diffusion model of the zoo (``ldm-a`` or ``ldm-b``) on the VAE latents of the zoo-pool crops.
 
 The UNet is conditioned through a tiny frozen CLIP text encoder on ``a photo of a {class}``, with SD's
 schedule (1000 steps, scaled-linear betas 0.00085..0.012, epsilon). ``ldm-a`` makes the text encoder,

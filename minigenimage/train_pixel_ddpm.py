@@ -1,6 +1,6 @@
 """Train the zoo's pixel-space diffusion model (``pixel-ddpm``, the ADM / GLIDE stand-in).
 
-A class-conditional diffusers ``UNet2DModel`` on 64 x 64 crops of the train photographs, DDPM's cosine
+A class-conditional diffusers ``UNet2DModel`` on 64 x 64 crops of the zoo-pool photographs, DDPM's cosine
 schedule (ADM's), v-prediction. Writes ``<zoo>/pixel-ddpm/{unet,scheduler}``.
 
     python -m lare2.minigenimage.train_pixel_ddpm [--steps N]

@@ -1,4 +1,4 @@
-"""Train the zoo's VAE (SD's geometry, 64 px -> 4 x 8 x 8) on crops of the train photographs.
+"""Train the zoo's VAE (SD's geometry, 64 px -> 4 x 8 x 8) on crops of the zoo-pool photographs.
 
 Writes ``<zoo>/ldm-a/vae`` (diffusers AutoencoderKL, safetensors) with ``scaling_factor`` set so that
 scaled latents have unit standard deviation, as SD's 0.18215 does for its VAE.
