@@ -191,7 +191,8 @@ def show(
         with _usage_errors():
             extra[f"EGRE attention ({run.name})"] = cache_sample_attention(run, cache, index)
     if png is not None:
-        summary["png"] = render_sample_png(cache, index, png, extra_panels=extra)
+        with _usage_errors():  # e.g. --png into a folder that does not exist
+            summary["png"] = render_sample_png(cache, index, png, extra_panels=extra)
     if json:
         _print_json(summary)
         return
@@ -362,7 +363,8 @@ def stats(
     with _usage_errors():
         summary = lare_stats(open_cache(path), progress=not json)
     if png is not None:
-        summary["png"] = render_stats_png(summary, png)
+        with _usage_errors():
+            summary["png"] = render_stats_png(summary, png)
     for group in summary["groups"]:
         del group["values"]  # per-sample means: for the plot, too long to print
     if json:

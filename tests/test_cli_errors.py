@@ -165,6 +165,8 @@ CASES = [
     ("calibrate-incompatible-val", ["calibrate", "{run}", "--val", "{stranger}"], 2, "{stranger}"),
     ("calibrate-other-dims", ["calibrate", "{converted}", "--val", "{cache}", "--allow-pending"], 2, "{cache}"),
     ("calibrate-bad-fpr", ["calibrate", "{run}", "--val", "{val}", "--target-fpr", "2"], 2, "--target-fpr"),
+    ("cache-show-png-no-folder", ["cache", "show", "{cache}", "0", "--png", "{missing}/s.png"], 2, "{missing}"),
+    ("cache-stats-png-no-folder", ["cache", "stats", "{cache}", "--png", "{missing}/s.png"], 2, "{missing}"),
     # score
     ("score-missing-run", ["score", "{missing}", "{manifest}"], 2, "{missing}"),
     ("score-cache-as-run", ["score", "{cache}", "{manifest}"], 2, "{cache}"),
