@@ -41,6 +41,16 @@ def extract(
     num_shards: int = typer.Option(1, help="Independent array jobs sharing this cache (each may run several processes)."),
     shard_index: int = typer.Option(0, help="This array job's index in [0, num_shards), e.g. $SLURM_ARRAY_TASK_ID."),
     limit: Optional[int] = typer.Option(None, help="Only the first N selected rows."),
+    perturb: Optional[str] = typer.Option(None, "--perturb", metavar="SPEC",
+                                          help="Test condition applied to every image of the split, for robustness "
+                                               "curves: steps joined by '+', e.g. jpeg:75, blur:1, resize:0.5 "
+                                               "(down and back up), crop:0.8 (centre), noise:5 (std, 0-255 units). "
+                                               "A detector trained on clean caches scores the result."),
+    normalize: Optional[str] = typer.Option(None, "--normalize", metavar="SPEC",
+                                            help="Debiasing applied to every image of every split (and when "
+                                                 "scoring): e.g. jpeg:96 so reals and fakes share one compression "
+                                                 "history, or jpeg:96+size:512 (short side 512, centre crop). "
+                                                 "Applied after --perturb; use the same for train, val and test."),
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="--resume: continue the cache at --out when its settings match. "
                                      "--no-resume: refuse when --out already holds a cache."),
@@ -55,10 +65,16 @@ def extract(
     from lare2.shared.settings import parse_overrides
 
     with user_errors():
+        from lare2.shared.perturbations import parse_chain
+
+        # checked here first so the error names the option; the config keeps them canonical
+        parse_chain(perturb or "", what="--perturb")
+        parse_chain(normalize or "", allow_size=True, what="--normalize")
         named = dict(manifest=manifest, out=out, split=split, generators=list(generator) or None, sd_model=sd,
                      backbone=clip or backbone, timestep=timestep, ensemble=ensemble, prompt_mode=prompt_mode,
                      image_size=image_size, batch_size=batch_size, num_workers=num_workers, device=device,
-                     num_shards=num_shards, shard_index=shard_index, limit=limit)
+                     num_shards=num_shards, shard_index=shard_index, limit=limit, perturb=perturb,
+                     normalize=normalize)
         # --set comes last and wins, as before (options such as --num-shards always carry a value)
         overrides = {k: v for k, v in named.items() if v is not None} | parse_overrides(set_, ExtractConfig)
         cfg = make_preset(preset, **overrides)

@@ -2,6 +2,8 @@
 
 A batch never spans two cache blocks, so blocks complete in order and are written whole; an image
 that cannot be used becomes its row's recorded error, never an exception that stops the job.
+Each image: decode -> the config's ``perturb`` then ``normalize`` steps (``lare2.shared.perturbations``,
+noise seeded with the sample's seed) -> the LaRE input (docs/method.md §1.2) and the backbone input (§2.2).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import torch
 from lare2.extract.images import ImageError, backbone_input, decode_rgb, lare_input
 from lare2.shared.cache import FeatureCache
 from lare2.shared.manifest import read_image_bytes
+from lare2.shared.perturbations import Step, apply_chain
+from lare2.shared.seeding import sample_seed
+from PIL import Image
 from torch.utils.data import Dataset
 
 
@@ -52,16 +57,28 @@ class DecodedBatch:
 class ManifestImages(Dataset):
     """Rows of the cache -> decoded model inputs (or the reason they could not be decoded)."""
 
-    def __init__(self, root: Path, paths: Sequence[str], image_size: int, max_pixels: int):
+    def __init__(self, root: Path, paths: Sequence[str], image_size: int, max_pixels: int, *,
+                 steps: Sequence[Step] = (), sample_ids: Sequence[str] = (), run_seed: int = 0):
+        """``steps``: applied to each decoded image in order (``ExtractConfig.image_steps()``), seeded
+        with ``sample_seed(run_seed, sample_ids[index])``, the seed of the sample's LaRE draws."""
         self.root, self.paths, self.image_size, self.max_pixels = root, list(paths), image_size, max_pixels
+        self.steps, self.sample_ids, self.run_seed = tuple(steps), list(sample_ids), run_seed
+        if self.steps and len(self.sample_ids) != len(self.paths):
+            raise ValueError(f"image steps need one sample id per path ({len(self.sample_ids)} ids, {len(self.paths)} paths)")
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def image(self, index: int) -> Image.Image:
+        """Row ``index`` as the models see it before their own resize/crop: decoded, perturbed, normalised."""
+        image = decode_rgb(read_image_bytes(self.root, self.paths[index]), max_pixels=self.max_pixels)
+        if not self.steps:
+            return image
+        return apply_chain(image, self.steps, sample_seed(self.run_seed, self.sample_ids[index]))
+
     def __getitem__(self, index: int) -> DecodedSample:
         try:
-            data = read_image_bytes(self.root, self.paths[index])
-            image = decode_rgb(data, max_pixels=self.max_pixels)
+            image = self.image(index)
             return DecodedSample(index, lare_input(image, self.image_size), backbone_input(image), "")
         except ImageError as err:
             return DecodedSample(index, None, None, str(err))

@@ -112,6 +112,7 @@ def info(path: PathArg, json: JsonOpt = False) -> None:
     blocks = report["blocks"]
     console.print(f"[bold]{report['path']}[/]: {report['num_samples']} samples, format {report['format']}, "
                   f"blocks {blocks['done']}/{blocks['total']} done; status {report['status_counts']}")
+    console.print(f"images: perturb {report['perturb']}, normalize {report['normalize']}")
     counts = Table(title="samples", title_justify="left")
     for column in ("split", "generator", "label", "status", "count"):
         counts.add_column(column, justify="right" if column == "count" else "left")

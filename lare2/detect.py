@@ -12,7 +12,9 @@ that extraction, and a detector whose models at hand give another fingerprint is
 are decoded in DataLoader workers as in stage 1 (``extract/loader.py``); each image's draws are
 seeded from its bytes (``sample_seed(seed, content_id(bytes))``, as in a cache), the outputs go
 through the cache's storage dtypes, then the model scores them. A file's p(fake) therefore equals
-what ``lare2 extract`` + ``lare2 eval`` give it, to float tolerance (batches differ).
+what ``lare2 extract`` + ``lare2 eval`` give it, to float tolerance (batches differ). The run's
+``normalize`` chain (its own preprocessing, e.g. ``jpeg:96``) is applied to every image after
+decoding, seeded like its draws; its ``perturb`` (a test condition of some cache) never is.
 
 Inputs: paths, bytes or PIL images. A PIL image opened from a file (``Image.open`` keeps its
 ``filename``) is seeded from that file's bytes, so it scores as the file does; any other in-memory
@@ -41,6 +43,8 @@ from lare2.extract.images import ImageError, backbone_input, decode_rgb, lare_in
 from lare2.extract.loader import DecodedSample, collate_decoded
 from lare2.shared.cli_errors import one_line
 from lare2.shared.manifest import content_id, is_image_name
+from lare2.shared.perturbations import Step, apply_chain
+from lare2.shared.seeding import sample_seed
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -148,8 +152,11 @@ def decode_item(item: Any, max_pixels: int) -> tuple["Image.Image", str, str]:
 class ScoreInputs(Dataset):
     """Inputs -> model inputs, decoded in DataLoader workers; a failure is the row's error, never an exception."""
 
-    def __init__(self, items: Sequence[Any], image_size: int, max_pixels: int, zero_shot: bool) -> None:
+    def __init__(self, items: Sequence[Any], image_size: int, max_pixels: int, zero_shot: bool, *,
+                 steps: Sequence[Step] = (), run_seed: int = 0) -> None:
+        """``steps``: the run's ``normalize`` chain, applied after decoding with ``sample_seed(run_seed, content id)``."""
         self.items, self.image_size, self.max_pixels, self.zero_shot = list(items), image_size, max_pixels, zero_shot
+        self.steps, self.run_seed = tuple(steps), run_seed
 
     def __len__(self) -> int:
         return len(self.items)
@@ -157,6 +164,8 @@ class ScoreInputs(Dataset):
     def __getitem__(self, index: int) -> ScoreSample:
         try:
             image, key, name = decode_item(self.items[index], self.max_pixels)
+            if self.steps:  # seeded as the cache seeds this image (its sample_id is the same content id)
+                image = apply_chain(image, self.steps, sample_seed(self.run_seed, key))
             return ScoreSample(index, lare_input(image, self.image_size), backbone_input(image), "", key=key, name=name,
                                clip_image=zero_shot_input(image) if self.zero_shot else None)
         except (ImageError, OSError) as err:
@@ -210,7 +219,9 @@ class Detector:
         if config.extraction is None:
             raise CheckpointError(f"{run}: the run does not record its extraction config; "
                                   "calibrate it on a cache first (lare2 calibrate RUN --val CACHE)")
-        extraction = stored_config(config.extraction.to_dict(), torch_device, sd_model=sd, backbone=clip)
+        # a cache's test perturbation is no part of the detector; its normalisation is (kept)
+        extraction = stored_config({**config.extraction.to_dict(), "perturb": ""}, torch_device, sd_model=sd,
+                                   backbone=clip)
         models = load_models(extraction, torch_device)
         if identity_fingerprint(extraction.identity(models.fingerprints)) != config.extraction_fingerprint:
             expected = config.extra.get("model_fingerprints") or "fingerprints not recorded"
@@ -255,7 +266,8 @@ class Detector:
         zero_shot = self.prompt_mode == "class" and class_name == AUTO_CLASS
         if zero_shot:
             self.prepare_zero_shot()
-        dataset = ScoreInputs(items, self.extraction.image_size, self.extraction.max_image_pixels, zero_shot)
+        dataset = ScoreInputs(items, self.extraction.image_size, self.extraction.max_image_pixels, zero_shot,
+                              steps=self.extraction.normalize_steps(), run_seed=self.extraction.seed)
         loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate_scored,
                             num_workers=self.num_workers if len(items) > 1 else 0,
                             pin_memory=self.device.type == "cuda")
@@ -290,7 +302,6 @@ class Detector:
                      class_name: str | None) -> list[Result]:
         from lare2.extract.run import compute_images
         from lare2.heatmaps import spatial_attention_of
-        from lare2.shared.seeding import sample_seed
         from lare2.train.checkpoint import score_features
 
         position = {index: k for k, index in enumerate(batch.good_indices)}

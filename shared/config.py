@@ -3,7 +3,10 @@
 Choices are ``Literal`` types and checked, with every field's type, by ``lare2.shared.settings``
 (which also converts ``--set KEY=VALUE``); ranges are checked in ``__post_init__``. The *identity*
 of an extraction (``ExtractConfig.identity``) is the set of settings that change what a cache
-holds; appending to a cache made with another identity is refused, naming the keys.
+holds; appending to a cache made with another identity is refused, naming the keys. Its
+*fingerprint* (``identity_fingerprint``) says whether a detector may score a cache: the same, except
+that a test-condition ``perturb`` does not count (a detector trained on clean features scores
+perturbed test caches; ``normalize``, the detector's own preprocessing, does count).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping, get_args
 
 from lare2.shared.devices import DeviceName
+from lare2.shared.perturbations import Step, chain_text, parse_chain
 from lare2.shared.settings import SettingsError, check_fields, check_range, field_types, make_config
 
 PromptMode = Literal["class", "fixed", "empty"]
@@ -81,6 +85,13 @@ class ExtractConfig:
     """This job's shard (0-based)."""
     max_image_pixels: int = MAX_IMAGE_PIXELS
     """Decompression-bomb guard: images declaring more pixels than this are refused (Pillow's default)."""
+    perturb: str = ""
+    """Test condition applied to every image of the split, a chain such as ``jpeg:75+resize:0.5``
+    (``lare2.shared.perturbations``); "" = none. Per image: decode -> perturb -> normalize -> the
+    LaRE resize (docs/method.md §1.2) and the backbone crop (§2.2). Noise draws use the sample's seed."""
+    normalize: str = ""
+    """Debiasing applied to every image of every split and to images scored later, e.g. ``jpeg:96`` or
+    ``jpeg:96+size:512`` (the detector's own preprocessing, after ``perturb``); "" = none."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -97,6 +108,27 @@ class ExtractConfig:
             raise SettingsError("prompt_mode='fixed' needs prompt_text (--set prompt_text=...)")
         if "{}" not in self.prompt_template:
             raise SettingsError(f"prompt_template={self.prompt_template!r}: expected a template containing '{{}}'")
+        self.perturb = chain_text(self.perturb_steps())  # stored canonical: "JPEG:75.0" and "jpeg:75" are one identity
+        self.normalize = chain_text(self.normalize_steps())
+
+    def perturb_steps(self) -> tuple[Step, ...]:
+        """``perturb`` as steps (``lare2.shared.perturbations.Step``); SettingsError for a bad chain."""
+        try:
+            return parse_chain(self.perturb, what="perturb")
+        except ValueError as err:
+            raise SettingsError(str(err)) from None
+
+    def normalize_steps(self) -> tuple[Step, ...]:
+        """``normalize`` as steps; ``size:N`` allowed. SettingsError for a bad chain."""
+        try:
+            return parse_chain(self.normalize, allow_size=True, what="normalize")
+        except ValueError as err:
+            raise SettingsError(str(err)) from None
+
+    def image_steps(self) -> tuple[Step, ...]:
+        """What stage 1 applies to each decoded image: ``perturb`` then ``normalize``, one chain (so noise
+        steps keep distinct positions, hence distinct streams)."""
+        return self.perturb_steps() + self.normalize_steps()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "ExtractConfig":
@@ -117,9 +149,13 @@ class ExtractConfig:
         "seed", "feature_dtype", "compute_dtype", "chunk_samples",
     )
 
+    IMAGE_KEYS = ("perturb", "normalize")
+    """Identity keys only when set, so caches and runs made before they existed keep their identity."""
+
     def identity(self, fingerprints: dict[str, str]) -> dict:
         """What must match to append to an existing cache: settings + model fingerprints."""
         ident = {k: getattr(self, k) for k in self.IDENTITY_KEYS}
+        ident.update({k: getattr(self, k) for k in self.IMAGE_KEYS if getattr(self, k)})
         ident.update({f"fingerprint.{k}": v for k, v in sorted(fingerprints.items())})
         return ident
 
@@ -132,12 +168,19 @@ class ExtractConfig:
         return self.prompt_text if self.prompt_mode == "fixed" else ""
 
 
+SCORING_IGNORES = ("perturb",)
+"""Identity keys a detector's fingerprint leaves out: a perturbed test cache is scored by the detector
+trained on clean features (that is the point of a robustness curve); ``normalize`` is not among them."""
+
+
 def identity_fingerprint(identity: dict) -> str:
-    """sha256 of an extraction identity (sorted JSON): equal iff two caches' features are comparable."""
+    """sha256 of an extraction identity (sorted JSON) without ``SCORING_IGNORES``: equal iff a detector
+    trained on one cache may score the other (same models and settings, any test perturbation)."""
     import hashlib
     import json
 
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    kept = {k: v for k, v in identity.items() if k not in SCORING_IGNORES}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def diff_identity(stored: dict, wanted: dict) -> dict[str, tuple]:

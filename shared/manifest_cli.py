@@ -1,8 +1,8 @@
-"""``lare2 manifest build`` and ``lare2 manifest show``: make and inspect manifests.
+"""``lare2 manifest build``, ``show`` and ``audit``: make and inspect manifests.
 
-pyarrow and Pillow are imported inside the commands, so that ``lare2 --help`` stays fast. Bad input
-(no such folder or manifest, not a manifest, an option that does not apply) is one ``error:`` line
-on stderr and exit 2 (``lare2.shared.cli_errors``).
+pyarrow, Pillow and scikit-learn are imported inside the commands, so that ``lare2 --help`` stays fast.
+Bad input (no such folder or manifest, not a manifest, an option that does not apply) is one ``error:``
+line on stderr and exit 2 (``lare2.shared.cli_errors``); ``audit`` exits 1 when it finds a shortcut.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Annotated
 
 import typer
 
-from lare2.shared.cli_errors import fail, user_errors
+from lare2.shared.cli_errors import EXIT_PROBLEMS, fail, user_errors
 
 DEFAULT_VAL_FRACTION = 0.05
+DEFAULT_SHORTCUT_BOUND = 0.75  # = lare2.shared.manifest.audit.SHORTCUT_AUC_BOUND (kept here so --help imports nothing)
 
 BUILD_HELP = """Build a manifest (one parquet row per image) from SRC. KIND is the layout of SRC:
 
@@ -122,8 +123,47 @@ def show(
     Console().print(grid)
 
 
+AUDIT_HELP = """Audit a manifest for shortcuts before training: can the label be told from file metadata alone?
+
+Reads every image's header (no decoding) and reports per split x generator x label: formats, width and height, JPEG quality (estimated from the quantisation tables), chroma subsampling, bytes per pixel. Then cross-validates a classifier on those metadata alone; a ROC AUC above --bound is a shortcut (GenImage's "JPEG or not", Grommelt et al. 2024, arXiv 2403.17608): a warning names the features and the exit code is 1.
+"""
+
+
+def audit(
+    path: Annotated[Path, typer.Argument(help="Manifest (.parquet).")],
+    split: Annotated[str | None, typer.Option(help="Audit only this split (train/val/test); default all, grouped by split.")] = None,
+    bound: Annotated[float, typer.Option(help="CV ROC AUC above which the metadata are a shortcut, in (0.5, 1).")] = DEFAULT_SHORTCUT_BOUND,
+    seed: Annotated[int, typer.Option(help="Seed of the cross-validation folds and the classifier.")] = 0,
+    workers: Annotated[int, typer.Option(help="Threads reading headers.")] = min(8, os.cpu_count() or 1),
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document (groups, classifier, shortcut) instead of tables.")] = False,
+) -> None:
+    """Formats, sizes, JPEG quality per group, and whether they predict the label."""
+    from lare2.shared.logs import get_logger
+    from lare2.shared.manifest import audit_manifest, print_audit_report
+
+    with user_errors():
+        report = audit_manifest(path, split=split, bound=bound, seed=seed, workers=workers)
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        print_audit_report(report)
+    result = report.classifier
+    log = get_logger(__name__)
+    if report.unreadable:
+        log.warning("%s: %d images could not be read (e.g. %s: %s)", path, len(report.unreadable),
+                    report.unreadable[0]["path"], report.unreadable[0]["error"])
+    if report.shortcut:
+        log.warning("%s: SHORTCUT: the label is predictable from file metadata alone (CV ROC AUC %.3f > %.2f), "
+                    "through %s; a detector trained on these images can learn it instead of generation artefacts",
+                    path, result.auc, result.bound, ", ".join(result.features))
+        raise typer.Exit(EXIT_PROBLEMS)
+    if result is not None and result.auc is not None:
+        log.info("%s: no metadata shortcut (CV ROC AUC %.3f <= %.2f)", path, result.auc, result.bound)
+
+
 def register(app: typer.Typer) -> None:
     manifest_app = typer.Typer(help="Build and inspect manifests: one parquet row per image.", no_args_is_help=True)
     manifest_app.command("build", help=BUILD_HELP)(build)
     manifest_app.command("show")(show)
+    manifest_app.command("audit", help=AUDIT_HELP)(audit)
     app.add_typer(manifest_app, name="manifest")

@@ -49,6 +49,9 @@ def world(tmp_path_factory) -> SimpleNamespace:
     write_synthetic_cache(tmp / "stranger", num_samples=32, signal="lare", seed=3, layout=LAYOUT, identity={"seed": 9})
     shutil.copytree(tmp / "val", tmp / "testsplit")  # the val cache, relabelled as extracted from the test split
     zarr.open_group(tmp / "testsplit", mode="r+")["meta/split"][:] = np.array(["test"] * 32, dtype=np.dtypes.StringDType())
+    shutil.copytree(tmp / "val", tmp / "badperturb")  # a recorded perturbation this lare2 cannot read
+    bad_attrs = zarr.open_group(tmp / "badperturb", mode="r+").attrs
+    bad_attrs["extract_config"] = {**bad_attrs.get("extract_config", {}), "perturb": "jpeg:500"}
     run = tmp / "run"
     trained = invoke("train", "--preset", "debug", "--train", tmp / "train", "--val", tmp / "val", "--out", run,
                      "--epochs", "1", "--set", "progress=false", "--set", "head_dim=8")
@@ -62,7 +65,8 @@ def world(tmp_path_factory) -> SimpleNamespace:
     assert converted.exit_code == 0, converted.output
     return SimpleNamespace(tmp=tmp, missing=tmp / "no_such_thing", cache=tiny.path, manifest=tiny.manifest,
                            images=tiny.root, other=other.path, corrupt=corrupt, damaged=damaged, train=tmp / "train",
-                           val=tmp / "val", stranger=tmp / "stranger", testsplit=tmp / "testsplit", run=run, converted=tmp / "converted",
+                           val=tmp / "val", stranger=tmp / "stranger", testsplit=tmp / "testsplit",
+                           badperturb=tmp / "badperturb", run=run, converted=tmp / "converted",
                            ckpt=tmp / "reference.pth")
 
 
@@ -83,6 +87,11 @@ CASES = [
     ("manifest-build-stray-option", ["manifest", "build", "genimage", "{images}", "-o", "{tmp}/m.parquet", "--split", "test"], 2, "--split"),
     ("manifest-show-missing", ["manifest", "show", "{missing}"], 2, "{missing}"),
     ("manifest-show-a-cache", ["manifest", "show", "{cache}"], 2, "{cache}"),
+    ("manifest-audit-missing", ["manifest", "audit", "{missing}"], 2, "{missing}"),
+    ("manifest-audit-a-cache", ["manifest", "audit", "{cache}"], 2, "{cache}"),
+    ("manifest-audit-bad-split", ["manifest", "audit", "{manifest}", "--split", "dev"], 2, "dev"),
+    ("manifest-audit-absent-split", ["manifest", "audit", "{manifest}", "--split", "test"], 2, "'test'"),
+    ("manifest-audit-bound-range", ["manifest", "audit", "{manifest}", "--bound", "1.5"], 2, "--bound"),
     # extract
     ("extract-missing-manifest", ["extract", "--manifest", "{missing}", "--preset", "debug", "--out", "{tmp}/x"], 2, "{missing}"),
     ("extract-cache-as-manifest", ["extract", "--manifest", "{cache}", "--preset", "debug", "--out", "{tmp}/x"], 2, "{cache}"),
@@ -104,6 +113,12 @@ CASES = [
      "pass --split SPLIT"),
     ("extract-split-and-all-splits", _extract("--all-splits"), 2, "--all-splits"),
     ("extract-cuda", _extract("--device", "cuda"), 2, "cuda"),
+    ("extract-perturb-bad-quality", _extract("--perturb", "jpeg:500"), 2, "--perturb 'jpeg:500': bad part 'jpeg:500'"),
+    ("extract-perturb-unknown-kind", _extract("--perturb", "jpeg:75+sharpen:2"), 2, "bad part 'sharpen:2'"),
+    ("extract-perturb-size-is-normalize", _extract("--perturb", "size:256"), 2, "size:N is a normalisation (--normalize)"),
+    ("extract-normalize-unknown-kind", _extract("--normalize", "png:9"), 2, "--normalize 'png:9': bad part 'png:9'"),
+    ("extract-normalize-size-too-small", _extract("--normalize", "size:4"), 2, "an integer >= 8"),
+    ("extract-set-perturb-bad", _extract("--set", "perturb=blur:0"), 2, "perturb 'blur:0'"),
     # cache
     ("cache-info-missing", ["cache", "info", "{missing}"], 2, "{missing}"),
     ("cache-info-parquet", ["cache", "info", "{manifest}"], 2, "{manifest}"),
@@ -155,6 +170,11 @@ CASES = [
     ("eval-no-test", ["eval", "{run}"], 2, "--test"),
     ("eval-uncalibrated", ["eval", "{converted}", "--test", "{val}"], 2, "{converted}"),
     ("eval-cuda", ["eval", "{run}", "--test", "{val}", "--device", "cuda"], 2, "cuda"),
+    ("eval-metric-without-robustness", ["eval", "{run}", "--test", "{val}", "--metric", "ap"], 2,
+     "--metric ap: only the robustness table has a shown metric; add --robustness"),
+    ("eval-unknown-metric", ["eval", "{run}", "--test", "{val}", "--robustness", "--metric", "f1"], 2,
+     "--metric f1: choose from auc, acc, acc@thr, ap"),
+    ("eval-bad-recorded-perturb", ["eval", "{run}", "--test", "{badperturb}"], 2, "{badperturb}: extract_config perturb 'jpeg:500'"),
     # convert-reference / calibrate
     ("convert-missing-ckpt", ["convert-reference", "{missing}", "--out", "{tmp}/c"], 2, "{missing}"),
     ("convert-parquet-as-ckpt", ["convert-reference", "{manifest}", "--out", "{tmp}/c"], 2, "{manifest}"),

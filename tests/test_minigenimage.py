@@ -320,3 +320,15 @@ def test_demo_samples_and_extracts_with_the_zoo_it_is_given(tmp_path: Path, monk
     with pytest.raises(Stop):
         run_demo(DemoConfig(out=str(tmp_path / "run2")))
     assert seen == {"build_zoo": str(ZOO_DIR), "sd_model": str(ZOO_DIR / "ldm-a")}
+
+
+@pytest.mark.parametrize("seed", [7, 11])
+def test_every_split_has_unique_ids_whatever_the_seed(tmp_path: Path, seed: int):
+    # seed 7 once built a test split holding two byte-identical crops, and stage 1 refused it
+    out = tmp_path / f"seed{seed}"
+    build(BuildConfig(out=str(out), seed=seed, train_count=24, val_count=8, test_count=TEST_COUNT))
+    table = pq.read_table(out / "manifest.parquet").to_pylist()
+    for split in ("train", "val", "test"):
+        ids = [r["sample_id"] for r in table if r["split"] == split]
+        assert ids and len(set(ids)) == len(ids), split
+    assert len({r["sample_id"] for r in table}) == len(table)  # and no image serves two splits

@@ -120,15 +120,27 @@ def eval_command(
     report: Optional[Path] = typer.Option(None, help="Report directory (default RUN_DIR/report)."),
     batch_size: int = typer.Option(256, help="Samples per scoring batch."),
     device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda."),
-    plots: bool = typer.Option(True, help="Write roc.png and acc_ap.png."),
+    plots: bool = typer.Option(True, help="Write roc.png and acc_ap.png (and robustness.png)."),
+    robustness: bool = typer.Option(False, "--robustness",
+                                    help="Also a generator x perturbation table: test caches grouped by the perturbation "
+                                         "of their extraction (clean for none); robustness.json/.csv/.png."),
+    metric: Optional[str] = typer.Option(None, help="The figure the robustness table shows: auc (default) | acc | acc@thr | ap "
+                                                    "(JSON and CSV hold all four)."),
     allow_pending: bool = typer.Option(False, "--allow-pending", help="Score caches still being extracted (pending samples left out)."),
     allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Test caches sharing samples with the training cache: no warning."),
     json_out: bool = JsonOpt,
 ) -> None:
-    """Per-generator ACC/AP/AUC/TPR@FPR table for every test cache; JSON, CSV and PNG plots."""
+    """Per-generator ACC/AP/AUC/TPR@FPR table for every test cache; JSON, CSV, PNG plots and per-sample
+    predictions.parquet; with --robustness, the same figures per perturbation of the test caches."""
     from lare2.train.calibration import is_calibrated
     from lare2.train.report import evaluate
+    from lare2.train.robustness import METRICS
 
+    if metric is not None and metric not in METRICS:
+        fail(f"--metric {metric}: choose from {', '.join(METRICS)}")
+    if metric is not None and not robustness:
+        fail(f"--metric {metric}: only the robustness table has a shown metric; add --robustness "
+             "(metrics.json always holds every metric)")
     tests = _expand_tests([*test, *(more_tests or [])])
     _, config = _load_run(run_dir)
     if not is_calibrated(config):
@@ -137,10 +149,11 @@ def eval_command(
     # with --json the table goes to stderr, so that stdout holds the JSON document only
     with user_errors(), contextlib.redirect_stdout(sys.stderr if json_out else sys.stdout):
         result = evaluate(run_dir, tests, report, batch_size=batch_size, device=torch_device, plots=plots,
-                          allow_pending=allow_pending, allow_overlap=allow_overlap)
+                          allow_pending=allow_pending, allow_overlap=allow_overlap, robustness=robustness,
+                          metric=metric or "auc")
     if json_out:
-        _echo_json({key: result[key] for key in ("run", "threshold", "target_fpr", "model", "rows", "mean", "extraction_errors")}
-                   | {"report_dir": str(report or run_dir / "report")})
+        keys = ("run", "threshold", "target_fpr", "model", "rows", "mean", "extraction_errors", "robustness")
+        _echo_json({key: result[key] for key in keys if key in result} | {"report_dir": str(report or run_dir / "report")})
 
 
 def convert_reference_command(

@@ -8,6 +8,11 @@ Grouping rule (written into every report):
 - a group with reals only gets a row with its real ACC and is left out of the mean;
 - the mean row is the unweighted mean over rows with fakes (NaN-aware), with summed counts.
 The decision threshold is the detector's, calibrated on validation reals; test labels never set it.
+
+Every report also writes ``predictions.parquet``: one row per scored (ok) sample of every test cache,
+with its ``sample_id``, ``path``, ``generator``, ``label``, ``p_fake``, ``decision`` (``p_fake >
+threshold``), ``cache`` and ``perturb`` (the cache's perturbation, ``clean`` for none), for error analysis.
+``--robustness`` adds the generator x perturbation table of ``lare2.train.robustness``.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from lare2.shared.logs import console, get_logger
 from lare2.shared.jsonio import write_json
+from lare2.shared.perturbations import chain_text, parse_chain
 from lare2.train.checkpoint import check_compatible, load_detector, score_split
 from lare2.train.data import CacheSplit
 from lare2.train.metrics import detection_metrics
@@ -40,15 +46,36 @@ HEADERS = {"generator": "generator", "acc": "ACC", "real_acc": "real", "fake_acc
            "reals_from": "reals from"}
 
 
+CLEAN = "clean"
+PREDICTION_COLUMNS = ("sample_id", "path", "generator", "label", "p_fake", "decision", "cache", "perturb")
+
+
 @dataclass
 class ScoredCache:
-    """Scores of the ok samples of one test cache."""
+    """Scores of the ok samples of one test cache; the per-sample arrays are aligned, in store order."""
 
     path: Path
     labels: np.ndarray
     scores: np.ndarray
     generators: np.ndarray
     num_errors: int
+    sample_ids: np.ndarray
+    """The ``sample_id`` column at the scored rows."""
+    paths: np.ndarray
+    """The ``path`` column (image path as the manifest gave it) at the scored rows."""
+    perturb: str = CLEAN
+    """The perturbation its images went through before extraction (canonical chain text, ``clean`` for none)."""
+
+
+def perturbation_of(cache_attrs: Mapping[str, Any], source: str | Path = "cache") -> str:
+    """Canonical text of the perturbation recorded in a cache's extraction config, ``clean`` for none
+    (caches written before perturbations existed have no ``perturb`` key: clean).
+
+    Canonical (parsed and re-written), so that ``jpeg:75`` and ``jpeg:75.0`` name one group."""
+    spec = str((cache_attrs.get("extract_config") or {}).get("perturb") or "").strip()
+    if not spec:
+        return CLEAN
+    return chain_text(parse_chain(spec, what=f"{source}: extract_config perturb")) or CLEAN
 
 
 def score_caches(run_dir: str | Path, test_paths: Sequence[str | Path], batch_size: int = 256, device: str = "cpu",
@@ -61,11 +88,13 @@ def score_caches(run_dir: str | Path, test_paths: Sequence[str | Path], batch_si
         split = CacheSplit(path, type(model).input_names, allow_pending=allow_pending)
         check_compatible(config, split.fingerprint, split.cache.layout, path)
         warn_test_overlap(split.cache, config.train_ids_digest, config.extra.get("train_cache"), allow_overlap)
+        perturb = perturbation_of(split.cache.attrs, path)
         labels, scores, index = score_split(model, split, batch_size)
-        generators = split.cache.column("generator")[index]
+        meta = {name: np.asarray(split.cache.column(name)[index], dtype=object) for name in ("generator", "sample_id", "path")}
         status = split.cache.column("status")
-        scored.append(ScoredCache(path=Path(path), labels=labels, scores=scores, generators=np.asarray(generators, dtype=object),
-                                  num_errors=int((status == "error").sum())))
+        scored.append(ScoredCache(path=Path(path), labels=labels, scores=scores, generators=meta["generator"],
+                                  num_errors=int((status == "error").sum()), sample_ids=meta["sample_id"],
+                                  paths=meta["path"], perturb=perturb))
         logger.info(f"{path}: scored {len(labels)} ok samples ({scored[-1].num_errors} with extraction errors left out)")
     return model, config, scored
 
@@ -115,7 +144,8 @@ def mean_row(rows: Sequence[dict]) -> dict:
     return out
 
 
-def _fmt(value) -> str:
+def percent(value) -> str:
+    """A metric in %, one decimal, "-" for NaN; counts and names as they are."""
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{100 * value:.1f}"
     return str(value)
@@ -123,13 +153,15 @@ def _fmt(value) -> str:
 
 def print_table(rows: Sequence[dict], mean: dict, threshold: float) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"per-generator metrics (%); calibrated threshold {threshold:.4g}")
     for col in ("generator", *TABLE_COLUMNS, "n_real", "n_fake", "reals_from"):
         table.add_column(HEADERS[col], justify="left" if col in ("generator", "reals_from") else "right")
     for row in [*rows, mean]:
-        table.add_row(*[_fmt(row[c]) for c in ("generator", *TABLE_COLUMNS, "n_real", "n_fake", "reals_from")],
+        # escaped: a row name such as "sd [test]" would otherwise be read as rich markup and lose its cache
+        table.add_row(*[escape(percent(row[c])) for c in ("generator", *TABLE_COLUMNS, "n_real", "n_fake", "reals_from")],
                       end_section=row is rows[-1] if rows else False)
     # the table is the command's output: stdout, and not squeezed to 80 columns when piped
     Console(width=None if console.is_terminal else 140).print(table)
@@ -173,10 +205,38 @@ def write_plots(curves: dict[str, tuple[np.ndarray, np.ndarray]], rows: Sequence
     return written
 
 
+def write_predictions(scored: Sequence[ScoredCache], threshold: float, path: Path) -> Path:
+    """``predictions.parquet``: one row per scored sample (PREDICTION_COLUMNS), caches in the order given."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def strings(values) -> pa.Array:
+        return pa.array([str(v) for v in values], pa.string())
+
+    lengths = [len(c.labels) for c in scored]
+    labels = np.concatenate([c.labels for c in scored]) if scored else np.empty(0, np.int64)
+    p_fake = np.concatenate([c.scores for c in scored]) if scored else np.empty(0)
+    table = pa.table({
+        "sample_id": strings(v for c in scored for v in c.sample_ids),
+        "path": strings(v for c in scored for v in c.paths),
+        "generator": strings(v for c in scored for v in c.generators),
+        "label": pa.array(labels.astype(np.int8), pa.int8()),
+        "p_fake": pa.array(p_fake, pa.float64()),
+        "decision": pa.array(p_fake > threshold, pa.bool_()),  # the report's rule: fake when p_fake > threshold
+        "cache": strings(str(c.path) for c, n in zip(scored, lengths) for _ in range(n)),
+        "perturb": strings(c.perturb for c, n in zip(scored, lengths) for _ in range(n)),
+    })
+    tmp = path.with_suffix(path.suffix + ".tmp")  # renamed into place: a crash never leaves half a file
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path
+
+
 def evaluate(run_dir: str | Path, test_paths: Sequence[str | Path], report_dir: str | Path | None = None,
              batch_size: int = 256, device: str = "cpu", plots: bool = True, allow_pending: bool = False,
-             allow_overlap: bool = False) -> dict:
-    """Score every test cache, print the per-generator table, write metrics.json/.csv (+ plots)."""
+             allow_overlap: bool = False, robustness: bool = False, metric: str = "auc") -> dict:
+    """Score every test cache, print the per-generator table, write metrics.json/.csv, predictions.parquet
+    (+ plots); with ``robustness`` also the generator x perturbation table (``metric``: the figure it shows)."""
     if not test_paths:
         raise ValueError("no test caches given (--test)")
     report_dir = Path(report_dir) if report_dir else Path(run_dir) / "report"
@@ -196,8 +256,15 @@ def evaluate(run_dir: str | Path, test_paths: Sequence[str | Path], report_dir: 
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows([*rows, mean])
+    write_predictions(scored, config.threshold, report_dir / "predictions.parquet")
     print_table(rows, mean, config.threshold)
     if plots:
         write_plots(curves, rows, report_dir)
+    if robustness:
+        # robustness builds on this module's rows, so it is imported here rather than at the top (a cycle)
+        from lare2.train.robustness import robustness_report
+
+        report["robustness"] = robustness_report(scored, config.threshold, report_dir, metric=metric, plots=plots,
+                                                 run=str(run_dir))
     logger.info(f"report -> {report_dir}")
     return report

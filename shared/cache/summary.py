@@ -69,6 +69,7 @@ def cache_info(cache: FeatureCache) -> dict:
     """Everything ``lare2 cache info`` shows."""
     attrs = cache.attrs
     done = cache.done_blocks()
+    config = attrs.get("extract_config") or {}
     return {
         "path": str(cache.path),
         "format": attrs.get("lare2_cache_format"),
@@ -80,6 +81,9 @@ def cache_info(cache: FeatureCache) -> dict:
         "groups": count_groups(cache),
         "arrays": array_info(cache),
         "extract_config": attrs.get("extract_config"),
+        # what was done to every image before the models (lare2.shared.perturbations); "none" when nothing
+        "perturb": config.get("perturb") or "none",
+        "normalize": config.get("normalize") or "none",
         "identity": attrs.get("identity"),
         "fingerprints": attrs.get("fingerprints"),
         "provenance": attrs.get("provenance"),
