@@ -55,7 +55,7 @@ HELP_VENV          := the virtual environment folder
 HELP_PYTEST_ARGS   := more pytest options for make test / test-fast
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast demo manifest extract verify export-wds train eval convert calibrate zoo minigenimage bench clean
+.PHONY: help setup test test-fast demo demo-robustness manifest extract verify export-wds train eval convert calibrate zoo minigenimage bench clean
 
 help: ## list the targets and the variables (with their current values)
 	@echo "Targets:"
@@ -80,6 +80,9 @@ test-fast: setup ## the suite without slow-marked cases
 
 demo: setup ## the main job on the embedded MiniGenImage: build, extract with ldm-a, train 4 detectors (egre, linear, lare-only, egre-zero-lare), evaluate on 4 generators
 	$(LARE2) minigenimage demo --out runs/minigenimage
+
+demo-robustness: setup ## after make demo: audit its manifest, re-extract its test split under JPEG 90/75/50, blur 1/2, resize 0.5, evaluate every detector on them
+	$(LARE2) minigenimage robustness --out runs/minigenimage
 
 manifest: setup ## build a manifest: make manifest LAYOUT=genimage SRC=/data/GenImage MANIFEST=... MANIFEST_ARGS="--val-fraction 0.05"
 	$(LARE2) manifest build $(LAYOUT) $(SRC) -o $(MANIFEST) $(MANIFEST_ARGS)
@@ -113,8 +116,8 @@ zoo: setup ## retrain the MiniGenImage generator zoo on the CPU (~45 min; the we
 minigenimage: setup ## build the MiniGenImage benchmark into data/minigenimage
 	$(LARE2) minigenimage build --out data/minigenimage
 
-bench: setup ## speed/memory benchmarks; figures written to bench/results/
-	$(PY) bench/run_bench.py --out bench/results
+bench: setup ## speed/memory benchmarks into bench/results/ (~5 min on 2 CPU cores); FULL=1 adds the full-size DIRE-style/LaRE ratio (~2 min more)
+	$(PY) bench/run_bench.py --out bench/results $(if $(filter 1,$(FULL)),--dire-full-size-images 2)
 
 clean: ## remove caches, runs and build outputs (keeps .venv)
 	rm -rf cache runs bench/results data/minigenimage .pytest_cache

@@ -88,4 +88,25 @@ def register(app: typer.Typer) -> None:
 
             typer.echo(to_json(reports))
 
+    @group.command("robustness")
+    def robustness_command(
+        out: Path = typer.Option(Path("runs/minigenimage"), help="The demo's folder (lare2 minigenimage demo --out)."),
+        perturb: List[str] = typer.Option([], help="Test-time perturbation, repeatable (default: jpeg:90 jpeg:75 jpeg:50 blur:1 blur:2 resize:0.5)."),
+        model: List[str] = typer.Option([], help="Detector folder under OUT, repeatable (default: every trained one)."),
+        json_out: bool = typer.Option(False, "--json", help="Print {model: robustness report} as JSON on stdout."),
+    ) -> None:
+        """After the demo: audit its manifest, extract its test split under each perturbation and evaluate every detector on them."""
+        from lare2.minigenimage.robustness import PERTURBATIONS, run_robustness
+        from lare2.shared.perturbations import chain_text, parse_chain
+
+        with user_errors():
+            chains = [chain_text(parse_chain(p)) for p in perturb] or list(PERTURBATIONS)
+            if not out.is_dir():
+                fail(f"{out}: no such folder; run `lare2 minigenimage demo --out {out}` first")
+            results = run_robustness(out, chains, list(model) or None)
+        if json_out:
+            from lare2.shared.jsonio import to_json
+
+            typer.echo(to_json(results))
+
     app.add_typer(group, name="minigenimage")

@@ -254,3 +254,22 @@ def test_bad_invocations_are_one_error_line(tmp_path: Path, args: list[str], nam
 
 def test_cli_default_bound_is_the_library_bound() -> None:
     assert DEFAULT_SHORTCUT_BOUND == SHORTCUT_AUC_BOUND
+
+
+def test_a_png_only_manifest_audits_without_jpeg_columns(tmp_path):
+    # every image PNG: the JPEG quality column is all NaN and must not stop the classifier
+    import numpy as np
+    from PIL import Image
+
+    from lare2.shared.manifest import build_folders, write_built
+    from lare2.shared.manifest.audit import audit_manifest
+
+    rng = np.random.default_rng(0)
+    for label in ("0_real", "1_fake"):
+        folder = tmp_path / "images" / "train" / label
+        folder.mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (16 + i % 3, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    manifest = write_built(tmp_path / "m.parquet", build_folders(tmp_path / "images", progress=False))
+    report = audit_manifest(manifest, progress=False)
+    assert report.classifier.auc is not None and not report.classifier.shortcut

@@ -332,3 +332,30 @@ def test_every_split_has_unique_ids_whatever_the_seed(tmp_path: Path, seed: int)
         ids = [r["sample_id"] for r in table if r["split"] == split]
         assert ids and len(set(ids)) == len(ids), split
     assert len({r["sample_id"] for r in table}) == len(table)  # and no image serves two splits
+
+
+def test_robustness_after_a_tiny_demo_perturbs_only_the_test_images(tmp_path: Path):
+    import json
+
+    from lare2.minigenimage.demo import DemoConfig, run_demo
+    from lare2.minigenimage.robustness import run_robustness
+    from lare2.shared.cache import FeatureCache
+
+    out = tmp_path / "demo"
+    run_demo(DemoConfig(out=str(out), build_preset="tiny", models=["egre"], epochs=2, backbone="tiny"))
+    results = run_robustness(out, ["jpeg:50", "blur:2"])
+    table = results["egre"]
+    assert [group["perturb"] for group in table["perturbations"]] == ["clean", "jpeg:50", "blur:2"]
+    assert all(sorted(r["generator"] for r in group["rows"]) == sorted(GENERATORS) for group in table["perturbations"])
+    clean, jpeg = FeatureCache.open(out / "cache" / "test"), FeatureCache.open(out / "cache" / "test-jpeg50")
+    assert list(clean.column("sample_id")) == list(jpeg.column("sample_id"))
+    assert list(clean.column("seed")) == list(jpeg.column("seed"))
+    assert jpeg.attrs["extract_config"]["perturb"] == "jpeg:50"
+    assert {k: v for k, v in jpeg.attrs["extract_config"].items() if k not in ("perturb", "out")} == \
+        {k: v for k, v in clean.attrs["extract_config"].items() if k not in ("perturb", "out")}
+    # every image of MiniGenImage is a 64 px PNG: format and size carry nothing (PNG bytes per pixel,
+    # i.e. how compressible the pixels are, may: the README reads the audit)
+    audit = json.loads((out / "audit.json").read_text())
+    alone = {f["feature"]: f["auc"] for f in audit["classifier"]["feature_aucs"]}
+    assert alone["format"] == alone["width"] == alone["height"] == 0.5
+    assert (out / "egre" / "robustness" / "robustness.png").exists()

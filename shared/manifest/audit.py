@@ -269,9 +269,12 @@ def _cv_auc(X: np.ndarray, y: np.ndarray, folds: int, seed: int) -> float:
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    columns = X.T
-    if all(np.array_equal(c, c[0:1].repeat(len(c)), equal_nan=True) for c in columns):
+    # a constant column (e.g. JPEG quality, all NaN in a PNG-only manifest) carries nothing, and the
+    # trees' binning refuses a column without one finite value
+    varying = [not np.array_equal(c, c[0:1].repeat(len(c)), equal_nan=True) for c in X.T]
+    if not any(varying):
         return 0.5  # nothing to split on
+    X = X[:, varying]
     # trees catch "exactly 512x512" as well as "JPEG or not"; small leaves so 40 images per class suffice
     model = HistGradientBoostingClassifier(max_iter=50, max_leaf_nodes=15, min_samples_leaf=10,
                                            early_stopping=False, random_state=seed)
