@@ -7,7 +7,15 @@ Figures:
 - cache bytes per sample on disk with the real codec, for a cache of photo crops (tiny SD maps,
   float32; full-size random RN50 features, float16), and the GenImage full-size disk estimate;
 - cache read throughput for training: random chunk-sized blocks, and random single samples;
-- cache creation time (metadata of N samples), extrapolated to GenImage.
+- cache creation time (metadata of N samples), extrapolated to GenImage;
+- side-by-side cost ratios (``bench/stage1.py``): a DIRE-style feature over LaRE (tiny models; full
+  size with ``--dire-full-size-images``), lare2's batched extraction over a reference-style loop,
+  end-to-end extraction over the models alone;
+- host-side capacity (``bench/host.py``): decode + preprocess images/s per loader worker, cache writes
+  per second, and the loader workers a GPU needs (its rate from ``bench/results/gpu.json`` when
+  ``bench/gpu.sh`` has written one, else the 400 images/s H200 goal);
+- FLOPs per image of the VAE encoder, the 4 UNet calls and RN50 (``bench/flops.py``);
+- stage 2's reader and training throughput (``bench/reader.py``).
 
 Random weights change values, not cost: the full-size timings hold for the real weights. Compressed
 sizes of ``fmap`` depend on the weights (sparsity after the ReLU); the measured figure is an estimate.
@@ -15,19 +23,27 @@ sizes of ``fmap`` depend on the weights (sparsity after the ReLU); the measured 
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (bench/run_bench.py): the repository root makes ``bench.*`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import typer
 
 GENIMAGE_SAMPLES = 2_681_167
 """GenImage: 1,331,167 real + 1,350,000 generated images (train + val, 8 generators)."""
+H200_GOAL_IMAGES_PER_S = 400.0
+"""The stated stage-1 goal for one H200 (models only), used for the workers-per-GPU figure until gpu.json exists."""
+GPU_RESULTS = Path(__file__).resolve().parent / "results" / "gpu.json"
 
 
 def _log(message: str) -> None:
@@ -39,10 +55,9 @@ def _log(message: str) -> None:
 # ---- inputs ---------------------------------------------------------------------------------------
 def write_photo_tree(root: Path, count: int, size: int = 320, seed: int = 0) -> Path:
     """``count`` JPEG crops of the MiniGenImage photographs in a 0_real/1_fake tree; returns the manifest."""
-    from PIL import Image
-
     from lare2.minigenimage.photos import photos_of, random_crops
     from lare2.shared.manifest import build_folders, write_built
+    from PIL import Image
 
     photos = photos_of("detector-train")
     for i in range(count):
@@ -54,18 +69,6 @@ def write_photo_tree(root: Path, count: int, size: int = 320, seed: int = 0) -> 
 
 
 # ---- measurements ---------------------------------------------------------------------------------
-def measure_extraction(manifest: Path, out: Path, **settings) -> dict:
-    from lare2.extract.run import run_extraction
-    from lare2.shared.config import debug
-
-    cfg = debug(manifest=str(manifest), out=str(out), device="cpu", **settings)
-    summary = run_extraction(cfg)
-    return {"images": summary.computed, "seconds": round(summary.seconds, 2),
-            "images_per_s": round(summary.computed / summary.seconds, 2),
-            "settings": {k: getattr(cfg, k) for k in ("sd_model", "backbone", "image_size", "ensemble", "batch_size",
-                                                      "chunk_samples", "num_workers")}}
-
-
 def store_bytes(cache_path: Path) -> dict:
     """On-disk bytes per array of a cache: apparent (file sizes) and allocated (file system blocks)."""
     from lare2.shared.cache import ARRAY_NAMES, FeatureCache
@@ -100,24 +103,15 @@ def store_bytes(cache_path: Path) -> dict:
     return result
 
 
-def measure_reads(source: Path, folder: Path, blocks: int, seed: int = 0) -> dict:
-    """Random block reads and random single-sample reads from a cache of ``blocks`` copies of a real block."""
-    from lare2.shared.cache import FeatureCache
+def measure_reads(source: Path, folder: Path, blocks: int, seed: int = 0) -> tuple[dict, dict]:
+    """Cache writes, then random block reads and random single-sample reads, of a cache of ``blocks``
+    copies of a real block (``bench.host.tiled_cache``): (read figures, write figures)."""
+    from bench.host import cache_write_figures, tiled_cache
 
-    src = FeatureCache.open(source)
-    c = src.layout.chunk_samples
-    m = len(range(*src.block_slice(0).indices(len(src))))
-    tiled = np.arange(c) % m  # a short source fills a whole block by repetition
-    block = {name: values[tiled] for name, values in src.read(src.block_slice(0)).items()}
-    meta = {col: list(src.column(col)[tiled]) for col in ("seed", "status", "error")}
-    n = blocks * c
-    rows = {"sample_id": [f"s{i:07d}" for i in range(n)], "path": ["x.png"] * n, "label": [0] * n,
-            "generator": ["x"] * n, "split": ["train"] * n, "class_name": ["goldfish"] * n}
-    cache = FeatureCache.create(folder, rows, src.layout, {})
-    for b in range(blocks):
-        cache.write_block(b, **block, seed=meta["seed"], status=meta["status"], error=meta["error"])
-    return {"samples": n, **_time_reads(cache, seed),
-            "note": "warm page cache (just written); cold reads on a shared file system are slower"}
+    cache, write_seconds = tiled_cache(source, folder, blocks)
+    return ({"samples": len(cache), **_time_reads(cache, seed),
+             "note": "warm page cache (just written); cold reads on a shared file system are slower"},
+            cache_write_figures(cache, write_seconds))
 
 
 def _time_reads(cache, seed: int) -> dict:
@@ -170,34 +164,17 @@ def measure_creation(folder: Path, samples: int) -> dict:
             "genimage_files_estimate": round(files * GENIMAGE_SAMPLES / samples)}
 
 
-def measure_full_size(manifest: Path, images: int, ensemble: int = 4) -> dict:
+def measure_full_size(model, manifest: Path, images: int, ensemble: int = 4) -> dict:
     """Seconds per image of SD v1.5-size LaRE (VAE + E UNet calls) and of CLIP RN50, random weights, fp32."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from lare2.extract.clip_resnet import load_backbone
     from lare2.extract.lare import LareComputer
-    from lare2.extract.models import SD_V1_CONFIGS, LatentDiffusion, ddpm_scheduler_from
-    from lare2.extract.tiny_models import build_tiny_sd
-    from lare2.extract.run import ManifestImages
+    from lare2.extract.loader import ManifestImages
     from lare2.shared.config import MAX_IMAGE_PIXELS
     from lare2.shared.manifest import read_manifest
 
-    def config(component: str) -> dict:
-        return {k: v for k, v in json.loads((SD_V1_CONFIGS / component / "config.json").read_text()).items()
-                if not k.startswith("_")}
+    from bench.models import build_backbone
 
-    started = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        vae = AutoencoderKL.from_config(config("vae")).eval().requires_grad_(False)
-        unet = UNet2DConditionModel.from_config(config("unet")).eval().requires_grad_(False)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**config("text_encoder"))).eval().requires_grad_(False)
-    backbone, _ = load_backbone("random-rn50", device=torch.device("cpu"), dtype=torch.float32)
-    build_seconds = time.perf_counter() - started
-    model = LatentDiffusion(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=build_tiny_sd()["tokenizer"],
-                            scheduler=ddpm_scheduler_from(SD_V1_CONFIGS), source="random-sd-v1", fingerprint="-")
+    backbone = build_backbone("full")
     lare = LareComputer(model, timestep=200, ensemble=ensemble)
     table, root = read_manifest(manifest)
     dataset = ManifestImages(Path(root), table.column("path").to_pylist(), 256, MAX_IMAGE_PIXELS)
@@ -214,13 +191,24 @@ def measure_full_size(manifest: Path, images: int, ensemble: int = 4) -> dict:
                 lare_s.append(t1 - t0)
                 backbone_s.append(t2 - t1)
     maps_B4hw = torch.cat(maps).numpy()
-    return {"images": images, "ensemble": ensemble, "build_seconds": round(build_seconds, 1),
+    return {"images": images, "ensemble": ensemble,
             "lare_seconds_per_image": round(float(np.mean(lare_s)), 2),
             "backbone_seconds_per_image": round(float(np.mean(backbone_s)), 2),
-            "unet_parameters_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
+            "unet_parameters_m": round(sum(p.numel() for p in model.unet.parameters()) / 1e6, 1),
             "lare_map_shape": list(maps_B4hw.shape[1:]),
             "lare_float32_compression_ratio": _zstd_ratio(maps_B4hw.astype(np.float32)),
             "threads": torch.get_num_threads()}
+
+
+def gpu_rate(path: Path = GPU_RESULTS) -> tuple[float, str]:
+    """The best images/s of a real (not dry) ``bench/gpu.sh`` run, else the H200 goal; and where it came from."""
+    if path.is_file():
+        gpu = json.loads(path.read_text())
+        if not gpu.get("dry_run") and gpu.get("best"):
+            best = gpu["best"]
+            return float(best["images_per_s"]), (f"{path.name}: {gpu['device']}, {best['dtype']}, batch {best['batch_size']}, "
+                                                 f"{gpu['date']}")
+    return H200_GOAL_IMAGES_PER_S, "goal: 400 images/s on one H200 (bench/gpu.sh has not been run)"
 
 
 def _zstd_ratio(array: np.ndarray) -> float:
@@ -245,18 +233,60 @@ def genimage_estimate(sizes: dict) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = ["# Stage 1 benchmarks", "", f"Machine: {results['machine']}", "", "| figure | value |", "| --- | --- |"]
+    load = f"; load average (1, 5, 15 min) {results['load_average_at_start']} at the start" if "load_average_at_start" in results else ""
+    lines = ["# Stage 1 benchmarks", "", f"Machine: {results['machine']}{load}", "",
+             f"Date: {results.get('date', '-')}; command: `{results.get('command', '-')}`; {results.get('seconds', '-')} s", "",
+             "| figure | value |", "| --- | --- |"]
     tiny = results.get("tiny_extraction")
     if tiny:
         lines.append(f"| extraction, tiny models, end to end | {tiny['images_per_s']} img/s ({tiny['images']} images) |")
     rn50 = results.get("tiny_sd_rn50_extraction")
     if rn50:
         lines.append(f"| extraction, tiny SD + full-size RN50 | {rn50['images_per_s']} img/s |")
+    for name, label in (("tiny", "tiny models"), ("tiny_sd_rn50", "tiny SD + full-size RN50")):
+        p = results.get("pipeline_efficiency", {}).get(name)
+        if p:
+            lines.append(f"| stage-1 pipeline efficiency, {label}: end to end / models only (batch {p['batch_size']}, "
+                         f"decode inline) | {p['end_to_end_over_models_only']} ({p['end_to_end_images_per_s']} vs "
+                         f"{p['models_only_images_per_s']} img/s, median of {p['repeats']}) |")
     full = results.get("full_size")
     if full:
         lines.append(f"| SD v1.5-size LaRE (VAE + {full['ensemble']} UNet calls), fp32 CPU | "
                      f"{full['lare_seconds_per_image']} s/img |")
         lines.append(f"| CLIP RN50, fp32 CPU | {full['backbone_seconds_per_image']} s/img |")
+    for key, label in (("tiny", "tiny models"), ("full_size", "SD v1.5-size, fp32 CPU")):
+        d = results.get("dire_vs_lare", {}).get(key)
+        if d:
+            lines.append(f"| DIRE-style ({d['ddim_steps']}+{d['ddim_steps']} DDIM steps, decode) / LaRE, time per image, "
+                         f"{label}, batch {d['batch_size']} | {d['dire_over_lare']}x ({d['dire_seconds_per_image']} vs "
+                         f"{d['lare_seconds_per_image']} s/img, median of {d['repeats']}) |")
+    flops = results.get("flops")
+    if flops:
+        g, o = flops["gflop_per_image"], flops["gflop_other"]
+        lines.append(f"| FLOPs per image, full size | {g['total']} GFLOP: VAE encoder {g['vae_encoder']}, "
+                     f"{flops['ensemble']} UNet calls {g['unet']}, RN50 {g['backbone']} |")
+        lines.append(f"| DIRE-style / LaRE, FLOPs, full size | {o['dire_style_over_lare']}x "
+                     f"({o['dire_style_20_steps']} vs {round(g['vae_encoder'] + g['unet'], 2)} GFLOP) |")
+    ref = results.get("batched_vs_reference")
+    if ref:
+        lines.append(f"| batched extraction (batch {ref['batch_size']}, prompt cache) / reference-style loop (batch 1, "
+                     f"prompt encoded per image), tiny models | {ref['batched_over_reference']}x "
+                     f"({ref['batched_images_per_s']} vs {ref['reference_images_per_s']} img/s) |")
+    host = results.get("host")
+    if host:
+        r, j = host["worker"]["images_per_s"], host["worker"]["jpeg"]
+        lines.append(f"| loader worker, one thread: decode + both inputs of a {j['width']}x{j['height']} q{j['quality']} "
+                     f"JPEG | {r['decode_both']} img/s (decode {r['decode']}, + 256 px LaRE input "
+                     f"{r['decode_lare_input']}, + 224 crop {r['decode_backbone_input']}) |")
+    writes = results.get("cache_writes")
+    if writes:
+        lines.append(f"| cache writes, full-size layout (main process) | {writes['samples_per_s']} samples/s "
+                     f"({writes['raw_mb_per_s']} MB/s raw) |")
+    if host and "workers_per_gpu" in host:
+        w = host["workers_per_gpu"]
+        lines.append(f"| loader workers per GPU at {w['gpu_images_per_s']:g} img/s ({w['gpu_source']}) | "
+                     f"{w['loader_workers']} ({w['loader_workers_exact']}); cache writes take "
+                     f"{w['cache_write_share_of_one_process']:.0%} of one process |")
     sizes = results.get("cache_bytes")
     if sizes:
         for name in ("lare", "pooled", "fmap", "metadata"):
@@ -283,48 +313,138 @@ def markdown(results: dict) -> str:
     if creation:
         lines.append(f"| cache creation, {creation['samples']:,} samples | {creation['seconds']} s, {creation['files']:,} files "
                      f"(GenImage: ~{creation['genimage_seconds_estimate']} s, ~{creation['genimage_files_estimate']:,} files) |")
+    reader = results.get("reader")
+    if reader:
+        r = reader["reader_samples_per_s"]
+        lines.append(f"| stage-2 reader, 0 / 1 / 2 read workers (full-size cache, {reader['samples']:,} samples) | "
+                     f"{r['0']} / {r['1']} / {r['2']} samples/s |")
+        lines.append(f"| EGRE training epoch on CPU, from the cache / from memory | "
+                     f"{reader['train_from_cache_samples_per_s']} / {reader['train_in_memory_samples_per_s']} samples/s "
+                     f"(ratio {reader['cache_over_memory_ratio']}) |")
     return "\n".join(lines) + "\n"
+
+
+def measure_reader_if_present(folder: Path, samples: int) -> dict | None:
+    """``bench.reader.measure_reader`` when that module is there (it is optional), else None."""
+    try:
+        from bench.reader import measure_reader
+    except ImportError as err:
+        _log(f"stage-2 reader figures skipped: {err}")
+        return None
+    return measure_reader(folder, samples=samples)
 
 
 def run(
     out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for bench.json and bench.md."),
-    samples: int = typer.Option(64, help="Photo crops for the extraction and cache-size figures."),
+    samples: int = typer.Option(32, help="Photo crops for the extraction, pipeline and cache-size figures (32: one cache block)."),
     full_size_images: int = typer.Option(2, help="Images timed with the full-size models (0 skips them)."),
-    read_blocks: int = typer.Option(32, help="Chunk-sized blocks in the read-throughput cache."),
+    dire_full_size_images: int = typer.Option(0, help="Images (batch 1) of the full-size DIRE-style / LaRE ratio, "
+                                                      "~1 min each on 2 CPU cores (make bench FULL=1: 2)."),
+    repeats: int = typer.Option(3, help="Rounds of every side-by-side ratio (medians are reported)."),
+    dire_images: int = typer.Option(8, help="Images of the tiny-model DIRE-style / LaRE ratio (batch 8)."),
+    reference_images: int = typer.Option(16, help="Images of the batched / reference-style loop ratio (batch 8)."),
+    host_images: int = typer.Option(96, help="500 x 375 JPEGs of the loader-worker figure."),
+    read_blocks: int = typer.Option(32, help="Chunk-sized blocks in the read and write throughput cache."),
     create_samples: int = typer.Option(20_000, help="Samples in the cache-creation timing (0 skips it)."),
+    reader_samples: int = typer.Option(1024, help="Samples of the stage-2 reader figures (0 skips them)."),
 ) -> None:
     """Measure stage 1 on this machine and write the figures."""
     import torch
+    from lare2.extract.models import load_latent_diffusion
+
+    from bench.flops import stage1_flops
+    from bench.host import imagenet_like_jpegs, measure_worker, workers_needed
+    from bench.models import build_latent_diffusion
+    from bench.stage1 import (
+        decoded_inputs,
+        measure_batched_vs_reference,
+        measure_dire_vs_lare,
+        measure_pipeline,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                                f"torch {torch.__version__}, {torch.get_num_threads()} threads"}
+                                f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+                     "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
+                     "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                     "command": " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0].endswith("run_bench.py")
+                                else "bench/run_bench.py (called as a function)"}
+
+    def save() -> None:  # after every measurement: an interrupted run keeps what it measured
+        results["seconds"] = round(time.perf_counter() - started, 1)
+        results["load_average_now"] = [round(v, 2) for v in os.getloadavg()]
+        (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "bench.md").write_text(markdown(results))
+
     with tempfile.TemporaryDirectory(prefix="lare2-bench-") as tmp:
         work = Path(tmp)
         _log(f"writing {samples} photo crops")
         manifest = write_photo_tree(work / "data", samples)
 
-        _log("extraction with the tiny models")
-        results["tiny_extraction"] = measure_extraction(manifest, work / "tiny", chunk_samples=32)
-        _log("extraction with tiny SD + full-size random RN50 (realistic feature maps for the cache size)")
-        results["tiny_sd_rn50_extraction"] = measure_extraction(manifest, work / "rn50", backbone="random-rn50",
-                                                                chunk_samples=32)
-        results["cache_bytes"] = store_bytes(work / "rn50")
+        results["pipeline_efficiency"] = {}
+        for name, settings in (("tiny", {}), ("tiny_sd_rn50", {"backbone": "random-rn50"})):
+            _log(f"extraction end to end and models only, {name}, {repeats} rounds")
+            p = measure_pipeline(manifest, work / name, repeats=repeats, keep=work / f"{name}-cache",
+                                 chunk_samples=32, **settings)
+            results["pipeline_efficiency"][name] = p
+            results[f"{name}_extraction"] = {**p["median_run"], "images_per_s": p["end_to_end_images_per_s"],
+                                             "settings": p["settings"]}
+            save()
+        cache = work / "tiny_sd_rn50-cache"  # tiny SD maps, full-size RN50 features: the full-size layout
+        results["cache_bytes"] = store_bytes(cache)
         results["genimage_estimate"] = genimage_estimate(results["cache_bytes"])
 
-        _log("cache reads")
-        results["reads"] = measure_reads(work / "rn50", work / "reads", read_blocks)
+        _log("cache writes and reads")
+        results["reads"], results["cache_writes"] = measure_reads(cache, work / "reads", read_blocks)
         _log("packed cache reads")
         results["packed_reads"] = measure_packed_reads(work / "reads", work / "packed", shard_blocks=min(64, read_blocks))
         if create_samples:
             _log(f"cache creation for {create_samples} samples")
             results["creation"] = measure_creation(work / "created", create_samples)
-        if full_size_images:
-            _log(f"full-size SD v1.5 + RN50, random weights, {full_size_images} images")
-            results["full_size"] = measure_full_size(manifest, full_size_images)
+        save()
 
-    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "bench.md").write_text(markdown(results))
+        _log("FLOPs per image, full-size configs (meta tensors)")
+        results["flops"] = stage1_flops("full")
+        _log(f"DIRE-style / LaRE and batched / reference-style loop, tiny models, {repeats} rounds")
+        tiny = load_latent_diffusion("tiny")
+        results["dire_vs_lare"] = {"tiny": measure_dire_vs_lare(tiny, decoded_inputs(manifest, dire_images),
+                                                                 batch_size=8, repeats=repeats)}
+        results["batched_vs_reference"] = measure_batched_vs_reference(tiny, decoded_inputs(manifest, reference_images),
+                                                                       batch_size=8, repeats=repeats)
+        save()
+
+        _log(f"loader worker on {host_images} ImageNet-like JPEGs, {repeats} rounds")
+        rate, source = gpu_rate()
+        worker = measure_worker(imagenet_like_jpegs(host_images), repeats=repeats)
+        results["host"] = {"worker": worker,
+                           "workers_per_gpu": workers_needed(worker, results["cache_writes"], rate, source)}
+        save()
+
+        if full_size_images or dire_full_size_images:
+            _log("building the full-size SD v1.5 models, random weights")
+            t0 = time.perf_counter()
+            full = build_latent_diffusion("full")
+            build_seconds = round(time.perf_counter() - t0, 1)
+            if full_size_images:
+                _log(f"full-size SD v1.5 + RN50, {full_size_images} images")
+                results["full_size"] = {**measure_full_size(full, manifest, full_size_images),
+                                        "build_seconds": build_seconds}
+                save()
+            if dire_full_size_images:
+                _log(f"DIRE-style / LaRE, full size, batch 1, {dire_full_size_images} images")
+                results["dire_vs_lare"]["full_size"] = measure_dire_vs_lare(
+                    full, decoded_inputs(manifest, dire_full_size_images), batch_size=1, repeats=dire_full_size_images,
+                    per_round=True, warm_up=not full_size_images)  # measure_full_size warmed these models up
+                save()
+            del full
+        if reader_samples:
+            _log(f"stage-2 reader on {reader_samples} samples")
+            reader = measure_reader_if_present(work / "reader", reader_samples)
+            if reader:
+                results["reader"] = reader
+
+    save()
     _log(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     from lare2.shared.logs import console
 

@@ -33,8 +33,6 @@ def perturbed_test_caches(out: Path, perturbations: Sequence[str]) -> list[str]:
     from lare2.shared.config import ExtractConfig
 
     clean = out / "cache" / "test"
-    if not (clean / "zarr.json").exists():
-        raise FileNotFoundError(f"{clean}: no test cache; run `lare2 minigenimage demo --out {out}` first")
     recorded = FeatureCache.open(clean).attrs["extract_config"]
     paths = [str(clean)]
     for perturbation in perturbations:
@@ -51,6 +49,9 @@ def run_robustness(out: str | Path, perturbations: Sequence[str] = PERTURBATIONS
     from lare2.train.report import evaluate
 
     out = Path(out)
+    for needed in (out / "cache" / "test" / "zarr.json", out / "data" / "manifest.parquet"):
+        if not needed.exists():
+            raise FileNotFoundError(f"{needed.parent}: no test cache or manifest of a demo; run `lare2 minigenimage demo --out {out}` first")
     models = list(models) if models else [p.name for p in sorted(out.iterdir()) if (p / "config.json").exists()]
     if not models:
         raise FileNotFoundError(f"{out}: no trained detectors (folders with config.json); run the demo first")

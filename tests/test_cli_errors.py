@@ -202,6 +202,9 @@ CASES = [
     ("minigenimage-build-bad-preset", ["minigenimage", "build", "--preset", "huge", "--out", "{tmp}/mg"], 2, "huge"),
     ("minigenimage-zoo-bad-family", ["minigenimage", "zoo", "--family", "vqgan"], 2, "vqgan"),
     ("minigenimage-demo-bad-prompt-mode", ["minigenimage", "demo", "--prompt-mode", "poem", "--out", "{tmp}/demo"], 2, "poem"),
+    ("minigenimage-robustness-no-demo", ["minigenimage", "robustness", "--out", "{missing}"], 2, "{missing}: no such folder"),
+    ("minigenimage-robustness-bad-perturb", ["minigenimage", "robustness", "--out", "{tmp}", "--perturb", "jpeg:0"], 2, "jpeg:0"),
+    ("minigenimage-robustness-not-a-demo", ["minigenimage", "robustness", "--out", "{tmp}"], 2, "no test cache or manifest of a demo"),
     ("minigenimage-demo-missing-zoo", ["minigenimage", "demo", "--zoo", "{missing}", "--out", "{tmp}/demo"], 2, "{missing}"),
 ]
 NEEDS_NO_CUDA = {case[0] for case in CASES if case[0].endswith("-cuda")}

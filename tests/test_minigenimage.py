@@ -267,14 +267,15 @@ def test_cli_registers_build_and_zoo():
     register(app)
     result = CliRunner().invoke(app, ["minigenimage", "--help"], env={"COLUMNS": "200"})  # no wrapped descriptions
     assert result.exit_code == 0 and "build" in result.output and "zoo" in result.output
-    # the rows of the Commands panel: exactly the three subcommands, each with its one-line description
+    # the rows of the Commands panel: exactly the four subcommands, each with its one-line description
     panel = result.output.split("─ Commands ─", 1)[1].split("╰", 1)[0].splitlines()[1:]
     listed = [line.strip().strip("│").split(None, 1) for line in panel]
-    assert [name for name, _ in listed] == ["build", "zoo", "demo"]
+    assert [name for name, _ in listed] == ["build", "zoo", "demo", "robustness"]
     assert [description.strip() for _, description in listed] == [
         "Sample the zoo and crop the photographs into GenImage's layout, with a manifest.",
         "Train the generator zoo on the CPU (the VAE first: ldm-a and ldm-b decode with it).",
-        "The whole method on MiniGenImage: build, extract with ldm-a, train 4 detectors (egre, linear, lare-only, egre-zero-lare), evaluate on 4 generators."]
+        "The whole method on MiniGenImage: build, extract with ldm-a, train 4 detectors (egre, linear, lare-only, egre-zero-lare), evaluate on 4 generators.",
+        "After the demo: audit its manifest, extract its test split under each perturbation and evaluate every detector on them."]
 
 
 def test_demo_samples_and_extracts_with_the_zoo_it_is_given(tmp_path: Path, monkeypatch):

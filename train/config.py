@@ -17,13 +17,14 @@ from lare2.train.models import MODEL_KINDS, HeadSettings
 ModelKind = Literal[MODEL_KINDS]  # type: ignore[valid-type]  # ("egre", "linear", "lare-only")
 SelectMetric = Literal["auc", "ap", "acc"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
+InMemory = Literal["auto", "on", "off"]
 SELECT_METRICS: tuple[str, ...] = get_args(SelectMetric)
 MIXED_PRECISION: tuple[str, ...] = get_args(MixedPrecision)
 __all__ = ["DEVICES", "MIXED_PRECISION", "PRESETS", "RESUME_FREE_KEYS", "SELECT_METRICS", "TrainConfig", "preset"]
 
 # Settings a resumed run may change without invalidating its saved state.
 RESUME_FREE_KEYS = ("out", "epochs", "stop_after_steps", "log_every", "device", "resume", "progress", "cpu_threads",
-                    "allow_pending", "allow_overlap")
+                    "allow_pending", "allow_overlap", "read_workers", "read_ahead", "in_memory", "memory_budget_gb")
 
 
 @dataclass(kw_only=True)
@@ -65,6 +66,19 @@ class TrainConfig(HeadSettings):
     """Seeds the initial weights, the per-epoch data order and dropout."""
     shuffle_blocks: int = 8
     """Cache blocks (chunks) read together and shuffled as one window; the whole split never needs to fit in memory."""
+    read_workers: int = 2
+    """Background threads reading and decoding the next windows while the current one trains (zarr's codecs and
+    torch's casts release the GIL); 0 reads each window inline when it is due. Never changes the batches."""
+    read_ahead: int = 2
+    """Windows read ahead of the one in use (with ``read_workers`` > 0). Memory holds 1 + ``read_ahead`` float32
+    windows: ~215 MB each for full-size features, 8 blocks of 32 samples."""
+    in_memory: InMemory = "auto"
+    """``auto``: hold the training split's ok samples in RAM, then the validation split's, each when it fits in
+    what is left of ``memory_budget_gb``, else read it from the cache (logged either way); ``on``: refuse a split
+    that does not fit; ``off``: always read from the cache. Never changes the batches."""
+    memory_budget_gb: float = 0.0
+    """RAM the ``in_memory`` splits may take in this process, in GB at their storage dtypes (full-size features:
+    0.42 MB per sample); 0: half the memory available at the start, divided among the processes of this machine."""
     device: DeviceName = "auto"
     """``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``."""
     mixed_precision: MixedPrecision = "no"
@@ -94,9 +108,11 @@ class TrainConfig(HeadSettings):
         check_range(self, "target_fpr", above=0.0, below=1.0)
         for key in ("epochs", "batch_size", "shuffle_blocks", "num_heads", "head_dim", "channel_hidden"):
             check_range(self, key, min=1)
-        for key in ("cpu_threads", "weight_decay", "grad_clip", "plateau_patience", "min_lr", "log_every", "seed"):
+        for key in ("cpu_threads", "weight_decay", "grad_clip", "plateau_patience", "min_lr", "log_every", "seed",
+                    "read_workers", "memory_budget_gb"):
             check_range(self, key, min=0)
         check_range(self, "lr", above=0.0)
+        check_range(self, "read_ahead", min=1)
         check_range(self, "plateau_factor", above=0.0, below=1.0)
         check_range(self, "stop_after_steps", min=1)
 

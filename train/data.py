@@ -1,13 +1,21 @@
 """Reading a feature cache for training and scoring, block by block.
 
 Training order per epoch, as explicit stages: blocks holding ok samples -> seeded permutation of
-the blocks for this epoch -> windows of ``shuffle_blocks`` blocks read from disk -> seeded
-permutation of the samples inside a window -> batches -> every ``world``-th batch for this rank.
-A block is exactly one Zarr chunk, so each read is contiguous and memory holds one window at a time.
+the blocks for this epoch -> windows of ``shuffle_blocks`` blocks, dealt to the ranks in turn ->
+seeded permutation of the samples inside each window -> a rank's windows read (from disk, or from
+RAM when the split is held in memory; inline, or ahead of use by background threads) -> batches cut
+from the rank's stream of windows. A block is exactly one Zarr chunk, so each read is contiguous, and
+memory holds the window in use plus ``ReadSettings.ahead`` windows being read.
+
+The order depends only on (seed, epoch, world size): how windows are read never changes a batch.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -47,14 +55,98 @@ class Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(pooled=move(self.pooled), fmap=move(self.fmap), lare=move(self.lare), label=move(self.label), index=self.index)
 
+    def rows(self, lo: int, hi: int) -> "Batch":
+        """Rows ``lo:hi`` as views (no copy)."""
+        cut = lambda t: None if t is None else t[lo:hi]  # noqa: E731
+        return Batch(pooled=cut(self.pooled), fmap=cut(self.fmap), lare=cut(self.lare), label=self.label[lo:hi],
+                     index=self.index[lo:hi])
 
-def _to_batch(arrays: dict[str, np.ndarray], labels: np.ndarray, index: np.ndarray) -> Batch:
-    # fp16 storage -> float32 compute
-    tensors = {name: torch.from_numpy(np.ascontiguousarray(arrays[name], dtype=np.float32)) for name in arrays}
-    return Batch(
-        pooled=tensors.get("pooled"), fmap=tensors.get("fmap"), lare=tensors.get("lare"),
-        label=torch.from_numpy(labels.astype(np.int64)), index=index,
-    )
+
+def _join(pieces: list[Batch]) -> Batch:
+    """One batch of ``pieces`` in order; a single piece is returned as it is (pinned memory stays pinned)."""
+    if len(pieces) == 1:
+        return pieces[0]
+
+    def cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+        if parts[0] is None:
+            return None
+        out = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype,
+                          pin_memory=parts[0].is_pinned())
+        return torch.cat(parts, out=out)
+
+    return Batch(pooled=cat([p.pooled for p in pieces]), fmap=cat([p.fmap for p in pieces]),
+                 lare=cat([p.lare for p in pieces]), label=cat([p.label for p in pieces]),
+                 index=np.concatenate([p.index for p in pieces]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReadSettings:
+    """How a split's windows are read: inline when their first batch is due, or ahead by background threads."""
+
+    workers: int = 0
+    """Background threads that read, check and decode the next windows while the current one is consumed
+    (zarr's codecs and torch's casts release the GIL); 0 reads each window inline, when it is due."""
+    ahead: int = 2
+    """Windows read beyond the one in use when ``workers`` > 0: memory holds 1 + ``ahead`` float32 windows."""
+    pin_device: str | None = None
+    """CUDA device (``cuda:1``) whose host-to-device copies the windows are pinned for; None: pageable memory."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 0 or self.ahead < 1:
+            raise ValueError(f"read workers must be >= 0 and read-ahead >= 1 window, got {self.workers} and {self.ahead}")
+
+
+@dataclass(frozen=True)
+class Window:
+    """Blocks read together, and the order their ok samples are served in."""
+
+    blocks: tuple[int, ...]
+    """Cache blocks, in read order; their ok samples are concatenated."""
+    order: np.ndarray | None
+    """Permutation of the concatenated ok samples; None keeps store order."""
+
+
+def _cut(windows: Iterator[Batch], batch_size: int, carry: bool, limit: int | None) -> Iterator[Batch]:
+    """Batches of ``batch_size`` cut from consecutive windows; ``carry``: a window's last samples lead the next
+    batch (else each window ends with its own partial batch). The stream's last batch may be partial.
+    Stops after ``limit`` batches without pulling another window."""
+    if limit == 0:
+        return
+    pieces: list[Batch] = []
+    filled = made = 0
+    for window in windows:
+        lo = 0
+        while lo < len(window):
+            take = min(batch_size - filled, len(window) - lo)
+            pieces.append(window.rows(lo, lo + take))
+            filled, lo = filled + take, lo + take
+            if filled == batch_size or (not carry and lo == len(window)):
+                yield _join(pieces)
+                pieces, filled, made = [], 0, made + 1
+                if made == limit:
+                    return
+    if pieces:
+        yield _join(pieces)
+
+
+def _nonfinite_rows(values: np.ndarray) -> np.ndarray:
+    """Bool [n]: rows holding NaN or Inf."""
+    if values.dtype == np.float16:  # all exponent bits set; ~8x faster than np.isfinite, which has no fp16 kernel
+        return (values.view(np.uint16).reshape(len(values), -1) & 0x7C00).max(axis=1, initial=0) == 0x7C00
+    return ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+
+
+class _Scratch(threading.local):
+    """A float32 block buffer per thread and sample shape: casting into memory already touched avoids page faults."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def rows(self, n: int, sample_shape: tuple[int, ...]) -> torch.Tensor:
+        buffer = self.buffers.get(sample_shape)
+        if buffer is None or len(buffer) < n:
+            buffer = self.buffers[sample_shape] = torch.empty((n, *sample_shape), dtype=torch.float32)
+        return buffer[:n]
 
 
 class CacheSplit:
@@ -62,12 +154,14 @@ class CacheSplit:
 
     Refuses (``CacheError``) a cache with pending samples unless ``allow_pending`` (then they are left
     out, with a warning), a block missing a chunk it must hold (``lare2.shared.cache.presence``) and an
-    ok sample holding NaN/Inf."""
+    ok sample holding NaN/Inf. ``read`` says how windows are read; it never changes a batch."""
 
-    def __init__(self, path: str | Path, names: Sequence[str], allow_pending: bool = False) -> None:
+    def __init__(self, path: str | Path, names: Sequence[str], allow_pending: bool = False,
+                 read: ReadSettings = ReadSettings()) -> None:
         self.cache = FeatureCache.open(path)
         self.path = Path(path)
         self.names = tuple(names)
+        self.read = read
         ok = self.cache.ok_mask()
         labels = self.cache.column("label").astype(np.int64)
         bad = set(np.unique(labels[ok]).tolist()) - {0, 1}
@@ -87,6 +181,8 @@ class CacheSplit:
                         "rerun the extraction to complete the cache", self.path, self.num_pending, len(status))
         self.ok_per_block = [int(ok[self.cache.block_slice(b)].sum()) for b in range(self.cache.num_blocks)]
         self.ok_blocks = [b for b, count in enumerate(self.ok_per_block) if count]
+        self._resident: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] | None = None
+        self._scratch = _Scratch()
 
     @property
     def num_ok(self) -> int:
@@ -96,14 +192,18 @@ class CacheSplit:
     def fingerprint(self) -> str:
         return extraction_fingerprint(self.cache)
 
+    # ---- blocks: from disk, or from RAM -------------------------------------------------------
     def read_block(self, block: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Arrays and cache indices of the ok samples of one block."""
+        """Arrays (storage dtypes) and cache indices of the ok samples of one block."""
+        if self._resident is not None:
+            return self._resident[block]
         sl = self.cache.block_slice(block)
         keep = self.ok[sl]
         self.cache.presence.require([block])  # every array and column of the block, not only those read here
-        arrays = {n: a[keep] for n, a in self.cache.read(sl, self.names).items()}
+        every = bool(keep.all())
+        arrays = {n: a if every else a[keep] for n, a in self.cache.read(sl, self.names).items()}
         for name, values in arrays.items():  # an ok sample never holds NaN: the extractor records those as errors
-            bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+            bad = _nonfinite_rows(values)
             if bad.any():
                 sample = self.cache.column("sample_id")[sl][keep][bad][0]
                 raise CacheError(f"{self.path}: block {block}: {name} holds NaN/Inf for {int(bad.sum())} samples whose "
@@ -111,6 +211,80 @@ class CacheSplit:
                                  "re-extraction")
         return arrays, np.arange(sl.start, sl.stop)[keep]
 
+    @property
+    def in_memory(self) -> bool:
+        return self._resident is not None
+
+    def memory_bytes(self) -> int:
+        """Bytes the ok samples of ``names`` take in RAM at their storage dtypes (what ``hold_in_memory`` keeps)."""
+        layout = self.cache.layout
+        per_sample = sum(int(np.prod(layout.sample_shape(n))) * np.dtype(layout.dtype(n)).itemsize for n in self.names)
+        return self.num_ok * per_sample
+
+    def hold_in_memory(self) -> None:
+        """Read every ok block once (checked as always, with ``read.workers`` threads) and serve reads from RAM."""
+        if self._resident is not None:
+            return
+        with ThreadPoolExecutor(max(1, self.read.workers), thread_name_prefix="lare2-load") as pool:
+            self._resident = dict(zip(self.ok_blocks, pool.map(self.read_block, self.ok_blocks)))
+
+    # ---- windows: read, permuted and cast to float32 ------------------------------------------
+    def _load_window(self, window: Window) -> Batch:
+        """The ok samples of ``window.blocks`` in ``window.order``, float32 (pinned when ``read.pin_device``)."""
+        parts = [self.read_block(b) for b in window.blocks]
+        index = np.concatenate([p[1] for p in parts])
+        n = len(index)
+        # where each read sample goes: position[j] = i such that order[i] = j
+        position = None if window.order is None else np.argsort(window.order)
+        tensors: dict[str, torch.Tensor] = {}
+        for name in self.names:
+            shape = tuple(self.cache.layout.sample_shape(name))
+            out = torch.empty((n, *shape), dtype=torch.float32, pin_memory=self.read.pin_device is not None)
+            at = 0
+            for arrays, _ in parts:
+                part = torch.from_numpy(arrays[name])  # fp16 storage -> float32 compute, by torch: ~10x numpy's cast
+                if window.order is None:
+                    out[at:at + len(part)].copy_(part)
+                else:
+                    scratch = self._scratch.rows(len(part), shape)
+                    scratch.copy_(part)
+                    out.index_copy_(0, torch.from_numpy(position[at:at + len(part)]), scratch)
+                at += len(part)
+            tensors[name] = out
+        index = index if window.order is None else index[window.order]
+        label = torch.from_numpy(self.labels[index])
+        if self.read.pin_device is not None:
+            label = label.pin_memory()
+        return Batch(pooled=tensors.get("pooled"), fmap=tensors.get("fmap"), lare=tensors.get("lare"), label=label,
+                     index=index)
+
+    def _loaded(self, windows: list[Window]) -> Iterator[Batch]:
+        """``windows`` loaded in order: inline, or by ``read.workers`` threads keeping ``read.ahead`` windows in flight.
+
+        A worker's error (``CacheError`` for a missing chunk or NaN) is raised here, unchanged, when its window is due."""
+        if self.read.workers == 0 or len(windows) < 2:
+            for window in windows:
+                yield self._load_window(window)
+            return
+        device = self.read.pin_device
+        # pinning from a thread whose current device is another would start a CUDA context there
+        bind = (lambda: torch.cuda.set_device(device)) if device is not None else None
+        pool = ThreadPoolExecutor(self.read.workers, thread_name_prefix="lare2-read", initializer=bind)
+        upcoming = iter(windows)
+        in_flight: collections.deque[Future] = collections.deque(
+            pool.submit(self._load_window, w) for w in itertools.islice(upcoming, self.read.ahead + 1))
+        try:
+            while in_flight:
+                window = in_flight.popleft().result()
+                yield window
+                del window  # the consumer keeps what it needs; memory stays at 1 + ahead windows
+                following = next(upcoming, None)
+                if following is not None:
+                    in_flight.append(pool.submit(self._load_window, following))
+        finally:  # finished, failed or abandoned (generator closed): stop reading what is no longer wanted
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    # ---- epochs --------------------------------------------------------------------------------
     def _epoch_windows(self, epoch: int, seed: int, shuffle_blocks: int,
                        world_size: int = 1) -> tuple[np.random.Generator, list[list[int]]]:
         """The epoch's shuffled blocks, grouped into windows of ``shuffle_blocks`` (fewer when there are
@@ -135,44 +309,34 @@ class CacheSplit:
         per_rank = [sum(self.ok_per_block[b] for w in windows[r::world_size] for b in w) for r in range(world_size)]
         return min(per_rank) // batch_size
 
+    def epoch_windows(self, *, epoch: int, seed: int, batch_size: int, shuffle_blocks: int, rank: int = 0,
+                      world_size: int = 1) -> tuple[list[Window], int]:
+        """This rank's windows for one epoch, as many as its ``num_batches`` batches need, and that number."""
+        rng, windows = self._epoch_windows(epoch, seed, shuffle_blocks, world_size)
+        steps = self._steps(windows, batch_size, world_size)
+        mine: list[Window] = []
+        samples = 0
+        for w, window_blocks in enumerate(windows):
+            # every rank draws every window's permutation, so that the generator stays in step across ranks
+            order = rng.permutation(sum(self.ok_per_block[b] for b in window_blocks))
+            if w % world_size == rank and samples < steps * batch_size:
+                mine.append(Window(tuple(window_blocks), order))
+                samples += len(order)
+        return mine, steps
+
     def epoch_batches(self, *, epoch: int, seed: int, batch_size: int, shuffle_blocks: int,
                       rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         """Shuffled batches for one epoch; the order depends only on (seed, epoch, world_size).
 
         Windows of ``shuffle_blocks`` blocks go to the ranks in turn, and a rank reads only its own, so
-        the ranks together read the split once per epoch. Every rank takes ``num_batches`` steps.
+        the ranks together read the split once per epoch. A window's last samples lead the next batch.
+        Every rank takes ``num_batches`` steps.
         """
-        rng, windows = self._epoch_windows(epoch, seed, shuffle_blocks, world_size)
-        usable = self._steps(windows, batch_size, world_size)
-        mine = [w for w in range(len(windows)) if w % world_size == rank]
-        pending: dict[str, np.ndarray] | None = None
-        pending_index = np.empty(0, dtype=np.int64)
-        batch_no = 0
-        for w, window_blocks in enumerate(windows):
-            # every rank draws every window's permutation, so that the generator stays in step across ranks
-            order = rng.permutation(sum(self.ok_per_block[b] for b in window_blocks))
-            if w % world_size != rank:
-                continue
-            parts = [self.read_block(b) for b in window_blocks]
-            window = {n: np.concatenate([p[0][n] for p in parts])[order] for n in self.names}
-            index = np.concatenate([p[1] for p in parts])[order]
-            if pending is not None:  # samples left over from the previous window lead the next batch
-                window = {n: np.concatenate([pending[n], window[n]]) for n in self.names}
-                index = np.concatenate([pending_index, index])
-            full = len(index) if w == mine[-1] else len(index) // batch_size * batch_size
-            for lo in range(0, full, batch_size):
-                if batch_no >= usable:
-                    return
-                sel = slice(lo, min(lo + batch_size, full))
-                yield _to_batch({n: a[sel] for n, a in window.items()}, self.labels[index[sel]], index[sel])
-                batch_no += 1
-            pending = {n: a[full:] for n, a in window.items()}
-            pending_index = index[full:]
+        windows, steps = self.epoch_windows(epoch=epoch, seed=seed, batch_size=batch_size, shuffle_blocks=shuffle_blocks,
+                                            rank=rank, world_size=world_size)
+        return _cut(self._loaded(windows), batch_size, carry=True, limit=steps)
 
     def sequential_batches(self, batch_size: int) -> Iterator[Batch]:
-        """All ok samples in store order (scoring and validation)."""
-        for block in self.ok_blocks:
-            arrays, index = self.read_block(block)
-            for lo in range(0, len(index), batch_size):
-                sel = slice(lo, lo + batch_size)
-                yield _to_batch({n: a[sel] for n, a in arrays.items()}, self.labels[index[sel]], index[sel])
+        """All ok samples in store order (scoring and validation); a batch never spans two blocks."""
+        windows = [Window((block,), None) for block in self.ok_blocks]
+        return _cut(self._loaded(windows), batch_size, carry=False, limit=None)

@@ -40,7 +40,7 @@ from lare2.train.checkpoint import (
     score_split,
 )
 from lare2.train.config import RESUME_FREE_KEYS, TrainConfig
-from lare2.train.data import CacheSplit
+from lare2.train.data import Batch, CacheSplit, ReadSettings
 from lare2.train.split_safety import cache_ids, check_train_val, ids_digest
 from lare2.train.metrics import calibrate_threshold, detection_metrics
 from lare2.train.models import ModelConfig, build_model
@@ -79,9 +79,9 @@ def model_config_for(cfg: TrainConfig, split: CacheSplit) -> ModelConfig:
     )
 
 
-def _open_splits(cfg: TrainConfig, input_names: tuple[str, ...]) -> tuple[CacheSplit, CacheSplit]:
-    train = CacheSplit(cfg.train, input_names, allow_pending=cfg.allow_pending)
-    val = CacheSplit(cfg.val, input_names, allow_pending=cfg.allow_pending)
+def _open_splits(cfg: TrainConfig, input_names: tuple[str, ...], read: ReadSettings) -> tuple[CacheSplit, CacheSplit]:
+    train = CacheSplit(cfg.train, input_names, allow_pending=cfg.allow_pending, read=read)
+    val = CacheSplit(cfg.val, input_names, allow_pending=cfg.allow_pending, read=read)
     check_train_val(train.cache, val.cache, cfg.allow_overlap)
     if train.fingerprint != val.fingerprint:
         raise CacheError(f"{cfg.val}: extraction fingerprint {val.fingerprint} differs from {cfg.train}'s {train.fingerprint}; "
@@ -94,6 +94,63 @@ def _open_splits(cfg: TrainConfig, input_names: tuple[str, ...]) -> tuple[CacheS
             raise CacheError(f"{split.path}: the {role} split needs ok samples of both classes, "
                              f"has {int((labels == 0).sum())} real and {int((labels == 1).sum())} fake")
     return train, val
+
+
+def read_settings(cfg: TrainConfig, device: torch.device) -> ReadSettings:
+    """How the splits are read on ``device``: pinned for CUDA, so that ``Batch.to``'s copies do not block."""
+    pin = None
+    if device.type == "cuda":
+        pin = f"cuda:{torch.cuda.current_device() if device.index is None else device.index}"
+    return ReadSettings(workers=cfg.read_workers, ahead=cfg.read_ahead, pin_device=pin)
+
+
+def memory_budget_bytes(cfg: TrainConfig) -> int:
+    """``cfg.memory_budget_gb``; 0: half the memory available now, shared by the processes on this machine."""
+    if cfg.memory_budget_gb:
+        return int(cfg.memory_budget_gb * 1e9)
+    import psutil  # an accelerate dependency
+
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun / accelerate launch set it
+    return psutil.virtual_memory().available // (2 * local_processes)
+
+
+def hold_in_memory(cfg: TrainConfig, splits: list[CacheSplit], log: bool = True) -> None:
+    """Hold ``splits`` in RAM, in turn, while they fit under the budget (``cfg.in_memory``); say which and why.
+
+    ``on`` refuses (``ValueError``) a split that does not fit; ``auto`` reads it from the cache instead."""
+    if cfg.in_memory == "off":
+        return
+    budget = left = memory_budget_bytes(cfg)
+    for split in splits:
+        need = split.memory_bytes()
+        if need > left:
+            why = (f"{split.path}: its {split.num_ok} ok samples take {need / 1e9:.2f} GB, over the {left / 1e9:.2f} GB "
+                   f"left of the {budget / 1e9:.2f} GB in-memory budget")
+            if cfg.in_memory == "on":
+                raise ValueError(f"{why}; raise --set memory_budget_gb=GB or use --set in_memory=auto (reads from the cache)")
+            if log:
+                logger.info(f"{why}: read from the cache ({cfg.read_workers} read workers, {cfg.read_ahead} windows ahead)")
+            continue
+        started = time.perf_counter()
+        split.hold_in_memory()
+        left -= need
+        if log:
+            logger.info(f"{split.path}: {split.num_ok} ok samples held in memory ({need / 1e9:.2f} GB of the "
+                        f"{budget / 1e9:.2f} GB budget, read in {time.perf_counter() - started:.1f} s)")
+
+
+def train_step(model: nn.Module, batch: Batch, optimizer, accelerator, trainable: list[nn.Parameter],
+               grad_clip: float) -> torch.Tensor:
+    """One optimiser step on ``batch`` (already on the device); the detached loss."""
+    with accelerator.autocast():
+        logits_B2 = model(batch.pooled, batch.fmap, batch.lare)
+    loss = F.cross_entropy(logits_B2.float(), batch.label)
+    accelerator.backward(loss)
+    if grad_clip > 0:
+        accelerator.clip_grad_norm_(trainable, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
@@ -138,7 +195,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     probe = CacheSplit(cfg.train, (), allow_pending=cfg.allow_pending)
     model_config = model_config_for(cfg, probe)
     model = build_model(model_config)
-    train_split, val_split = _open_splits(cfg, type(model).input_names)
+    train_split, val_split = _open_splits(cfg, type(model).input_names, read_settings(cfg, accelerator.device))
     fingerprint = train_split.fingerprint
     model.to(accelerator.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -170,6 +227,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         warning = class_prompt_warning(train_split.cache.attrs.get("extract_config") or {})
         if warning:
             logger.warning(warning)
+    if start_epoch < cfg.epochs:  # every epoch reads the whole train split (this rank's part) and val: read them once
+        hold_in_memory(cfg, [train_split, val_split], log=is_main)
 
     model, optimizer_acc = accelerator.prepare(model, optimizer)
     for epoch in range(start_epoch, cfg.epochs):
@@ -183,16 +242,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, rate="")
             for batch in batches:
                 batch = batch.to(accelerator.device)
-                with accelerator.autocast():
-                    logits_B2 = model(batch.pooled, batch.fmap, batch.lare)
-                loss = F.cross_entropy(logits_B2.float(), batch.label)
-                accelerator.backward(loss)
-                if cfg.grad_clip > 0:
-                    accelerator.clip_grad_norm_(trainable, cfg.grad_clip)
-                optimizer_acc.step()
-                optimizer_acc.zero_grad(set_to_none=True)
+                loss = train_step(model, batch, optimizer_acc, accelerator, trainable, cfg.grad_clip)
                 step += 1
-                loss_sum += float(loss.detach()) * len(batch)
+                loss_sum += float(loss) * len(batch)
                 seen += len(batch)
                 bar.update(task, advance=1, rate=f"loss {loss_sum / seen:.4f}  {rate_text(seen, time.perf_counter() - started)}")
                 if is_main and cfg.log_every and step % cfg.log_every == 0 and not cfg.progress:
