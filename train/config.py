@@ -67,15 +67,17 @@ class TrainConfig(HeadSettings):
     shuffle_blocks: int = 8
     """Cache blocks (chunks) read together and shuffled as one window; the whole split never needs to fit in memory."""
     read_workers: int = 2
-    """Background threads reading and decoding the next windows while the current one trains (zarr's codecs and
-    torch's casts release the GIL); 0 reads each window inline when it is due. Never changes the batches."""
+    """Background threads reading, checking and decoding the next windows while the current one trains (zarr's
+    codecs and torch's casts release the GIL; threads beat processes, which must pickle each window back);
+    0 reads each window inline when it is due. More workers than ``read_ahead`` do not help. Never changes a batch."""
     read_ahead: int = 2
-    """Windows read ahead of the one in use (with ``read_workers`` > 0). Memory holds 1 + ``read_ahead`` float32
-    windows: ~215 MB each for full-size features, 8 blocks of 32 samples."""
+    """Windows read ahead of the one in use (with ``read_workers`` > 0). Memory holds up to 2 + ``read_ahead``
+    float32 windows (the one in use, the one before while a batch spans both, those being read): ~215 MB each
+    for full-size features in windows of 8 blocks of 32 samples. Pinned when training on CUDA."""
     in_memory: InMemory = "auto"
     """``auto``: hold the training split's ok samples in RAM, then the validation split's, each when it fits in
     what is left of ``memory_budget_gb``, else read it from the cache (logged either way); ``on``: refuse a split
-    that does not fit; ``off``: always read from the cache. Never changes the batches."""
+    that does not fit; ``off``: always read from the cache. Each process holds its own copy. Never changes a batch."""
     memory_budget_gb: float = 0.0
     """RAM the ``in_memory`` splits may take in this process, in GB at their storage dtypes (full-size features:
     0.42 MB per sample); 0: half the memory available at the start, divided among the processes of this machine."""

@@ -87,7 +87,8 @@ class ReadSettings:
     """Background threads that read, check and decode the next windows while the current one is consumed
     (zarr's codecs and torch's casts release the GIL); 0 reads each window inline, when it is due."""
     ahead: int = 2
-    """Windows read beyond the one in use when ``workers`` > 0: memory holds 1 + ``ahead`` float32 windows."""
+    """Windows read beyond the one in use when ``workers`` > 0: memory holds up to 2 + ``ahead`` float32 windows
+    (the one in use, the one before while a batch spans both, those being read)."""
     pin_device: str | None = None
     """CUDA device (``cuda:1``) whose host-to-device copies the windows are pinned for; None: pageable memory."""
 
@@ -96,7 +97,7 @@ class ReadSettings:
             raise ValueError(f"read workers must be >= 0 and read-ahead >= 1 window, got {self.workers} and {self.ahead}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Window:
     """Blocks read together, and the order their ok samples are served in."""
 
@@ -131,7 +132,7 @@ def _cut(windows: Iterator[Batch], batch_size: int, carry: bool, limit: int | No
 
 def _nonfinite_rows(values: np.ndarray) -> np.ndarray:
     """Bool [n]: rows holding NaN or Inf."""
-    if values.dtype == np.float16:  # all exponent bits set; ~8x faster than np.isfinite, which has no fp16 kernel
+    if values.dtype == np.float16:  # all exponent bits set: ~8x faster than np.isfinite on float16 here
         return (values.view(np.uint16).reshape(len(values), -1) & 0x7C00).max(axis=1, initial=0) == 0x7C00
     return ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
 
@@ -229,58 +230,72 @@ class CacheSplit:
             self._resident = dict(zip(self.ok_blocks, pool.map(self.read_block, self.ok_blocks)))
 
     # ---- windows: read, permuted and cast to float32 ------------------------------------------
-    def _load_window(self, window: Window) -> Batch:
-        """The ok samples of ``window.blocks`` in ``window.order``, float32 (pinned when ``read.pin_device``)."""
-        parts = [self.read_block(b) for b in window.blocks]
-        index = np.concatenate([p[1] for p in parts])
-        n = len(index)
+    def _window_buffers(self, window: Window) -> tuple[Batch, list[tuple[int, int, np.ndarray | None]]]:
+        """The window as an unfilled batch (float32, pinned when ``read.pin_device``; labels and indices set) and
+        its fill tasks: (block, first read row, rows the block's ok samples go to (None: in order))."""
+        starts = np.cumsum([0] + [self.ok_per_block[b] for b in window.blocks])
+        # the cache rows read_block returns, known without reading
+        index = np.concatenate([np.flatnonzero(self.ok[sl]) + sl.start for sl in map(self.cache.block_slice, window.blocks)])
         # where each read sample goes: position[j] = i such that order[i] = j
         position = None if window.order is None else np.argsort(window.order)
-        tensors: dict[str, torch.Tensor] = {}
-        for name in self.names:
-            shape = tuple(self.cache.layout.sample_shape(name))
-            out = torch.empty((n, *shape), dtype=torch.float32, pin_memory=self.read.pin_device is not None)
-            at = 0
-            for arrays, _ in parts:
-                part = torch.from_numpy(arrays[name])  # fp16 storage -> float32 compute, by torch: ~10x numpy's cast
-                if window.order is None:
-                    out[at:at + len(part)].copy_(part)
-                else:
-                    scratch = self._scratch.rows(len(part), shape)
-                    scratch.copy_(part)
-                    out.index_copy_(0, torch.from_numpy(position[at:at + len(part)]), scratch)
-                at += len(part)
-            tensors[name] = out
-        index = index if window.order is None else index[window.order]
+        if window.order is not None:
+            index = index[window.order]
+        pin = self.read.pin_device is not None
+        tensors = {name: torch.empty((len(index), *self.cache.layout.sample_shape(name)), dtype=torch.float32, pin_memory=pin)
+                   for name in self.names}
         label = torch.from_numpy(self.labels[index])
-        if self.read.pin_device is not None:
-            label = label.pin_memory()
-        return Batch(pooled=tensors.get("pooled"), fmap=tensors.get("fmap"), lare=tensors.get("lare"), label=label,
-                     index=index)
+        out = Batch(pooled=tensors.get("pooled"), fmap=tensors.get("fmap"), lare=tensors.get("lare"),
+                    label=label.pin_memory() if pin else label, index=index)
+        tasks = [(b, int(at), None if position is None else position[at:stop])
+                 for b, at, stop in zip(window.blocks, starts[:-1], starts[1:])]
+        return out, tasks
+
+    def _fill(self, out: Batch, block: int, at: int, position: np.ndarray | None) -> None:
+        """Read one block and cast its ok samples into their rows of ``out`` (threads fill disjoint rows)."""
+        arrays, _ = self.read_block(block)
+        for name, values in arrays.items():
+            part = torch.from_numpy(values)  # fp16 storage -> float32 compute, by torch: ~10x numpy's cast
+            if position is None:
+                getattr(out, name)[at:at + len(part)].copy_(part)
+            else:
+                scratch = self._scratch.rows(len(part), tuple(part.shape[1:]))
+                scratch.copy_(part)
+                getattr(out, name).index_copy_(0, torch.from_numpy(position), scratch)
 
     def _loaded(self, windows: list[Window]) -> Iterator[Batch]:
-        """``windows`` loaded in order: inline, or by ``read.workers`` threads keeping ``read.ahead`` windows in flight.
+        """``windows`` read in order: inline, or by ``read.workers`` threads with ``read.ahead`` windows in flight.
 
-        A worker's error (``CacheError`` for a missing chunk or NaN) is raised here, unchanged, when its window is due."""
+        The threads take the blocks of the windows in flight in order, so the window due next is read by all of
+        them. A block's error (``CacheError`` for a missing chunk or NaN) is raised here, unchanged, when its
+        window is due, first block first, as inline."""
         if self.read.workers == 0 or len(windows) < 2:
             for window in windows:
-                yield self._load_window(window)
+                out, tasks = self._window_buffers(window)
+                for task in tasks:
+                    self._fill(out, *task)
+                yield out
             return
         device = self.read.pin_device
         # pinning from a thread whose current device is another would start a CUDA context there
         bind = (lambda: torch.cuda.set_device(device)) if device is not None else None
         pool = ThreadPoolExecutor(self.read.workers, thread_name_prefix="lare2-read", initializer=bind)
+
+        def submit(window: Window) -> tuple[Batch, list[Future]]:
+            out, tasks = self._window_buffers(window)
+            return out, [pool.submit(self._fill, out, *task) for task in tasks]
+
         upcoming = iter(windows)
-        in_flight: collections.deque[Future] = collections.deque(
-            pool.submit(self._load_window, w) for w in itertools.islice(upcoming, self.read.ahead + 1))
+        in_flight = collections.deque(submit(w) for w in itertools.islice(upcoming, self.read.ahead + 1))
         try:
             while in_flight:
-                window = in_flight.popleft().result()
-                yield window
-                del window  # the consumer keeps what it needs; memory stays at 1 + ahead windows
+                out, filling = in_flight.popleft()
+                for done in filling:
+                    done.result()
+                yield out
+                del out  # the consumer keeps what it still needs: memory stays bounded
                 following = next(upcoming, None)
                 if following is not None:
-                    in_flight.append(pool.submit(self._load_window, following))
+                    in_flight.append(submit(following))
         finally:  # finished, failed or abandoned (generator closed): stop reading what is no longer wanted
             pool.shutdown(wait=True, cancel_futures=True)
 

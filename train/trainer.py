@@ -114,7 +114,7 @@ def memory_budget_bytes(cfg: TrainConfig) -> int:
     return psutil.virtual_memory().available // (2 * local_processes)
 
 
-def hold_in_memory(cfg: TrainConfig, splits: list[CacheSplit], log: bool = True) -> None:
+def hold_splits_in_memory(cfg: TrainConfig, splits: list[CacheSplit], log: bool = True) -> None:
     """Hold ``splits`` in RAM, in turn, while they fit under the budget (``cfg.in_memory``); say which and why.
 
     ``on`` refuses (``ValueError``) a split that does not fit; ``auto`` reads it from the cache instead."""
@@ -228,7 +228,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         if warning:
             logger.warning(warning)
     if start_epoch < cfg.epochs:  # every epoch reads the whole train split (this rank's part) and val: read them once
-        hold_in_memory(cfg, [train_split, val_split], log=is_main)
+        hold_splits_in_memory(cfg, [train_split, val_split], log=is_main)
 
     model, optimizer_acc = accelerator.prepare(model, optimizer)
     for epoch in range(start_epoch, cfg.epochs):
