@@ -406,7 +406,7 @@ def recompute_samples(cache_path: str | Path, indices: Sequence[int], *, sd_mode
     torch_device = resolve_device(device)
     cfg = stored_config(cache.attrs["extract_config"], torch_device, sd_model=sd_model, backbone=backbone,
                         compute_dtype=compute_dtype)
-    if torch_device.type == "cpu" and cfg.compute_dtype != "float32":
+    if torch_device.type == "cpu" and cfg.compute_dtype == "float16":  # bfloat16 runs on CPU (load_models)
         raise RecomputeUnavailable(
             f"{cache_path} was computed in {cfg.compute_dtype}, which needs a GPU (no CUDA device here); "
             "recompute on this CPU in float32 and compare with a tolerance: --compute-dtype float32 --tolerance 0.01")
