@@ -120,4 +120,4 @@ bench: setup ## speed, cost-ratio, FLOP and disk figures into bench/results/ (~6
 	$(PY) bench/run_bench.py --out bench/results $(if $(filter 1,$(FULL)),--dire-full-size-images 2)
 
 clean: ## remove caches, runs and build outputs (keeps .venv)
-	rm -rf cache runs bench/results data/minigenimage .pytest_cache
+	rm -rf cache runs data/minigenimage .pytest_cache  # bench/results holds the committed figures: kept

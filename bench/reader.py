@@ -7,7 +7,7 @@ fmap [1024, 14, 14] float16, 32 samples per chunk, the cache's Zstd codec) is wr
 - training: samples/s of an EGRE epoch on CPU (``lare2.train.trainer.train_step``, as ``lare2 train``
   runs it; its first ``train_samples``) reading from the cache with read-ahead, and from the same samples
   held in memory; their ratio says how much of the epoch goes to waiting for reads (1.0: none). The
-  two alternate for ``rounds`` rounds and the best of each counts: on a shared machine, the least disturbed.
+  contenders alternate for ``rounds`` rounds (order reversed every other round) and medians count.
 
 The feature map is rectified noise (about half zeros, as after the backbone's ReLU), so it compresses
 about as much as real features (~2x); the page cache is warm (just written).
@@ -23,7 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: the repository root makes ``bench.*`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
+
+from bench.timing import median, rounded
 
 BATCH_SIZE = 48
 """The reference recipe's batch (``TrainConfig.batch_size``)."""
@@ -105,33 +110,40 @@ def train_rate(path: Path, *, in_memory: bool, workers: int = 2, seed: int = 0, 
 
 
 def measure_reader(folder: Path, samples: int = 4096, seed: int = 0, *, train_samples: int | None = 1024,
-                   rounds: int = 2) -> dict:
+                   rounds: int = 3) -> dict:
     """Reader and training throughput on a full-size synthetic cache of ``samples`` samples written under ``folder``.
 
-    Each training run stops after ``train_samples`` samples (whole batches; None: the whole epoch): EGRE
-    trains at ~25 samples/s on 2 CPU cores, so the 2 x ``rounds`` runs take ~``train_samples`` / 6 s there."""
+    The contenders take turns, in an order reversed every other round (``bench.timing``), and medians are
+    reported: the reader with 0, 1, 2 workers, and training from the cache vs from memory, whose ratio is
+    the median of the per-round ratios. Each training run stops after ``train_samples`` samples (whole
+    batches; None: the whole epoch): EGRE trains at ~25 samples/s on 2 CPU cores."""
     import torch
 
     folder = Path(folder)
     started = time.perf_counter()
     cache = write_full_size_cache(folder / "reader-cache", samples, seed)
     write_seconds = time.perf_counter() - started
-    reader = {str(workers): round(reader_rate(cache.path, workers, seed), 1) for workers in (0, 1, 2)}
+    reader_runs: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    for r in range(rounds):
+        for workers in (0, 1, 2) if r % 2 == 0 else (2, 1, 0):
+            reader_runs[workers].append(reader_rate(cache.path, workers, seed))
     steps = None if train_samples is None else max(1, train_samples // BATCH_SIZE)
     runs: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(rounds):
-        for held in (False, True):
+    for r in range(rounds):
+        for held in (False, True) if r % 2 == 0 else (True, False):
             rate, load_seconds = train_rate(cache.path, in_memory=held, seed=seed, steps=steps)
             runs[held].append(rate)
-    from_cache, in_memory = max(runs[False]), max(runs[True])
-    return {"reader_samples_per_s": reader,
-            "train_from_cache_samples_per_s": round(from_cache, 1),
-            "train_in_memory_samples_per_s": round(in_memory, 1),
-            "cache_over_memory_ratio": round(from_cache / in_memory, 3),
+    ratios = [c / m for c, m in zip(runs[False], runs[True])]
+    return {"reader_samples_per_s": {str(w): round(median(v), 1) for w, v in reader_runs.items()},
+            "train_from_cache_samples_per_s": round(median(runs[False]), 1),
+            "train_in_memory_samples_per_s": round(median(runs[True]), 1),
+            "cache_over_memory_ratio": round(median(ratios), 3),
             "samples": samples, "batch_size": BATCH_SIZE,
             "settings": {"shuffle_blocks": SHUFFLE_BLOCKS, "read_ahead": READ_AHEAD, "train_read_workers": 2,
                          "chunk_samples": cache.layout.chunk_samples, "torch_threads": torch.get_num_threads()},
-            "rounds": {"from_cache": [round(r, 1) for r in runs[False]], "in_memory": [round(r, 1) for r in runs[True]]},
+            "rounds": {"reader": {str(w): rounded(v, 1) for w, v in reader_runs.items()},
+                       "from_cache": rounded(runs[False], 1), "in_memory": rounded(runs[True], 1),
+                       "ratio": rounded(ratios)},
             "write_seconds": round(write_seconds, 1), "in_memory_load_seconds": round(load_seconds, 2),
             "train_steps": min(steps or math.inf, math.ceil(samples / BATCH_SIZE))}
 

@@ -248,7 +248,7 @@ def markdown(results: dict) -> str:
         if p:
             lines.append(f"| stage-1 pipeline efficiency, {label}: end to end / models only (batch {p['batch_size']}, "
                          f"decode inline) | {p['end_to_end_over_models_only']} ({p['end_to_end_images_per_s']} vs "
-                         f"{p['models_only_images_per_s']} img/s, median of {p['repeats']}) |")
+                         f"{p['models_only_images_per_s']} img/s; the ratio is the median of {p['repeats']} per-round ratios) |")
     full = results.get("full_size")
     if full:
         lines.append(f"| SD v1.5-size LaRE (VAE + {full['ensemble']} UNet calls), fp32 CPU | "
@@ -318,9 +318,10 @@ def markdown(results: dict) -> str:
         r = reader["reader_samples_per_s"]
         lines.append(f"| stage-2 reader, 0 / 1 / 2 read workers (full-size cache, {reader['samples']:,} samples) | "
                      f"{r['0']} / {r['1']} / {r['2']} samples/s |")
-        lines.append(f"| EGRE training epoch on CPU, from the cache / from memory | "
+        when = f" (remeasured {reader['date'][:10]}: `{reader['command']}`)" if "date" in reader else ""
+        lines.append(f"| EGRE training epoch on CPU, from the cache / from memory{when} | "
                      f"{reader['train_from_cache_samples_per_s']} / {reader['train_in_memory_samples_per_s']} samples/s "
-                     f"(ratio {reader['cache_over_memory_ratio']}) |")
+                     f"(median per-round ratio {reader['cache_over_memory_ratio']}, {len(reader['rounds']['ratio'])} alternating rounds) |")
     return "\n".join(lines) + "\n"
 
 
@@ -347,9 +348,24 @@ def run(
     read_blocks: int = typer.Option(32, help="Chunk-sized blocks in the read and write throughput cache."),
     create_samples: int = typer.Option(20_000, help="Samples in the cache-creation timing (0 skips it)."),
     reader_samples: int = typer.Option(1024, help="Samples of the stage-2 reader figures (0 skips them)."),
+    only_reader: bool = typer.Option(False, "--only-reader", help="Remeasure only the stage-2 reader figures into the "
+                                                                  "existing bench.json (dated and with their command)."),
 ) -> None:
     """Measure stage 1 on this machine and write the figures."""
     import torch
+
+    if only_reader:
+        results = json.loads((out / "bench.json").read_text())
+        with tempfile.TemporaryDirectory(prefix="lare2-bench-") as tmp:
+            reader = measure_reader_if_present(Path(tmp), reader_samples)
+        if reader:
+            reader["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+            reader["command"] = " ".join(["python", *sys.argv])
+            reader["load_average"] = [round(v, 2) for v in os.getloadavg()]
+            results["reader"] = reader
+            (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+            (out / "bench.md").write_text(markdown(results))
+        return
     from lare2.extract.models import load_latent_diffusion
 
     from bench.flops import stage1_flops

@@ -6,7 +6,9 @@ exit 2, as for every ``lare2`` command (``lare2.shared.cli_errors``).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -79,7 +81,8 @@ def register(app: typer.Typer) -> None:
         from lare2.minigenimage.demo import DemoConfig, run_demo
 
         extra = ({} if epochs is None else {"epochs": epochs}) | ({"models": list(model)} if model else {})
-        with user_errors():
+        # with --json, stdout holds the JSON document only: the tables go to stderr
+        with user_errors(), contextlib.redirect_stdout(sys.stderr if json_out else sys.stdout):
             config = DemoConfig(out=str(out), build_preset=preset, seed=seed, backbone=backbone or clip,
                                 zoo=str(zoo or ""), prompt_mode=prompt_mode, **extra)
             reports = run_demo(config)
@@ -99,7 +102,7 @@ def register(app: typer.Typer) -> None:
         from lare2.minigenimage.robustness import PERTURBATIONS, run_robustness
         from lare2.shared.perturbations import chain_text, parse_chain
 
-        with user_errors():
+        with user_errors(), contextlib.redirect_stdout(sys.stderr if json_out else sys.stdout):
             chains = [chain_text(parse_chain(p)) for p in perturb] or list(PERTURBATIONS)
             if not out.is_dir():
                 fail(f"{out}: no such folder; run `lare2 minigenimage demo --out {out}` first")

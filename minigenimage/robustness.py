@@ -5,8 +5,9 @@ After ``lare2 minigenimage demo --out OUT``: the test split is extracted again o
 differs), and every trained detector is evaluated with ``--robustness`` on the clean and perturbed
 caches (``OUT/<model>/robustness/``). ``OUT/audit.json`` is ``lare2 manifest audit`` of the benchmark.
 
-MiniGenImage's reals and fakes are all 64 px PNGs, so the audit should find no format or size
-shortcut; the perturbations then measure the detectors, not the files.
+MiniGenImage's reals and fakes are all 64 px PNGs, so format and size carry no label; the audit
+does flag PNG bytes per pixel (how compressible, i.e. how smooth, the pixels are: content, not the
+file), which the README reads.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ import typer
 from lare2.shared.cli_errors import EXIT_PROBLEMS, fail, user_errors
 
 DEFAULT_VAL_FRACTION = 0.05
+LOSSLESS = {"PNG", "BMP", "TIFF", "PPM"}
+"""Formats whose file size follows from the pixels alone (no quality setting)."""
 DEFAULT_SHORTCUT_BOUND = 0.75  # = lare2.shared.manifest.audit.SHORTCUT_AUC_BOUND (kept here so --help imports nothing)
 
 BUILD_HELP = """Build a manifest (one parquet row per image) from SRC. KIND is the layout of SRC:
@@ -156,6 +158,11 @@ def audit(
         log.warning("%s: SHORTCUT: the label is predictable from file metadata alone (CV ROC AUC %.3f > %.2f), "
                     "through %s; a detector trained on these images can learn it instead of generation artefacts",
                     path, result.auc, result.bound, ", ".join(result.features))
+        if result.features == ["bytes_per_pixel"] and all(set(g.formats) <= LOSSLESS for g in report.groups):
+            # a lossless file's size measures its pixels' compressibility: content, not the container
+            log.warning("%s: every image is lossless (%s): bytes per pixel measures how smooth the pixels are, which "
+                        "re-encoding (--normalize) cannot remove; read the detector's figures with that in mind",
+                        path, ", ".join(sorted({f for g in report.groups for f in g.formats})))
         raise typer.Exit(EXIT_PROBLEMS)
     if result is not None and result.auc is not None:
         log.info("%s: no metadata shortcut (CV ROC AUC %.3f <= %.2f)", path, result.auc, result.bound)

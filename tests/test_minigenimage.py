@@ -360,3 +360,15 @@ def test_robustness_after_a_tiny_demo_perturbs_only_the_test_images(tmp_path: Pa
     alone = {f["feature"]: f["auc"] for f in audit["classifier"]["feature_aucs"]}
     assert alone["format"] == alone["width"] == alone["height"] == 0.5
     assert (out / "egre" / "robustness" / "robustness.png").exists()
+
+    # the command: with --json, stdout is one JSON document (the tables go to stderr); finished caches are reused
+    import typer
+    from typer.testing import CliRunner
+
+    from lare2.minigenimage.cli import register
+
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["minigenimage", "robustness", "--out", str(out), "--perturb", "jpeg:50", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [g["perturb"] for g in json.loads(result.stdout)["egre"]["perturbations"]] == ["clean", "jpeg:50"]

@@ -191,3 +191,15 @@ def test_columns_run_clean_then_kinds_mild_to_strong_then_chains() -> None:
                                            "noise:5", "jpeg:75+resize:0.5"]
     assert [len(g.caches) for g in groups][2] == 2
     assert (groups[-1].kind, groups[-1].strength) == ("chain", None) and (groups[1].kind, groups[1].strength) == ("jpeg", 90)
+
+
+def test_the_per_generator_table_never_mixes_perturbations(setup, tmp_path) -> None:
+    root, run, tests, report, _ = setup
+    # clean and perturbed caches together: the main table is the clean group's, as a plain eval of it
+    assert report["table_caches"] == [str(root / f) for f in GROUPS["clean"]] and "robustness" in report["table_note"]
+    clean_group = next(g for g in report["robustness"]["perturbations"] if g["perturb"] == "clean")
+    assert report["rows"] == clean_group["rows"] and report["mean"] == clean_group["mean"]
+    # no clean cache: pooled, and said so
+    with contextlib.redirect_stdout(io.StringIO()):
+        pooled = evaluate(run, [root / "test-sd-jpeg75", root / "test-blur1"], tmp_path / "pooled", plots=False)
+    assert len(pooled["table_caches"]) == 2 and "pooled" in pooled["table_note"]

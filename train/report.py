@@ -232,6 +232,25 @@ def write_predictions(scored: Sequence[ScoredCache], threshold: float, path: Pat
     return path
 
 
+def table_caches(scored: Sequence[ScoredCache]) -> tuple[list[ScoredCache], str]:
+    """The caches of the per-generator table, and why when not all: reals and fakes of different
+    perturbations must never be ranked together, so with several perturbations the table holds the
+    clean caches only (the robustness table has the rest); without a clean one, all, with a warning."""
+    kinds = list(dict.fromkeys(c.perturb for c in scored))
+    if len(kinds) == 1:
+        return list(scored), ""
+    clean = [c for c in scored if c.perturb == CLEAN]
+    if clean:
+        note = (f"per-generator table: the {len(clean)} clean test caches only; the perturbed ones "
+                f"({', '.join(k for k in kinds if k != CLEAN)}) are in the robustness table (--robustness)")
+        logger.info(note)
+        return clean, note
+    note = (f"per-generator table: test caches under different perturbations ({', '.join(kinds)}) pooled; "
+            "pass them with --robustness for one column per perturbation")
+    logger.warning(note)
+    return list(scored), note
+
+
 def evaluate(run_dir: str | Path, test_paths: Sequence[str | Path], report_dir: str | Path | None = None,
              batch_size: int = 256, device: str = "cpu", plots: bool = True, allow_pending: bool = False,
              allow_overlap: bool = False, robustness: bool = False, metric: str = "auc") -> dict:
@@ -241,13 +260,15 @@ def evaluate(run_dir: str | Path, test_paths: Sequence[str | Path], report_dir: 
         raise ValueError("no test caches given (--test)")
     report_dir = Path(report_dir) if report_dir else Path(run_dir) / "report"
     _, config, scored = score_caches(run_dir, test_paths, batch_size, device, allow_pending, allow_overlap)
-    rows, curves = generator_rows(scored, config.threshold)
+    tabled, table_note = table_caches(scored)
+    rows, curves = generator_rows(tabled, config.threshold)
     mean = mean_row(rows)
     report = {
         "run": str(run_dir), "threshold": config.threshold, "target_fpr": config.target_fpr,
         "extraction_fingerprint": config.extraction_fingerprint, "model": config.model.kind,
         "grouping_rule": GROUPING_RULE, "decision": "fake when p_fake > threshold; acc/real_acc/fake_acc at 0.5",
         "extraction_errors": {str(c.path): c.num_errors for c in scored}, "rows": rows, "mean": mean,
+        "table_caches": [str(c.path) for c in tabled], "table_note": table_note,
     }
     report_dir.mkdir(parents=True, exist_ok=True)
     write_json(report_dir / "metrics.json", report)
