@@ -156,11 +156,21 @@ def resize_short_side(image: Image.Image, side: int) -> Image.Image:
     return centre_crop(image.resize(size, Image.BICUBIC), side, side)
 
 
+NOISE_BLOCK_VALUES = 1 << 20
+"""Noise values drawn at a time (8 MB of float64)."""
+
+
 def add_noise(image: Image.Image, std: float, seed: int, position: int) -> Image.Image:
     rng = np.random.default_rng([seed, NOISE_STREAM, position])
-    pixels_HW3 = np.asarray(image, dtype=np.float64)
-    noisy_HW3 = pixels_HW3 + rng.normal(0.0, std, size=pixels_HW3.shape)
-    return Image.fromarray(np.clip(np.round(noisy_HW3), 0, 255).astype(np.uint8), mode="RGB")
+    pixels_HW3 = np.asarray(image)
+    out_HW3 = np.empty_like(pixels_HW3)
+    # row blocks draw the same stream as one whole-image draw, without a float64 copy of a large image
+    rows = max(1, NOISE_BLOCK_VALUES // (pixels_HW3.shape[1] * 3))
+    for top in range(0, pixels_HW3.shape[0], rows):
+        block_hW3 = pixels_HW3[top:top + rows].astype(np.float64)
+        noisy_hW3 = block_hW3 + rng.normal(0.0, std, size=block_hW3.shape)
+        out_HW3[top:top + rows] = np.clip(np.round(noisy_hW3), 0, 255).astype(np.uint8)
+    return Image.fromarray(out_HW3, mode="RGB")
 
 
 def apply_step(image: Image.Image, step: Step, seed: int, position: int) -> Image.Image:

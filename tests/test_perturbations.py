@@ -299,3 +299,16 @@ def test_a_run_scores_new_images_with_its_normalisation_never_a_perturbation(wor
     results = detector.score([tmp / "images" / p for p in cache.column("path")])
     assert [r.status for r in results] == ["ok"] * len(cache)
     np.testing.assert_allclose([r.p_fake for r in results], expected, atol=1e-5)
+
+
+def test_noise_drawn_in_row_blocks_equals_one_whole_image_draw(monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    import lare2.shared.perturbations as perturbations
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 23, 3), dtype=np.uint8))
+    rng = np.random.default_rng([5, perturbations.NOISE_STREAM, 1])
+    whole_HW3 = np.clip(np.round(np.asarray(image, np.float64) + rng.normal(0.0, 4.0, (37, 23, 3))), 0, 255).astype(np.uint8)
+    monkeypatch.setattr(perturbations, "NOISE_BLOCK_VALUES", 23 * 3 * 4)  # 4 rows at a time, the last block short
+    np.testing.assert_array_equal(np.asarray(perturbations.add_noise(image, 4.0, 5, 1)), whole_HW3)
