@@ -316,12 +316,16 @@ def markdown(results: dict) -> str:
     reader = results.get("reader")
     if reader:
         r = reader["reader_samples_per_s"]
+        rounds = reader.get("rounds", {})
+        if "date" in reader:  # remeasured on its own (--only-reader)
+            lines.append(f"| stage-2 rows below remeasured {reader['date'][:19]} (load {reader['load_average']}): "
+                         f"`{reader['command']}` | |")
         lines.append(f"| stage-2 reader, 0 / 1 / 2 read workers (full-size cache, {reader['samples']:,} samples) | "
-                     f"{r['0']} / {r['1']} / {r['2']} samples/s |")
-        when = f" (remeasured {reader['date'][:10]}: `{reader['command']}`)" if "date" in reader else ""
-        lines.append(f"| EGRE training epoch on CPU, from the cache / from memory{when} | "
+                     f"{r['0']} / {r['1']} / {r['2']} samples/s (median of {len(rounds.get('ratio', [])) or 1}) |")
+        spread = f"; rounds {', '.join(map(str, rounds['ratio']))}" if "ratio" in rounds else ""
+        lines.append(f"| EGRE training epoch on CPU, from the cache / from memory | "
                      f"{reader['train_from_cache_samples_per_s']} / {reader['train_in_memory_samples_per_s']} samples/s "
-                     f"(median per-round ratio {reader['cache_over_memory_ratio']}, {len(reader['rounds']['ratio'])} alternating rounds) |")
+                     f"(median per-round ratio {reader['cache_over_memory_ratio']}{spread}) |")
     return "\n".join(lines) + "\n"
 
 
