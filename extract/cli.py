@@ -51,6 +51,12 @@ def extract(
                                                  "scoring): e.g. jpeg:96 so reals and fakes share one compression "
                                                  "history, or jpeg:96+size:512 (short side 512, centre crop). "
                                                  "Applied after --perturb; use the same for train, val and test."),
+    views: Optional[int] = typer.Option(None, "--views", metavar="K",
+                                        help="Also store K augmented training views per image (random 224 crop; "
+                                             "p 0.5 one of JPEG 50-95, blur 3-7, noise, grey; rotation and flip "
+                                             "p 0.33; seeded per sample and view) besides the evaluation centre "
+                                             "crop; training draws one per sample per epoch. For training caches; "
+                                             "each view adds ~206 kB per image at RN50 size. Default 0."),
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="--resume: continue the cache at --out when its settings match. "
                                      "--no-resume: refuse when --out already holds a cache."),
@@ -74,7 +80,7 @@ def extract(
                      backbone=clip or backbone, timestep=timestep, ensemble=ensemble, prompt_mode=prompt_mode,
                      image_size=image_size, batch_size=batch_size, num_workers=num_workers, device=device,
                      num_shards=num_shards, shard_index=shard_index, limit=limit, perturb=perturb,
-                     normalize=normalize)
+                     normalize=normalize, views=views)
         # --set comes last and wins, as before (options such as --num-shards always carry a value)
         overrides = {k: v for k, v in named.items() if v is not None} | parse_overrides(set_, ExtractConfig)
         cfg = make_preset(preset, **overrides)

@@ -86,16 +86,26 @@ def lare_input(image: Image.Image, size: int) -> torch.Tensor:
     return ((x_HW3 - 0.5) * 2.0).permute(2, 0, 1).contiguous()
 
 
-def backbone_input(image: Image.Image, size: int = BACKBONE_SIZE) -> torch.Tensor:
-    """[3, size, size] float32: reflect-101 pad to >= size, centre crop, ImageNet mean/std. No resize."""
-    x_HW3 = np.asarray(image, dtype=np.float32) / 255.0
+def reflect_pad(x_HW3: np.ndarray, size: int = BACKBONE_SIZE) -> np.ndarray:
+    """Reflect-101 pad (the edge pixel not repeated) until both sides are >= ``size``: ``pad // 2`` before, the rest after."""
     height, width = x_HW3.shape[:2]
     pad_h, pad_w = max(size - height, 0), max(size - width, 0)
-    if pad_h or pad_w:
-        # numpy's "reflect" mirrors without repeating the edge pixel, i.e. BORDER_REFLECT_101.
-        x_HW3 = np.pad(x_HW3, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)), mode="reflect")
-        height, width = x_HW3.shape[:2]
-    top, left = (height - size) // 2, (width - size) // 2
-    x_HW3 = x_HW3[top : top + size, left : left + size]
+    if not (pad_h or pad_w):
+        return x_HW3
+    # numpy's "reflect" mirrors without repeating the edge pixel, i.e. BORDER_REFLECT_101.
+    return np.pad(x_HW3, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)), mode="reflect")
+
+
+def imagenet_normalised(x_HW3: np.ndarray) -> torch.Tensor:
+    """[H, W, 3] pixels 0-255 -> [3, H, W] float32: /255, then ImageNet mean/std (docs/method.md §2.2)."""
+    x_HW3 = np.asarray(x_HW3, dtype=np.float32) / 255.0
     x_HW3 = (x_HW3 - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
     return torch.from_numpy(np.ascontiguousarray(x_HW3.transpose(2, 0, 1)))
+
+
+def backbone_input(image: Image.Image, size: int = BACKBONE_SIZE) -> torch.Tensor:
+    """[3, size, size] float32: reflect-101 pad to >= size, centre crop, ImageNet mean/std. No resize."""
+    x_HW3 = reflect_pad(np.asarray(image), size)
+    height, width = x_HW3.shape[:2]
+    top, left = (height - size) // 2, (width - size) // 2
+    return imagenet_normalised(x_HW3[top : top + size, left : left + size])

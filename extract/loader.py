@@ -3,7 +3,8 @@
 A batch never spans two cache blocks, so blocks complete in order and are written whole; an image
 that cannot be used becomes its row's recorded error, never an exception that stops the job.
 Each image: decode -> the config's ``perturb`` then ``normalize`` steps (``lare2.shared.perturbations``,
-noise seeded with the sample's seed) -> the LaRE input (docs/method.md §1.2) and the backbone input (§2.2).
+noise seeded with the sample's seed) -> the LaRE input (docs/method.md §1.2), the backbone input (§2.2)
+and, with ``views`` K > 0, K augmented backbone inputs (``lare2.extract.augment``, seeded per sample and view).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from lare2.extract.augment import view_inputs
 from lare2.extract.images import ImageError, backbone_input, decode_rgb, lare_input
 from lare2.shared.cache import FeatureCache
 from lare2.shared.manifest import read_image_bytes
@@ -29,6 +31,7 @@ class DecodedSample:
     lare_image: torch.Tensor | None  # [3, S, S] in [-1, 1]
     backbone_image: torch.Tensor | None  # [3, 224, 224] normalised
     error: str
+    view_images: torch.Tensor | None = None  # [K, 3, 224, 224] normalised augmented views; None without views
 
 
 @dataclass
@@ -43,6 +46,8 @@ class DecodedBatch:
     """[G, 3, S, S] in [-1, 1]: the G decodable rows, in order (G may be 0)."""
     backbone_images: torch.Tensor
     """[G, 3, 224, 224] normalised, same rows."""
+    view_images: torch.Tensor | None = None
+    """[G, K, 3, 224, 224] normalised augmented views, same rows; None without views."""
 
     @property
     def good_indices(self) -> list[int]:
@@ -50,21 +55,24 @@ class DecodedBatch:
 
     def pin_memory(self) -> "DecodedBatch":
         """Called by the DataLoader (``pin_memory=True``) so the host-to-GPU copy can be non-blocking."""
+        views = None if self.view_images is None else self.view_images.pin_memory()
         return dataclasses.replace(self, lare_images=self.lare_images.pin_memory(),
-                                   backbone_images=self.backbone_images.pin_memory())
+                                   backbone_images=self.backbone_images.pin_memory(), view_images=views)
 
 
 class ManifestImages(Dataset):
     """Rows of the cache -> decoded model inputs (or the reason they could not be decoded)."""
 
     def __init__(self, root: Path, paths: Sequence[str], image_size: int, max_pixels: int, *,
-                 steps: Sequence[Step] = (), sample_ids: Sequence[str] = (), run_seed: int = 0):
+                 steps: Sequence[Step] = (), sample_ids: Sequence[str] = (), run_seed: int = 0, views: int = 0):
         """``steps``: applied to each decoded image in order (``ExtractConfig.image_steps()``), seeded
-        with ``sample_seed(run_seed, sample_ids[index])``, the seed of the sample's LaRE draws."""
+        with ``sample_seed(run_seed, sample_ids[index])``, the seed of the sample's LaRE draws; ``views``:
+        augmented views per image (``ExtractConfig.views``), of the image after the steps, seeded alike."""
         self.root, self.paths, self.image_size, self.max_pixels = root, list(paths), image_size, max_pixels
-        self.steps, self.sample_ids, self.run_seed = tuple(steps), list(sample_ids), run_seed
-        if self.steps and len(self.sample_ids) != len(self.paths):
-            raise ValueError(f"image steps need one sample id per path ({len(self.sample_ids)} ids, {len(self.paths)} paths)")
+        self.steps, self.sample_ids, self.run_seed, self.views = tuple(steps), list(sample_ids), run_seed, views
+        if (self.steps or self.views) and len(self.sample_ids) != len(self.paths):
+            raise ValueError(f"image steps and views need one sample id per path ({len(self.sample_ids)} ids, "
+                             f"{len(self.paths)} paths)")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -79,7 +87,8 @@ class ManifestImages(Dataset):
     def __getitem__(self, index: int) -> DecodedSample:
         try:
             image = self.image(index)
-            return DecodedSample(index, lare_input(image, self.image_size), backbone_input(image), "")
+            views = view_inputs(image, sample_seed(self.run_seed, self.sample_ids[index]), self.views) if self.views else None
+            return DecodedSample(index, lare_input(image, self.image_size), backbone_input(image), "", views)
         except ImageError as err:
             return DecodedSample(index, None, None, str(err))
         except Exception as err:  # noqa: BLE001 - any failure of one image is that image's recorded error
@@ -94,6 +103,7 @@ def collate_decoded(samples: list[DecodedSample]) -> DecodedBatch:
         errors=[s.error for s in samples],
         lare_images=torch.stack([s.lare_image for s in good]) if good else empty,
         backbone_images=torch.stack([s.backbone_image for s in good]) if good else empty,
+        view_images=torch.stack([s.view_images for s in good]) if good and good[0].view_images is not None else None,
     )
 
 

@@ -7,7 +7,10 @@ share that shard's pending blocks with a stride. A block is written whole and th
 a rerun after any crash (SIGKILL included) computes exactly the blocks that are not done. A batch
 never spans two blocks, so a block is computed in the same batches however the work is split, and
 a map never depends on the split (per-sample seeds, docs/method.md §1.5): 1 or 8 processes, 1 or 64 array jobs, one run
-or ten resumed ones give the same cache.
+or ten resumed ones give the same cache. With ``views`` K > 0 the loader's workers also make K augmented
+views per image (``lare2.extract.augment``, seeded per sample and view); the backbone sees the batch's
+evaluation views in one call, exactly as without views (so they equal a plain cache's features bit for
+bit), then its B x K augmented views in a second call.
 
 Rank 0 of a job creates the cache (atomically, see ``FeatureCache.create``), and finalises it
 (status counts in the attributes) after every rank of the job has finished.
@@ -35,7 +38,6 @@ from lare2.extract.loader import (
     collate_decoded,
 )
 from lare2.shared.cache import (
-    ARRAY_NAMES,
     STATUS_ERROR,
     STATUS_OK,
     STATUS_PENDING,
@@ -92,6 +94,7 @@ def load_models(cfg: ExtractConfig, device: torch.device) -> Models:
         fmap_shape=tuple(int(s) for s in out.fmap.shape[1:]),
         feature_dtype=cfg.feature_dtype,
         chunk_samples=cfg.chunk_samples,
+        views=cfg.views,
     )
     return Models(lare, backbone, {"sd": diffusion.fingerprint, "backbone": backbone_fp}, layout)
 
@@ -107,24 +110,35 @@ def stored_config(stored: dict, device: torch.device, *, sd_model: str | None = 
 def compute_batch(models: Models, samples: list[DecodedSample], prompts: list[str], seeds: list[int],
                   device: torch.device) -> dict[str, np.ndarray]:
     """Model outputs for decoded samples (none with an error): ``compute_images``'s arrays."""
+    views = torch.stack([s.view_images for s in samples]) if samples[0].view_images is not None else None
     return compute_images(models, torch.stack([s.lare_image for s in samples]),
-                          torch.stack([s.backbone_image for s in samples]), prompts, seeds, device)
+                          torch.stack([s.backbone_image for s in samples]), prompts, seeds, device, view_images=views)
 
 
 @torch.no_grad()
 def compute_images(models: Models, lare_images: torch.Tensor, backbone_images: torch.Tensor, prompts: list[str],
-                   seeds: list[int], device: torch.device) -> dict[str, np.ndarray]:
-    """Float32 numpy arrays by cache array name: ``lare`` [n, 4, h, w], ``pooled`` [n, D], ``fmap`` [n, Cf, 14, 14].
+                   seeds: list[int], device: torch.device,
+                   view_images: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """Float32 numpy arrays by cache array name: ``lare`` [n, 4, h, w], ``pooled`` [n, D], ``fmap`` [n, Cf, 14, 14],
+    and with ``view_images`` ``pooled_views`` [n, K, D], ``fmap_views`` [n, K, Cf, 14, 14].
 
-    ``lare_images`` [n, 3, S, S] in [-1, 1], ``backbone_images`` [n, 3, 224, 224]; the copies to
-    ``device`` overlap with compute when the inputs are pinned.
+    ``lare_images`` [n, 3, S, S] in [-1, 1], ``backbone_images`` [n, 3, 224, 224], ``view_images``
+    [n, K, 3, 224, 224]; the copies to ``device`` overlap with compute when the inputs are pinned. The
+    evaluation views go through the backbone in their own call, so that they round exactly as without views.
     """
+    dtype = next(models.backbone.parameters()).dtype
     lare_images_B3SS = lare_images.to(device, non_blocking=True)
     backbone_images_B3HW = backbone_images.to(device, non_blocking=True)
     lare_B4hw = models.lare(lare_images_B3SS, prompts, seeds)
-    out = models.backbone(backbone_images_B3HW.to(next(models.backbone.parameters()).dtype))
+    out = models.backbone(backbone_images_B3HW.to(dtype))
     outputs = {"lare": lare_B4hw, "pooled": out.pooled, "fmap": out.fmap}
-    return {name: outputs[name].float().cpu().numpy() for name in ARRAY_NAMES}
+    if view_images is not None:
+        n, k = view_images.shape[:2]
+        views_V3HW = view_images.to(device, non_blocking=True).reshape(n * k, *view_images.shape[2:])  # V = n * K, image-major
+        views = models.backbone(views_V3HW.to(dtype))
+        outputs["pooled_views"] = views.pooled.reshape(n, k, *views.pooled.shape[1:])
+        outputs["fmap_views"] = views.fmap.reshape(n, k, *views.fmap.shape[1:])
+    return {name: value.float().cpu().numpy() for name, value in outputs.items()}
 
 
 # ---- the cache: create, or reopen with the same identity ---------------------------------------
@@ -304,7 +318,7 @@ def run_extraction(cfg: ExtractConfig, *, create_only: bool = False) -> Summary:
     sample_ids = cache.column("sample_id")
     loader = DataLoader(
         ManifestImages(root, paths, cfg.image_size, cfg.max_image_pixels, steps=cfg.image_steps(),
-                       sample_ids=sample_ids, run_seed=cfg.seed),
+                       sample_ids=sample_ids, run_seed=cfg.seed, views=cfg.views),
         batch_sampler=block_batches(cache, blocks, cfg.batch_size),
         num_workers=cfg.num_workers,
         collate_fn=collate_decoded,
@@ -321,7 +335,8 @@ def run_extraction(cfg: ExtractConfig, *, create_only: bool = False) -> Summary:
             good = batch.good_indices
             outputs = compute_images(models, batch.lare_images, batch.backbone_images,
                                      [cfg.prompt_for(class_names[i]) for i in good],
-                                     [sample_seed(cfg.seed, sample_ids[i]) for i in good], device) if good else None
+                                     [sample_seed(cfg.seed, sample_ids[i]) for i in good], device,
+                                     view_images=batch.view_images) if good else None
             for index, error in zip(batch.indices, batch.errors):
                 if error:
                     log.warning("%s: %s", paths[index], error)
@@ -374,7 +389,7 @@ def _flush(cache: FeatureCache, block: int, acc: dict, summary: Summary) -> None
     sl = cache.block_slice(block)
     n = sl.stop - sl.start
     layout = cache.layout
-    out = {name: np.full((n, *layout.sample_shape(name)), np.nan, dtype=np.float32) for name in ARRAY_NAMES}
+    out = {name: np.full((n, *layout.sample_shape(name)), np.nan, dtype=np.float32) for name in layout.array_names}
     seeds, status, errors = [0] * n, [STATUS_OK] * n, [""] * n
     for row, (arrays, seed, error) in acc["rows"].items():
         i = row - sl.start
@@ -399,8 +414,8 @@ def recompute_samples(cache_path: str | Path, indices: Sequence[int], *, sd_mode
     ``batch_size``, same failed neighbours left out), so on the same hardware and software the
     result equals the cache bit for bit; batched kernels round differently for other batch
     compositions (~1e-6 relative), other devices and other compute dtypes (compare those with a
-    tolerance). ``device`` ``auto`` takes CUDA when present. Returns ``lare``/``pooled``/``fmap``
-    in the storage dtypes, with NaN rows for images that fail to decode.
+    tolerance). ``device`` ``auto`` takes CUDA when present. Returns ``lare``/``pooled``/``fmap`` (and the
+    view arrays of a views cache) in the storage dtypes, with NaN rows for images that fail to decode.
     """
     cache = FeatureCache.open(cache_path)
     torch_device = resolve_device(device)
@@ -417,11 +432,11 @@ def recompute_samples(cache_path: str | Path, indices: Sequence[int], *, sd_mode
     root = Path(cache.attrs["manifest"]["root"])
     ids, class_names = cache.column("sample_id"), cache.column("class_name")
     dataset = ManifestImages(root, cache.column("path"), cfg.image_size, cfg.max_image_pixels,
-                             steps=cfg.image_steps(), sample_ids=ids, run_seed=cfg.seed)
+                             steps=cfg.image_steps(), sample_ids=ids, run_seed=cfg.seed, views=cfg.views)
     wanted = {int(i): k for k, i in enumerate(indices)}
     blocks = sorted({i // cache.layout.chunk_samples for i in wanted})
     out = {name: np.full((len(indices), *cache.layout.sample_shape(name)), np.nan, dtype=cache.layout.dtype(name))
-           for name in ARRAY_NAMES}
+           for name in cache.layout.array_names}
     for batch_rows in block_batches(cache, blocks, cfg.batch_size):
         if not wanted.keys() & set(batch_rows):
             continue

@@ -11,8 +11,10 @@ extraction config (models, t, draws, prompt mode, image size, dtypes, seed) and 
 that extraction, and a detector whose models at hand give another fingerprint is refused. Images
 are decoded in DataLoader workers as in stage 1 (``extract/loader.py``); each image's draws are
 seeded from its bytes (``sample_seed(seed, content_id(bytes))``, as in a cache), the outputs go
-through the cache's storage dtypes, then the model scores them. A file's p(fake) therefore equals
-what ``lare2 extract`` + ``lare2 eval`` give it, to float tolerance (batches differ). The run's
+through the cache's storage dtypes, then the model scores them (a run trained with
+``--train-backbone-top`` feeds the stored fmap through its own layer4 + attention pool). A file's
+p(fake) therefore equals what ``lare2 extract`` + ``lare2 eval`` give it, to float tolerance
+(batches differ). The run's
 ``normalize`` chain (its own preprocessing, e.g. ``jpeg:96``) is applied to every image after
 decoding, seeded like its draws; its ``perturb`` (a test condition of some cache) never is.
 
@@ -129,6 +131,14 @@ class ScoreSample(DecodedSample):
     """[3, 224, 224] in CLIP's preprocessing, for zero-shot classes (or None)."""
 
 
+def model_image(item: Any, max_pixels: int, steps: Sequence[Step], run_seed: int) -> tuple["Image.Image", str, str]:
+    """``decode_item``, then the run's ``normalize`` chain: the image the models see (before their resize and crop)."""
+    image, key, name = decode_item(item, max_pixels)
+    if steps:  # seeded as the cache seeds this image (its sample_id is the same content id)
+        image = apply_chain(image, steps, sample_seed(run_seed, key))
+    return image, key, name
+
+
 def decode_item(item: Any, max_pixels: int) -> tuple["Image.Image", str, str]:
     """(RGB image, content id seeding its draws, file name) of a path, bytes or a PIL image."""
     if isinstance(item, (str, Path)):
@@ -163,9 +173,7 @@ class ScoreInputs(Dataset):
 
     def __getitem__(self, index: int) -> ScoreSample:
         try:
-            image, key, name = decode_item(self.items[index], self.max_pixels)
-            if self.steps:  # seeded as the cache seeds this image (its sample_id is the same content id)
-                image = apply_chain(image, self.steps, sample_seed(self.run_seed, key))
+            image, key, name = model_image(self.items[index], self.max_pixels, self.steps, self.run_seed)
             return ScoreSample(index, lare_input(image, self.image_size), backbone_input(image), "", key=key, name=name,
                                clip_image=zero_shot_input(image) if self.zero_shot else None)
         except (ImageError, OSError) as err:
@@ -315,7 +323,10 @@ class Detector:
                                     [prompts[i][0] for i in ready],
                                     [sample_seed(self.extraction.seed, by_row[i][0]) for i in ready], self.device)
             stored = {name: a.astype(self.models.layout.dtype(name)).astype(np.float32) for name, a in arrays.items()}
-            p_fake = score_features(self.model, stored["pooled"], stored["fmap"], stored["lare"]).cpu().numpy()
+            # only what the model reads: a run with a trainable backbone top (docs/method.md §2.4) recomputes
+            # pooled from the stored fmap with its own top, never reading the frozen backbone's pooled
+            reads = {name: stored[name] if name in type(self.model).input_names else None for name in ("pooled", "fmap", "lare")}
+            p_fake = score_features(self.model, reads["pooled"], reads["fmap"], reads["lare"]).cpu().numpy()
             attention = spatial_attention_of(self.model, stored["fmap"], stored["lare"])
             for k, i in enumerate(ready):
                 bad = [name for name, a in stored.items() if not np.isfinite(a[k]).all()]
@@ -344,7 +355,9 @@ class Detector:
 
         if result.status != STATUS_OK or result.lare is None:
             raise ValueError(f"{result.path}: not scored ({result.error or 'no maps kept'}): no heatmap")
-        image = decode_item(result.source, self.extraction.max_image_pixels)[0]
+        # drawn over the image the maps come from: after the run's normalize chain (a size:N changes the geometry)
+        image = model_image(result.source, self.extraction.max_image_pixels, self.extraction.normalize_steps(),
+                            self.extraction.seed)[0]
         verdict = "FAKE" if result.is_fake else "real"
         title = (f"{Path(result.path).name}: p(fake) = {result.p_fake:.3f}, {verdict} at threshold {result.threshold:.3f}"
                  + (f"; prompt {result.prompt!r}" if result.prompt else ""))

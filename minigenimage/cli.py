@@ -112,4 +112,22 @@ def register(app: typer.Typer) -> None:
 
             typer.echo(to_json(results))
 
+    @group.command("views")
+    def views_command(
+        out: Path = typer.Option(Path("runs/minigenimage"), help="The demo's folder (lare2 minigenimage demo --out)."),
+        views: int = typer.Option(4, help="Augmented views per training image (lare2 extract --views)."),
+        json_out: bool = typer.Option(False, "--json", help="Print {detector: robustness report} as JSON on stdout."),
+    ) -> None:
+        """After the demo (and robustness): train EGRE on augmented views, with and without the backbone top; compare with the demo's egre."""
+        from lare2.minigenimage.views import run_views
+
+        if views < 1:
+            fail(f"--views {views}: expected >= 1")
+        with user_errors(), contextlib.redirect_stdout(sys.stderr if json_out else sys.stdout):
+            results = run_views(out, views)
+        if json_out:
+            from lare2.shared.jsonio import to_json
+
+            typer.echo(to_json(results))
+
     app.add_typer(group, name="minigenimage")

@@ -6,7 +6,9 @@ of an extraction (``ExtractConfig.identity``) is the set of settings that change
 holds; appending to a cache made with another identity is refused, naming the keys. Its
 *fingerprint* (``identity_fingerprint``) says whether a detector may score a cache: the same, except
 that a test-condition ``perturb`` does not count (a detector trained on clean features scores
-perturbed test caches; ``normalize``, the detector's own preprocessing, does count).
+perturbed test caches; ``normalize``, the detector's own preprocessing, does count), nor do ``views``
+(a views cache's evaluation view is computed exactly as a plain cache's features, in its own backbone
+call, so the two are equal bit for bit; the views are extra training material).
 """
 
 from __future__ import annotations
@@ -92,6 +94,11 @@ class ExtractConfig:
     normalize: str = ""
     """Debiasing applied to every image of every split and to images scored later, e.g. ``jpeg:96`` or
     ``jpeg:96+size:512`` (the detector's own preprocessing, after ``perturb``); "" = none."""
+    views: int = 0
+    """Augmented training views stored per image besides the evaluation view (the centre crop, in
+    ``pooled``/``fmap`` as always): the reference trainer's random crop, JPEG/blur/noise/grey, rotation and
+    flip (``lare2.extract.augment``), seeded per sample and view; 0 = none. Views are of the image after
+    ``perturb`` and ``normalize``; the LaRE map stays one per image. Training draws one view per sample per epoch."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -102,6 +109,7 @@ class ExtractConfig:
         for key in ("ensemble", "batch_size", "chunk_samples", "num_shards", "max_image_pixels"):
             check_range(self, key, min=1)
         check_range(self, "num_workers", min=0)
+        check_range(self, "views", min=0)
         check_range(self, "limit", min=0)
         check_range(self, "shard_index", min=0, below=self.num_shards, why="shard_index < num_shards")
         if self.prompt_mode == "fixed" and not self.prompt_text:
@@ -149,8 +157,8 @@ class ExtractConfig:
         "seed", "feature_dtype", "compute_dtype", "chunk_samples",
     )
 
-    IMAGE_KEYS = ("perturb", "normalize")
-    """Identity keys only when set, so caches and runs made before they existed keep their identity."""
+    IMAGE_KEYS = ("perturb", "normalize", "views")
+    """Identity keys only when set (non-empty, > 0), so caches and runs made before they existed keep their identity."""
 
     def identity(self, fingerprints: dict[str, str]) -> dict:
         """What must match to append to an existing cache: settings + model fingerprints."""
@@ -168,9 +176,11 @@ class ExtractConfig:
         return self.prompt_text if self.prompt_mode == "fixed" else ""
 
 
-SCORING_IGNORES = ("perturb",)
+SCORING_IGNORES = ("perturb", "views")
 """Identity keys a detector's fingerprint leaves out: a perturbed test cache is scored by the detector
-trained on clean features (that is the point of a robustness curve); ``normalize`` is not among them."""
+trained on clean features (that is the point of a robustness curve); a views cache's evaluation view
+equals a plain cache's features, so a detector trained on views scores plain caches and images (and the
+train and validation caches may differ in views). ``normalize`` is not among them."""
 
 
 def identity_fingerprint(identity: dict) -> str:

@@ -118,6 +118,9 @@ CASES = [
     ("extract-perturb-size-is-normalize", _extract("--perturb", "size:256"), 2, "size:N is a normalisation (--normalize)"),
     ("extract-normalize-unknown-kind", _extract("--normalize", "png:9"), 2, "--normalize 'png:9': bad part 'png:9'"),
     ("extract-normalize-size-too-small", _extract("--normalize", "size:4"), 2, "an integer >= 8"),
+    ("extract-views-negative", _extract("--views", "-1"), 2, "views=-1: expected >= 0"),
+    ("extract-views-into-plain-cache", ["extract", "--manifest", "{manifest}", "--split", "train", "--preset", "debug", "--out",
+                                        "{cache}", "--device", "cpu", "--views", "2"], 2, "views: cache has None, this run 2"),
     ("extract-set-perturb-bad", _extract("--set", "perturb=blur:0"), 2, "perturb 'blur:0'"),
     # cache
     ("cache-info-missing", ["cache", "info", "{missing}"], 2, "{missing}"),
@@ -158,6 +161,12 @@ CASES = [
      "{testsplit}: the validation cache holds 32 samples of the test split"),
     ("train-pending-cache", ["train", "--preset", "debug", "--train", "{cache}", "--val", "{val}", "--out", "{tmp}/r"], 2,
      "--allow-pending"),
+    ("train-top-lare-only", _train("--train-backbone-top", "--model", "lare-only"), 2, "the lare-only model reads no backbone features"),
+    ("train-clip-without-top", _train("--clip", "tiny"), 2, "--clip tiny: only --train-backbone-top reads backbone weights"),
+    ("train-top-lr-scale-0", _train("--train-backbone-top", "--set", "backbone_top_lr_scale=0"), 2, "backbone_top_lr_scale=0.0"),
+    ("train-top-synthetic-cache", _train("--train-backbone-top"), 2, "{train}: records no backbone fingerprint"),
+    ("train-top-other-weights", ["train", "--preset", "debug", "--train", "{cache}", "--val", "{cache}", "--out", "{tmp}/r",
+                                 "--allow-pending", "--train-backbone-top", "--clip", "small"], 2, "--clip small: its fingerprint"),
     # eval
     ("eval-missing-run", ["eval", "{missing}", "--test", "{val}"], 2, "{missing}"),
     ("eval-cache-as-run", ["eval", "{cache}", "--test", "{val}"], 2, "{cache}"),
@@ -205,6 +214,8 @@ CASES = [
     ("minigenimage-robustness-no-demo", ["minigenimage", "robustness", "--out", "{missing}"], 2, "{missing}: no such folder"),
     ("minigenimage-robustness-bad-perturb", ["minigenimage", "robustness", "--out", "{tmp}", "--perturb", "jpeg:0"], 2, "jpeg:0"),
     ("minigenimage-robustness-not-a-demo", ["minigenimage", "robustness", "--out", "{tmp}"], 2, "no test cache or manifest of a demo"),
+    ("minigenimage-views-zero", ["minigenimage", "views", "--out", "{tmp}", "--views", "0"], 2, "--views 0: expected >= 1"),
+    ("minigenimage-views-not-a-demo", ["minigenimage", "views", "--out", "{tmp}"], 2, "run `lare2 minigenimage demo"),
     ("minigenimage-demo-missing-zoo", ["minigenimage", "demo", "--zoo", "{missing}", "--out", "{tmp}/demo"], 2, "{missing}"),
 ]
 NEEDS_NO_CUDA = {case[0] for case in CASES if case[0].endswith("-cuda")}
@@ -267,9 +278,27 @@ def test_set_values_are_converted_by_the_fields_type(stage: str, pair: str, expe
     assert parse_overrides([pair], ExtractConfig if stage == "extract" else TrainConfig) == expected
 
 
-def test_a_missing_extra_is_named_with_its_install_command(world, monkeypatch) -> None:
+@pytest.fixture
+def modules_restored(monkeypatch):
+    """``sys.modules`` (and the packages' submodule attributes) exactly as before the test: modules first
+    imported while diffusers was hidden bind other module objects, and must not outlive the test."""
     import sys
 
+    before = dict(sys.modules)
+    attributes = {name: getattr(module, "__dict__", {}).copy() for name, module in before.items() if name.startswith("lare2")}
+    yield monkeypatch
+    monkeypatch.undo()
+    for name in [m for m in sys.modules if m not in before]:
+        del sys.modules[name]
+    sys.modules.update(before)
+    for name, saved in attributes.items():
+        before[name].__dict__.update({k: v for k, v in saved.items() if isinstance(v, type(sys))})
+
+
+def test_a_missing_extra_is_named_with_its_install_command(world, modules_restored) -> None:
+    import sys
+
+    monkeypatch = modules_restored
     for name in [m for m in sys.modules if m == "diffusers" or m.startswith("diffusers.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now fails as if not installed

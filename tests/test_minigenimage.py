@@ -267,15 +267,16 @@ def test_cli_registers_build_and_zoo():
     register(app)
     result = CliRunner().invoke(app, ["minigenimage", "--help"], env={"COLUMNS": "200"})  # no wrapped descriptions
     assert result.exit_code == 0 and "build" in result.output and "zoo" in result.output
-    # the rows of the Commands panel: exactly the four subcommands, each with its one-line description
+    # the rows of the Commands panel: exactly the five subcommands, each with its one-line description
     panel = result.output.split("─ Commands ─", 1)[1].split("╰", 1)[0].splitlines()[1:]
     listed = [line.strip().strip("│").split(None, 1) for line in panel]
-    assert [name for name, _ in listed] == ["build", "zoo", "demo", "robustness"]
+    assert [name for name, _ in listed] == ["build", "zoo", "demo", "robustness", "views"]
     assert [description.strip() for _, description in listed] == [
         "Sample the zoo and crop the photographs into GenImage's layout, with a manifest.",
         "Train the generator zoo on the CPU (the VAE first: ldm-a and ldm-b decode with it).",
         "The whole method on MiniGenImage: build, extract with ldm-a, train 4 detectors (egre, linear, lare-only, egre-zero-lare), evaluate on 4 generators.",
-        "After the demo: audit its manifest, extract its test split under each perturbation and evaluate every detector on them."]
+        "After the demo: audit its manifest, extract its test split under each perturbation and evaluate every detector on them.",
+        "After the demo (and robustness): train EGRE on augmented views, with and without the backbone top; compare with the demo's egre."]
 
 
 def test_demo_samples_and_extracts_with_the_zoo_it_is_given(tmp_path: Path, monkeypatch):
@@ -372,3 +373,14 @@ def test_robustness_after_a_tiny_demo_perturbs_only_the_test_images(tmp_path: Pa
     result = CliRunner().invoke(app, ["minigenimage", "robustness", "--out", str(out), "--perturb", "jpeg:50", "--json"])
     assert result.exit_code == 0, result.output
     assert [g["perturb"] for g in json.loads(result.stdout)["egre"]["perturbations"]] == ["clean", "jpeg:50"]
+
+    # augmented views, with and without the trainable backbone top, against the demo's egre
+    from lare2.minigenimage.views import run_views
+
+    views = run_views(out, views=2)
+    assert list(views) == ["egre", "egre-views2", "egre-views2-top"]
+    assert all([g["perturb"] for g in report["perturbations"]] == ["clean", "blur:2", "jpeg:50"] for report in views.values())
+    cache = FeatureCache.open(out / "cache" / "train-views2")
+    assert cache.group["pooled_views"].shape[:2] == (len(cache), 2)
+    top = json.loads((out / "egre-views2-top" / "config.json").read_text())
+    assert top["model"]["train_backbone_top"] is True

@@ -276,7 +276,7 @@ def test_cli_refuses_a_bad_chain_in_one_line(world, option, spec, fragment):
     assert "Traceback" not in result.output and not (tmp / "never").exists()
 
 
-def test_a_run_scores_new_images_with_its_normalisation_never_a_perturbation(world):
+def test_a_run_scores_new_images_with_its_normalisation_never_a_perturbation(world, caplog):
     """Train on normalised features with a perturbed validation cache (same fingerprint): scoring the training
     images applies the normalisation (equal to the cache's scores), not the validation perturbation."""
     from lare2 import Detector
@@ -289,7 +289,11 @@ def test_a_run_scores_new_images_with_its_normalisation_never_a_perturbation(wor
     tmp, manifest, configs = world
     val = _config(manifest, tmp / "val-norm-jpeg50", split="val", normalize="jpeg:96", perturb="jpeg:50")
     run_extraction(val)
-    run_training(train_debug(model="egre", train=configs["norm"].out, val=val.out, out=str(tmp / "run"), epochs=1))
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        run_training(train_debug(model="egre", train=configs["norm"].out, val=val.out, out=str(tmp / "run"), epochs=1))
+    assert any("validation images perturbed 'jpeg:50', training images 'none'" in r.getMessage() for r in caplog.records)
     detector = Detector.from_run(tmp / "run", device="cpu", num_workers=0)
     assert (detector.extraction.perturb, detector.extraction.normalize) == ("", "jpeg:96")
 
@@ -299,6 +303,21 @@ def test_a_run_scores_new_images_with_its_normalisation_never_a_perturbation(wor
     results = detector.score([tmp / "images" / p for p in cache.column("path")])
     assert [r.status for r in results] == ["ok"] * len(cache)
     np.testing.assert_allclose([r.p_fake for r in results], expected, atol=1e-5)
+
+    # a heatmap is drawn over the image the maps come from: the normalised one (size:N changes its geometry)
+    import dataclasses
+
+    import lare2.heatmaps
+
+    drawn = []
+    detector.extraction = dataclasses.replace(detector.extraction, normalize="jpeg:96+size:16")
+    original = lare2.heatmaps.render_heatmap
+    lare2.heatmaps.render_heatmap = lambda image, *args, **kwargs: drawn.append(image.size) or {}
+    try:
+        detector.heatmap(results[0], tmp / "heat.png")
+    finally:
+        lare2.heatmaps.render_heatmap = original
+    assert drawn == [(16, 16)]
 
 
 def test_noise_drawn_in_row_blocks_equals_one_whole_image_draw(monkeypatch):

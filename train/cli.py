@@ -69,6 +69,12 @@ def train_command(
     seed: Optional[int] = typer.Option(None, help="Seed of weights, data order and dropout."),
     device: Optional[str] = typer.Option(None, help="auto (CUDA when present; the default, the debug preset picks cpu) | cpu | cuda."),
     target_fpr: Optional[float] = typer.Option(None, help="FPR on validation reals for the calibrated threshold."),
+    train_backbone_top: bool = typer.Option(False, "--train-backbone-top",
+                                            help="Also train the backbone's layer4 + attention pool, from the weights the "
+                                                 "cache was made with; pooled is recomputed from the cached fmap "
+                                                 "(its lr: --set backbone_top_lr_scale=0.1, the default)."),
+    clip: Optional[str] = typer.Option(None, help="Backbone weights for --train-backbone-top (RN50.pt, a state dict, or "
+                                                  "tiny/small); default: the backbone the training cache recorded."),
     set_: List[str] = typer.Option([], "--set", help="Any other TrainConfig field: --set KEY=VALUE (repeatable)."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume",
                                           help="--resume (default): continue the run at --out from its last saved epoch. "
@@ -89,13 +95,16 @@ def train_command(
         overrides = parse_overrides(set_, TrainConfig)
         named = {"model": model, "train": train, "val": val, "out": out, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                  "seed": seed, "device": device, "target_fpr": target_fpr, "stop_after_steps": stop_after_steps,
-                 "allow_pending": allow_pending or None, "allow_overlap": allow_overlap or None}
+                 "allow_pending": allow_pending or None, "allow_overlap": allow_overlap or None,
+                 "train_backbone_top": train_backbone_top or None, "clip": clip}
         overrides.update({k: v for k, v in named.items() if v is not None})
         if resume is not None:  # an explicit flag wins over --set resume=...
             overrides["resume"] = resume
         if overwrite:
             overrides["resume"] = False
         cfg = make_preset(preset, **overrides)
+    if cfg.clip and not cfg.train_backbone_top:
+        fail(f"--clip {cfg.clip}: only --train-backbone-top reads backbone weights at train time; add it, or drop --clip")
     check_device(cfg.device)
     if not cfg.resume and not overwrite and _holds_run(Path(cfg.out)):
         fail(f"{cfg.out}: already holds a run and --no-resume was given; choose a new --out, "

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
 from lare2.shared.devices import DEVICES, DeviceName
-from lare2.shared.settings import check_fields, check_range, make_config
+from lare2.shared.settings import SettingsError, check_fields, check_range, make_config
 from lare2.train.models import MODEL_KINDS, HeadSettings
 
 ModelKind = Literal[MODEL_KINDS]  # type: ignore[valid-type]  # ("egre", "linear", "lare-only")
@@ -24,7 +24,7 @@ __all__ = ["DEVICES", "MIXED_PRECISION", "PRESETS", "RESUME_FREE_KEYS", "SELECT_
 
 # Settings a resumed run may change without invalidating its saved state.
 RESUME_FREE_KEYS = ("out", "epochs", "stop_after_steps", "log_every", "device", "resume", "progress", "cpu_threads",
-                    "allow_pending", "allow_overlap", "read_workers", "read_ahead", "in_memory", "memory_budget_gb")
+                    "allow_pending", "allow_overlap", "clip", "read_workers", "read_ahead", "in_memory", "memory_budget_gb")
 
 
 @dataclass(kw_only=True)
@@ -49,6 +49,15 @@ class TrainConfig(HeadSettings):
     """Adam learning rate (reference: 1e-4, no weight decay)."""
     weight_decay: float = 0.0
     """Adam weight decay."""
+    train_backbone_top: bool = False
+    """Train the backbone's layer4 + attention pool with the head (docs/method.md §2.4): ``pooled`` is recomputed
+    from the cached layer3 ``fmap`` (the cached ``pooled`` is not read), starting from the backbone weights the
+    training cache was made with (fingerprint checked). egre and linear only."""
+    backbone_top_lr_scale: float = 0.1
+    """The backbone top's learning rate as a multiple of ``lr`` (its own Adam parameter group)."""
+    clip: str = ""
+    """Backbone weights for ``train_backbone_top`` (``--clip``): RN50.pt, a state dict or a named seeded tower;
+    empty: the ``backbone`` the training cache's extraction recorded."""
     grad_clip: float = 5.0
     """Max global gradient norm (reference: 5.0); 0 disables clipping."""
     plateau_factor: float = 0.5
@@ -103,6 +112,10 @@ class TrainConfig(HeadSettings):
     """Train on caches whose extraction is unfinished (their pending samples left out); refused otherwise."""
     allow_overlap: bool = False
     """Accept train and val caches sharing sample ids, or holding test data; refused otherwise (split safety)."""
+    use_views: bool = True
+    """With a training cache extracted with ``--views K``: train on one of its K augmented views per sample per
+    epoch, drawn from (seed, epoch, sample id) (``lare2.train.data``); False: on the evaluation view, as without
+    views. Validation always uses the evaluation view."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -117,6 +130,9 @@ class TrainConfig(HeadSettings):
         check_range(self, "read_ahead", min=1)
         check_range(self, "plateau_factor", above=0.0, below=1.0)
         check_range(self, "stop_after_steps", min=1)
+        check_range(self, "backbone_top_lr_scale", above=0.0)
+        if self.train_backbone_top and self.model == "lare-only":
+            raise SettingsError("train_backbone_top: the lare-only model reads no backbone features; use --model egre or linear")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,6 +8,14 @@ from the rank's stream of windows. A block is exactly one Zarr chunk, so each re
 memory holds the window in use plus ``ReadSettings.ahead`` windows being read.
 
 The order depends only on (seed, epoch, world size): how windows are read never changes a batch.
+
+Training views: a ``CacheSplit(..., views=True)`` of a cache extracted with ``--views K`` serves, in
+``epoch_batches``, one of the K augmented views of each sample in place of its evaluation view
+(``pooled``/``fmap``; ``lare`` has no views): view ``view_choice(seed, epoch, crc32(sample_id), K)``, a
+function of (seed, epoch, sample id) alone, so ranks, read workers and memory never change it. The
+evaluation view is not a candidate (the reference trains on augmented views only). The order of samples
+and batches is the same as without views; ``sequential_batches`` (validation, scoring) always serves the
+evaluation view. Blocks are still read whole: the view arrays of the block, then one view per sample.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +32,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from lare2.shared.cache import STATUS_ERROR, STATUS_PENDING, CacheError, FeatureCache
+from lare2.shared.cache import STATUS_ERROR, STATUS_PENDING, VIEW_ARRAYS, CacheError, FeatureCache
 from lare2.shared.config import identity_fingerprint
 from lare2.shared.logs import get_logger
 
@@ -36,6 +45,26 @@ def extraction_fingerprint(cache: FeatureCache) -> str:
     if not isinstance(identity, dict):
         raise CacheError(f"{cache.path}: the cache records no extraction identity (attrs['identity']); re-extract it with `lare2 extract`")
     return identity_fingerprint(identity)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic): a bijection that scatters every bit."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def id_keys(sample_ids: Sequence[str]) -> np.ndarray:
+    """uint64 [n]: ``zlib.crc32`` of each sample id (UTF-8), the per-sample key of ``view_choice``."""
+    return np.fromiter((zlib.crc32(str(i).encode()) for i in sample_ids), dtype=np.uint64, count=len(sample_ids))
+
+
+def view_choice(seed: int, epoch: int, keys: np.ndarray, views: int) -> np.ndarray:
+    """int64 [n]: the training view (0 .. ``views`` - 1) of each sample in ``epoch``, from its ``id_keys``:
+    ``m(m(m(seed) ^ epoch) ^ key) % views``, ``m`` = ``_mix64``, all modulo 2^64. Depends on nothing else."""
+    mask = (1 << 64) - 1
+    base = _mix64(_mix64(np.array([seed & mask], dtype=np.uint64)) ^ np.uint64(epoch & mask))
+    return (_mix64(base ^ np.asarray(keys, dtype=np.uint64)) % np.uint64(views)).astype(np.int64)
 
 
 @dataclass
@@ -105,6 +134,8 @@ class Window:
     """Cache blocks, in read order; their ok samples are concatenated."""
     order: np.ndarray | None
     """Permutation of the concatenated ok samples; None keeps store order."""
+    draw: tuple[int, int] | None = None
+    """(seed, epoch) whose ``view_choice`` picks each sample's training view; None: the evaluation view."""
 
 
 def _cut(windows: Iterator[Batch], batch_size: int, carry: bool, limit: int | None) -> Iterator[Batch]:
@@ -155,14 +186,21 @@ class CacheSplit:
 
     Refuses (``CacheError``) a cache with pending samples unless ``allow_pending`` (then they are left
     out, with a warning), a block missing a chunk it must hold (``lare2.shared.cache.presence``) and an
-    ok sample holding NaN/Inf. ``read`` says how windows are read; it never changes a batch."""
+    ok sample holding NaN/Inf. ``read`` says how windows are read; it never changes a batch. ``views``: serve
+    training views in ``epoch_batches`` when the cache has them (module docstring); they are then read, and
+    held in memory, besides the evaluation view."""
 
     def __init__(self, path: str | Path, names: Sequence[str], allow_pending: bool = False,
-                 read: ReadSettings = ReadSettings()) -> None:
+                 read: ReadSettings = ReadSettings(), views: bool = False) -> None:
         self.cache = FeatureCache.open(path)
         self.path = Path(path)
         self.names = tuple(names)
         self.read = read
+        self.num_views = self.cache.layout.views if views else 0
+        """Training views per sample served by ``epoch_batches`` (0: the evaluation view)."""
+        self.view_names = {n: VIEW_ARRAYS[n] for n in self.names if n in VIEW_ARRAYS} if self.num_views else {}
+        """Evaluation array -> its views array, for the arrays read that have views."""
+        self._keys = id_keys(self.cache.column("sample_id")) if self.view_names else None
         ok = self.cache.ok_mask()
         labels = self.cache.column("label").astype(np.int64)
         bad = set(np.unique(labels[ok]).tolist()) - {0, 1}
@@ -194,15 +232,20 @@ class CacheSplit:
         return extraction_fingerprint(self.cache)
 
     # ---- blocks: from disk, or from RAM -------------------------------------------------------
+    @property
+    def read_names(self) -> tuple[str, ...]:
+        """The arrays read per block: ``names``, then the views arrays of those served with views."""
+        return self.names + tuple(self.view_names.values())
+
     def read_block(self, block: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Arrays (storage dtypes) and cache indices of the ok samples of one block."""
+        """Arrays (``read_names``, storage dtypes) and cache indices of the ok samples of one block."""
         if self._resident is not None:
             return self._resident[block]
         sl = self.cache.block_slice(block)
         keep = self.ok[sl]
         self.cache.presence.require([block])  # every array and column of the block, not only those read here
         every = bool(keep.all())
-        arrays = {n: a if every else a[keep] for n, a in self.cache.read(sl, self.names).items()}
+        arrays = {n: a if every else a[keep] for n, a in self.cache.read(sl, self.read_names).items()}
         for name, values in arrays.items():  # an ok sample never holds NaN: the extractor records those as errors
             bad = _nonfinite_rows(values)
             if bad.any():
@@ -217,9 +260,9 @@ class CacheSplit:
         return self._resident is not None
 
     def memory_bytes(self) -> int:
-        """Bytes the ok samples of ``names`` take in RAM at their storage dtypes (what ``hold_in_memory`` keeps)."""
+        """Bytes the ok samples of ``read_names`` take in RAM at their storage dtypes (what ``hold_in_memory`` keeps)."""
         layout = self.cache.layout
-        per_sample = sum(int(np.prod(layout.sample_shape(n))) * np.dtype(layout.dtype(n)).itemsize for n in self.names)
+        per_sample = sum(int(np.prod(layout.sample_shape(n))) * np.dtype(layout.dtype(n)).itemsize for n in self.read_names)
         return self.num_ok * per_sample
 
     def hold_in_memory(self) -> None:
@@ -232,7 +275,7 @@ class CacheSplit:
     # ---- windows: read, permuted and cast to float32 ------------------------------------------
     def _window_buffers(self, window: Window) -> tuple[Batch, list[tuple[int, int, np.ndarray | None]]]:
         """The window as an unfilled batch (float32, pinned when ``read.pin_device``; labels and indices set) and
-        its fill tasks: (block, first read row, rows the block's ok samples go to (None: in order))."""
+        its fill tasks: (block, first read row, rows the block's ok samples go to (None: in order), view draw)."""
         starts = np.cumsum([0] + [self.ok_per_block[b] for b in window.blocks])
         # the cache rows read_block returns, known without reading
         index = np.concatenate([np.flatnonzero(self.ok[sl]) + sl.start for sl in map(self.cache.block_slice, window.blocks)])
@@ -246,14 +289,20 @@ class CacheSplit:
         label = torch.from_numpy(self.labels[index])
         out = Batch(pooled=tensors.get("pooled"), fmap=tensors.get("fmap"), lare=tensors.get("lare"),
                     label=label.pin_memory() if pin else label, index=index)
-        tasks = [(b, int(at), None if position is None else position[at:stop])
+        tasks = [(b, int(at), None if position is None else position[at:stop], window.draw)
                  for b, at, stop in zip(window.blocks, starts[:-1], starts[1:])]
         return out, tasks
 
-    def _fill(self, out: Batch, block: int, at: int, position: np.ndarray | None) -> None:
-        """Read one block and cast its ok samples into their rows of ``out`` (threads fill disjoint rows)."""
-        arrays, _ = self.read_block(block)
-        for name, values in arrays.items():
+    def _fill(self, out: Batch, block: int, at: int, position: np.ndarray | None,
+              draw: tuple[int, int] | None = None) -> None:
+        """Read one block and cast its ok samples into their rows of ``out`` (threads fill disjoint rows);
+        with ``draw``, each sample's training view ``view_choice(*draw, ...)`` in place of its evaluation view."""
+        arrays, index = self.read_block(block)
+        if draw is not None and self.view_names:
+            picked = view_choice(*draw, self._keys[index], self.num_views)
+            arrays = arrays | {name: arrays[views][np.arange(len(index)), picked] for name, views in self.view_names.items()}
+        for name in self.names:
+            values = arrays[name]
             part = torch.from_numpy(values)  # fp16 storage -> float32 compute, by torch: ~10x numpy's cast
             if position is None:
                 getattr(out, name)[at:at + len(part)].copy_(part)
@@ -335,13 +384,14 @@ class CacheSplit:
             # every rank draws every window's permutation, so that the generator stays in step across ranks
             order = rng.permutation(sum(self.ok_per_block[b] for b in window_blocks))
             if w % world_size == rank and samples < steps * batch_size:
-                mine.append(Window(tuple(window_blocks), order))
+                mine.append(Window(tuple(window_blocks), order, (seed, epoch) if self.view_names else None))
                 samples += len(order)
         return mine, steps
 
     def epoch_batches(self, *, epoch: int, seed: int, batch_size: int, shuffle_blocks: int,
                       rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-        """Shuffled batches for one epoch; the order depends only on (seed, epoch, world_size).
+        """Shuffled batches for one epoch; the order depends only on (seed, epoch, world_size), the training
+        view of each sample (a ``views`` split) only on (seed, epoch, sample id).
 
         Windows of ``shuffle_blocks`` blocks go to the ranks in turn, and a rank reads only its own, so
         the ranks together read the split once per epoch. A window's last samples lead the next batch.

@@ -8,7 +8,9 @@ tokens (the mean token first), L LaRE channels (4), h x w LaRE grid (32 x 32), N
 K head dim (64), Q queries (1).
 
 Parameter names follow the reference implementation (class ``CLipClassifierWMapV6``) so that its
-head loads with ``strict=True`` once the ``clip_model.*`` part is split off.
+head loads with ``strict=True`` once the ``clip_model.*`` part is split off. With
+``train_backbone_top`` (docs/method.md §2.4) the model also holds the backbone's ``layer4`` +
+attention pool as ``backbone_top.*`` and recomputes ``pooled`` from ``fmap`` with it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lare2.shared.clip_blocks import BackboneTop
+
 MODEL_KINDS = ("egre", "linear", "lare-only")
+TOP_KINDS = ("egre", "linear")
+"""Model kinds that read ``pooled``, and so can recompute it with a trainable backbone top."""
+BACKBONE_TOP = "backbone_top"
+"""Attribute (and state-dict key prefix) of the trainable backbone top."""
 
 
 @dataclass(kw_only=True)
@@ -63,6 +71,13 @@ class ModelConfig(HeadSettings):
     """L x h x w of the LaRE map."""
     cnn_widths: tuple[int, ...] = (16, 32, 64)
     """Channel widths of the lare-only CNN, one stride-2 conv3x3 block each (32x32 map -> 4x4)."""
+    train_backbone_top: bool = False
+    """Recompute ``pooled`` from ``fmap`` with a trainable copy of the backbone's layer4 + attention pool
+    (``backbone_top.*`` weights, docs/method.md §2.4) instead of reading the cached ``pooled``."""
+    backbone_top_depth: int = 0
+    """Bottlenecks in the top's layer4 (RN50: 3); read from the backbone weights, with ``train_backbone_top``."""
+    backbone_top_heads: int = 0
+    """Heads of the top's attention pool (RN50: 32); read from the backbone weights, with ``train_backbone_top``."""
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
@@ -72,6 +87,11 @@ class ModelConfig(HeadSettings):
         self.cnn_widths = tuple(int(v) for v in self.cnn_widths)
         if len(self.fmap_shape) != 3 or len(self.lare_shape) != 3:
             raise ValueError(f"fmap_shape and lare_shape must be [C, H, W], got {self.fmap_shape}, {self.lare_shape}")
+        if self.train_backbone_top and self.kind not in TOP_KINDS:
+            raise ValueError(f"train_backbone_top: the {self.kind} model reads no pooled features; use one of {TOP_KINDS}")
+        if self.train_backbone_top and min(self.backbone_top_depth, self.backbone_top_heads) < 1:
+            raise ValueError("train_backbone_top needs backbone_top_depth and backbone_top_heads >= 1, "
+                             f"got {self.backbone_top_depth}, {self.backbone_top_heads}")
         super().__post_init__()
 
     def to_dict(self) -> dict:
@@ -239,12 +259,55 @@ class LareOnlyCNN(nn.Module):
         return self.fc(self.features(lare).mean(dim=(2, 3)))
 
 
+# ---- trainable backbone top (docs/method.md §2.4) ----------------------------------------------
+class WithBackboneTop:
+    """Mixin for a model that reads ``pooled``: recompute it from ``fmap`` with ``backbone_top``
+    (the backbone's layer4 + attention pool, trainable); the cached ``pooled`` is never read.
+
+    The head is built first, so it starts from the same weights as without a top (same seed)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)  # type: ignore[call-arg]
+        C, H, W = config.fmap_shape
+        self.backbone_top = BackboneTop(fmap_channels=C, grid=(H, W), depth=config.backbone_top_depth,
+                                        heads=config.backbone_top_heads, output_dim=config.pooled_dim)
+
+    def forward(self, pooled: torch.Tensor | None, fmap: torch.Tensor | None, lare: torch.Tensor | None) -> torch.Tensor:
+        return super().forward(self.backbone_top(fmap), fmap, lare)  # type: ignore[misc]
+
+
+class EGREWithBackboneTop(WithBackboneTop, EGREClassifier):
+    """EGRE + head on ``[backbone_top(fmap); spatial; channel]``."""
+
+    input_names = ("fmap", "lare")
+
+
+class LinearWithBackboneTop(WithBackboneTop, LinearProbe):
+    """A linear classifier on ``backbone_top(fmap)``."""
+
+    input_names = ("fmap",)
+
+
 def build_model(config: ModelConfig) -> nn.Module:
-    """The model ``config.kind`` names, freshly initialised from torch's global RNG."""
+    """The model ``config.kind`` names (with its backbone top when ``train_backbone_top``), freshly
+    initialised from torch's global RNG."""
     classes = {"egre": EGREClassifier, "linear": LinearProbe, "lare-only": LareOnlyCNN}
     if config.kind not in classes:
         raise ValueError(f"model kind {config.kind!r}: choose from {MODEL_KINDS}")
+    if config.train_backbone_top:
+        return {"egre": EGREWithBackboneTop, "linear": LinearWithBackboneTop}[config.kind](config)
     return classes[config.kind](config)
+
+
+def param_groups(model: nn.Module, lr: float, backbone_top_lr_scale: float) -> list[dict[str, Any]]:
+    """Adam parameter groups: the head's trainable parameters at ``lr``, then (when the model has one)
+    the backbone top's at ``lr * backbone_top_lr_scale``."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    top = [p for name, p in named if name.startswith(BACKBONE_TOP + ".")]
+    groups = [{"params": [p for name, p in named if not name.startswith(BACKBONE_TOP + ".")], "lr": lr, "name": "head"}]
+    if top:
+        groups.append({"params": top, "lr": lr * backbone_top_lr_scale, "name": BACKBONE_TOP})
+    return groups
 
 
 def egre_config_from_state_dict(state: Mapping[str, torch.Tensor], lare_grid: tuple[int, int], dropout: float = 0.1) -> ModelConfig:

@@ -43,7 +43,7 @@ from lare2.train.config import RESUME_FREE_KEYS, TrainConfig
 from lare2.train.data import Batch, CacheSplit, ReadSettings
 from lare2.train.split_safety import cache_ids, check_train_val, ids_digest
 from lare2.train.metrics import calibrate_threshold, detection_metrics
-from lare2.train.models import ModelConfig, build_model
+from lare2.train.models import ModelConfig, build_model, param_groups
 
 logger = get_logger(__name__)
 
@@ -71,16 +71,19 @@ def validation_loss(labels: np.ndarray, p_fake: np.ndarray) -> float:
     return float(-np.mean(np.where(labels == 1, np.log(p), np.log1p(-p))))
 
 
-def model_config_for(cfg: TrainConfig, split: CacheSplit) -> ModelConfig:
+def model_config_for(cfg: TrainConfig, split: CacheSplit, top=None) -> ModelConfig:
+    """``top``: the ``TopWeights`` of ``--train-backbone-top`` (``train/backbone_top.py``), or None."""
     layout = split.cache.layout
+    top_settings = {} if top is None else {"train_backbone_top": True, "backbone_top_depth": top.depth,
+                                           "backbone_top_heads": top.heads}
     return ModelConfig(
         kind=cfg.model, pooled_dim=layout.pooled_dim, fmap_shape=tuple(layout.fmap_shape), lare_shape=tuple(layout.lare_shape),
-        **cfg.head_settings(),
+        **cfg.head_settings(), **top_settings,
     )
 
 
 def _open_splits(cfg: TrainConfig, input_names: tuple[str, ...], read: ReadSettings) -> tuple[CacheSplit, CacheSplit]:
-    train = CacheSplit(cfg.train, input_names, allow_pending=cfg.allow_pending, read=read)
+    train = CacheSplit(cfg.train, input_names, allow_pending=cfg.allow_pending, read=read, views=cfg.use_views)
     val = CacheSplit(cfg.val, input_names, allow_pending=cfg.allow_pending, read=read)
     check_train_val(train.cache, val.cache, cfg.allow_overlap)
     if train.fingerprint != val.fingerprint:
@@ -88,6 +91,12 @@ def _open_splits(cfg: TrainConfig, input_names: tuple[str, ...], read: ReadSetti
                          "train and validation features must come from the same extraction settings")
     if train.cache.layout != val.cache.layout:
         raise CacheError(f"{cfg.val}: layout {val.cache.layout} differs from {cfg.train}'s {train.cache.layout}")
+    # the fingerprint ignores --perturb (perturbed test caches stay scorable), so say it when selection and
+    # calibration would rest on damaged images the training split never saw
+    perturbs = [(split.cache.attrs.get("extract_config") or {}).get("perturb", "") for split in (train, val)]
+    if perturbs[0] != perturbs[1]:
+        logger.warning("%s: validation images perturbed %r, training images %r: epoch selection and the calibrated threshold "
+                    "follow the validation condition", cfg.val, perturbs[1] or "none", perturbs[0] or "none")
     for split, role in ((train, "training"), (val, "validation")):
         labels = split.labels[split.ok]
         if not ((labels == 0).any() and (labels == 1).any()):
@@ -193,13 +202,22 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
     seed_everything(cfg.seed)
     probe = CacheSplit(cfg.train, (), allow_pending=cfg.allow_pending)
-    model_config = model_config_for(cfg, probe)
+    top = None
+    if cfg.train_backbone_top:  # the backbone's layer4 + attention pool, the cache's own weights (fingerprint checked)
+        from lare2.train.backbone_top import load_top_weights
+
+        top = load_top_weights(cfg.clip, probe.cache.attrs, cfg.train)
+    model_config = model_config_for(cfg, probe, top)
     model = build_model(model_config)
+    if top is not None:
+        model.backbone_top.load_state_dict(top.state)
     train_split, val_split = _open_splits(cfg, type(model).input_names, read_settings(cfg, accelerator.device))
     fingerprint = train_split.fingerprint
     model.to(accelerator.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # one group for the head at lr; with --train-backbone-top a second for the top at lr * backbone_top_lr_scale
+    optimizer = torch.optim.Adam(param_groups(model, cfg.lr, cfg.backbone_top_lr_scale), lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr)
 

@@ -19,7 +19,7 @@ import zarr
 
 from lare2.shared.cache.errors import CacheError, CacheExistsError
 from lare2.shared.cache.presence import EVERY_CHUNK_ATTR, storing
-from lare2.shared.cache.store import ARRAY_NAMES, META_COLUMNS, FeatureCache, create_arrays, staging_path
+from lare2.shared.cache.store import META_COLUMNS, FeatureCache, create_arrays, staging_path
 from lare2.shared.jsonio import jsonable
 
 
@@ -51,7 +51,7 @@ def pack_cache(source: str | Path, out: str | Path, shard_blocks: int = 64, prog
     group = zarr.open_group(staging, mode="w-")
     try:
         create_arrays(group, n, src.layout, shard_blocks)
-        names = [*ARRAY_NAMES, *(f"meta/{col}" for col in META_COLUMNS)]
+        names = [*src.layout.array_names, *(f"meta/{col}" for col in META_COLUMNS)]
         samples_per_shard = c * shard_blocks
         with progress_bar(unit="shard", disable=not progress) as bar:
             task = bar.add_task(f"pack {src.path.name}", total=math.ceil(n / samples_per_shard), rate="")

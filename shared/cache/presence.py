@@ -28,7 +28,8 @@ from lare2.shared.cache.errors import CacheError
 
 EVERY_CHUNK_ATTR = "every_chunk_stored"
 """Cache attribute: True when every chunk was written, fill values included (``write_empty_chunks``)."""
-ARRAYS = ("lare", "pooled", "fmap")
+ARRAYS = ("lare", "pooled", "fmap", "pooled_views", "fmap_views")
+"""Per-sample arrays; the two view arrays exist only in caches extracted with views (``CacheLayout.views``)."""
 CREATION_COLUMNS = ("sample_id", "path", "label", "generator", "split", "class_name", "status")
 WRITTEN_COLUMNS = ("seed", "error")
 NEVER_FILL_COLUMNS = ("sample_id", "path", "generator", "split", "status")

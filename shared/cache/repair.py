@@ -16,7 +16,7 @@ import numpy as np
 
 from lare2.shared.cache.errors import CacheError
 from lare2.shared.cache.presence import storing
-from lare2.shared.cache.store import ARRAY_NAMES, MANIFEST_COLUMNS, STATUS_PENDING, FeatureCache, column_values
+from lare2.shared.cache.store import MANIFEST_COLUMNS, STATUS_PENDING, FeatureCache, column_values
 from lare2.shared.cache.verify import verify_cache
 from lare2.shared.manifest import read_selection
 
@@ -54,7 +54,7 @@ def _reset_block(cache: FeatureCache, block: int, rows: dict[str, list]) -> None
         storing(meta[column])[sl] = column_values(column, rows[column][sl])
     storing(meta["seed"])[sl] = np.zeros(n, dtype=np.int64)
     storing(meta["error"])[sl] = column_values("error", [""] * n)
-    for name in ARRAY_NAMES:
+    for name in cache.layout.array_names:
         storing(cache.group[name])[sl] = np.full((n, *cache.layout.sample_shape(name)), np.nan, cache.layout.dtype(name))
     storing(meta["status"])[sl] = column_values("status", [STATUS_PENDING] * n)
 

@@ -8,6 +8,8 @@ Layout of a cache at ``PATH`` (N samples, C = ``chunk_samples``)::
     PATH/lare                 [N, 4, 32, 32]        float32, chunks [C, 4, 32, 32]
     PATH/pooled               [N, D]                feature dtype (float16), chunks [C, D]
     PATH/fmap                 [N, Cf, 14, 14]       feature dtype, chunks [C, Cf, 14, 14]
+    PATH/pooled_views         [N, K, D]             only with K = views > 0: feature dtype, chunks [C, K, D]
+    PATH/fmap_views           [N, K, Cf, 14, 14]    only with K > 0: feature dtype, chunks [C, K, Cf, 14, 14]
     PATH/meta/<column>        [N]                   one array per metadata column, chunks [C]
     PATH/block_done           [ceil(N / C)]         uint8, one chunk per block: 1 = block written
 
@@ -16,6 +18,12 @@ array, so concurrent writers (ranks, array jobs) never touch the same chunk, and
 done only after all its chunks are written (Zarr's local store writes each chunk atomically via
 rename). A failed sample keeps NaN in every array (the fill value) and ``status == "error"``.
 Every chunk is stored, fill values included (``presence``): an absent chunk is damage, and reads refuse it.
+
+``pooled``/``fmap`` always hold the *evaluation view* (the centre crop, docs/method.md §2.2). A cache
+extracted with ``--views K`` (``layout.views``) also holds K augmented *training views* per sample
+(``lare2.extract.augment``), view k of sample i at ``pooled_views[i, k]`` / ``fmap_views[i, k]``; ``lare``
+stays one map per sample. Caches without views have no view arrays and read as before; training draws
+one view per sample per epoch (``lare2.train.data``), everything else reads the evaluation view.
 
 A packed cache (``lare2.shared.cache.pack``, K blocks per Zarr v3 shard) reads the same and is
 read-only for the extractor.
@@ -43,6 +51,9 @@ from lare2.shared.manifest.table import CACHE_COLUMNS, MANIFEST_SCHEMA
 
 CACHE_FORMAT_VERSION = 1
 ARRAY_NAMES = ("lare", "pooled", "fmap")
+"""The arrays every cache holds: the LaRE map and the evaluation view's features."""
+VIEW_ARRAYS = {"pooled": "pooled_views", "fmap": "fmap_views"}
+"""Evaluation-view array -> the array of its K augmented views (caches with ``layout.views`` > 0 only)."""
 
 STATUS_PENDING = "pending"
 STATUS_OK = "ok"
@@ -75,6 +86,9 @@ class CacheLayout:
     """Storage dtype of ``lare``."""
     chunk_samples: int = 32
     """Samples per chunk (and per work block). 32 x fmap float16 = 12.8 MB per chunk."""
+    views: int = field(default=0, compare=False)
+    """Augmented views per sample in ``pooled_views``/``fmap_views`` (0: no view arrays). Not part of equality:
+    the evaluation features, what detectors read and compare, have the same layout with or without views."""
 
     def __post_init__(self) -> None:
         for name in ("feature_dtype", "lare_dtype"):
@@ -83,15 +97,26 @@ class CacheLayout:
                 raise ValueError(f"{name}={value!r}: choose float16 or float32")
         if self.chunk_samples < 1:
             raise ValueError(f"chunk_samples must be >= 1, got {self.chunk_samples}")
+        if self.views < 0:
+            raise ValueError(f"views must be >= 0, got {self.views}")
+
+    @property
+    def array_names(self) -> tuple[str, ...]:
+        """Every per-sample array of the cache: ``ARRAY_NAMES``, then the view arrays when ``views`` > 0."""
+        return ARRAY_NAMES + (tuple(VIEW_ARRAYS.values()) if self.views else ())
 
     def sample_shape(self, name: str) -> tuple[int, ...]:
-        return {"lare": tuple(self.lare_shape), "pooled": (self.pooled_dim,), "fmap": tuple(self.fmap_shape)}[name]
+        shapes = {"lare": tuple(self.lare_shape), "pooled": (self.pooled_dim,), "fmap": tuple(self.fmap_shape)}
+        if self.views:
+            shapes |= {views: (self.views, *shapes[name]) for name, views in VIEW_ARRAYS.items()}
+        return shapes[name]
 
     def dtype(self, name: str) -> str:
         return self.lare_dtype if name == "lare" else self.feature_dtype
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """As stored in the attributes; ``views`` only when > 0 (caches made before views read the same)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k != "views" or v}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CacheLayout":
@@ -133,7 +158,7 @@ def create_arrays(group: zarr.Group, n: int, layout: CacheLayout, shard_blocks: 
             return {"chunks": (chunk, *shape)}
         return {"chunks": (chunk, *shape), "shards": (chunk * shard_blocks, *shape)}
 
-    for name in ARRAY_NAMES:
+    for name in layout.array_names:
         shape = layout.sample_shape(name)
         group.create_array(
             name,
@@ -266,16 +291,26 @@ class FeatureCache:
         seed: Sequence[int],
         status: Sequence[str],
         error: Sequence[str],
+        pooled_views: np.ndarray | None = None,
+        fmap_views: np.ndarray | None = None,
     ) -> None:
         """Write one block's results, then mark it done (the marker is written last).
 
-        Arrays hold one row per sample of the block; rows of failed samples must be NaN.
+        Arrays hold one row per sample of the block; rows of failed samples must be NaN. The view arrays
+        are required when ``layout.views`` > 0 and refused otherwise.
         """
         if self.shard_blocks > 1:
             raise CacheError(f"{self.path}: a packed cache is read-only (block {block}); extract into an unpacked cache")
         sl = self.block_slice(block)
         n = sl.stop - sl.start
-        for name, values in (("lare", lare), ("pooled", pooled), ("fmap", fmap)):
+        given = {"lare": lare, "pooled": pooled, "fmap": fmap, "pooled_views": pooled_views, "fmap_views": fmap_views}
+        unexpected = [k for k, v in given.items() if v is not None and k not in self.layout.array_names]
+        if unexpected:
+            raise CacheError(f"{self.path}: block {block}: the cache has no {', '.join(unexpected)} (made without views)")
+        for name in self.layout.array_names:
+            values = given[name]
+            if values is None:
+                raise CacheError(f"{self.path}: block {block}: {name} missing (the cache holds {self.layout.views} views)")
             expected = (n, *self.layout.sample_shape(name))
             if tuple(values.shape) != expected:
                 raise CacheError(f"{self.path}: block {block} {name} has shape {tuple(values.shape)}, expected {expected}")

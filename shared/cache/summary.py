@@ -84,6 +84,8 @@ def cache_info(cache: FeatureCache) -> dict:
         # what was done to every image before the models (lare2.shared.perturbations); "none" when nothing
         "perturb": config.get("perturb") or "none",
         "normalize": config.get("normalize") or "none",
+        # augmented training views per sample (pooled_views / fmap_views, lare2.extract.augment); 0: none
+        "views": cache.layout.views,
         "identity": attrs.get("identity"),
         "fingerprints": attrs.get("fingerprints"),
         "provenance": attrs.get("provenance"),

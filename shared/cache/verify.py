@@ -16,7 +16,6 @@ from lare2.shared.cache.chunks import iter_arrays
 from lare2.shared.cache.errors import CacheError, RecomputeUnavailable
 from lare2.shared.cache.presence import EVERY_CHUNK_ATTR, ChunkPresence
 from lare2.shared.cache.store import (
-    ARRAY_NAMES,
     KNOWN_STATUSES,
     MANIFEST_COLUMNS,
     META_COLUMNS,
@@ -118,7 +117,7 @@ def _check_chunks_and_values(
     # metadata + block markers: read each array whole (small); on failure locate the bad chunks
     small: dict[str, np.ndarray] = {}
     for name, arr in arrays.items():
-        if name in ARRAY_NAMES:
+        if name in cache.layout.array_names:
             continue
         try:
             small[name] = arr[:]
@@ -152,14 +151,14 @@ def _check_chunks_and_values(
             report.damage(block, name)
     missing = list(dict.fromkeys(missing))
 
-    nonfinite: dict[str, list[int]] = {name: [] for name in ARRAY_NAMES}
+    nonfinite: dict[str, list[int]] = {name: [] for name in cache.layout.array_names}
     ok = status == STATUS_OK
     with progress_bar(unit="block", disable=not progress) as bar:
         task = bar.add_task("verify", total=cache.num_blocks, rate="")
         for block in range(cache.num_blocks):
             sl = cache.block_slice(block)
             block_ok = ok[sl]
-            for name in ARRAY_NAMES:
+            for name in cache.layout.array_names:
                 arr = arrays.get(name)
                 if arr is None:
                     continue
@@ -200,7 +199,7 @@ def _check_structure(cache: FeatureCache, report: VerifyReport) -> bool:
     n = len(cache)
     arrays = dict(iter_arrays(cache.group))
     whole = True
-    expected = {name: (n, *cache.layout.sample_shape(name)) for name in ARRAY_NAMES}
+    expected = {name: (n, *cache.layout.sample_shape(name)) for name in cache.layout.array_names}
     expected |= {f"meta/{c}": (n,) for c in META_COLUMNS}
     expected["block_done"] = (cache.num_blocks,)
     for name, shape in expected.items():
@@ -314,9 +313,9 @@ def compare_recomputed(cache: FeatureCache, indices: np.ndarray, recomputed: Map
     Recomputed values are cast to the stored dtype first (as the writer does).
     """
     ids = cache.column("sample_id")
-    stored = cache.read(indices)
+    stored = cache.read(indices, cache.layout.array_names)
     result = {}
-    for name in ARRAY_NAMES:
+    for name in cache.layout.array_names:
         if name not in recomputed:
             result[name] = {"compared": False, "mismatched": [], "max_abs_diff": None}
             continue

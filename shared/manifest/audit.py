@@ -376,8 +376,12 @@ def _share_text(shares: dict[str, float]) -> str:
 
 
 def print_audit_report(report: AuditReport, examples: int = 10) -> None:
-    """The groups, the unreadable images and the classifier as rich tables on the log console."""
+    """The groups, the unreadable images and the classifier as rich tables on stderr (the log's stream)."""
+    from rich.console import Console
     from rich.table import Table
+
+    # 12 columns: not squeezed to 80 when stderr is not a terminal (a log file, a CI job)
+    out = Console(stderr=True, width=None if console.is_terminal else 200)
 
     grid = Table(title=f"{report.manifest}: header metadata of {report.num_images} images "
                        f"({', '.join(report.splits)}); spreads are min–median–max")
@@ -389,7 +393,7 @@ def print_audit_report(report: AuditReport, examples: int = 10) -> None:
         grid.add_row(g.split, g.generator, "fake" if g.label else "real", str(g.count), str(g.unreadable),
                      _share_text(g.formats), _spread(g.width), _spread(g.height), sizes, _spread(g.jpeg_quality),
                      _share_text(g.subsampling), _spread(g.bytes_per_pixel, 2))
-    console.print(grid)
+    out.print(grid)
     if report.unreadable:
         bad = Table(title=f"{len(report.unreadable)} images could not be read (left out of the statistics)")
         bad.add_column("path", overflow="fold")
@@ -398,19 +402,19 @@ def print_audit_report(report: AuditReport, examples: int = 10) -> None:
             bad.add_row(item["path"], item["error"])
         if len(report.unreadable) > examples:
             bad.add_row(f"... and {len(report.unreadable) - examples} more (--json lists all)", "")
-        console.print(bad)
+        out.print(bad)
     result = report.classifier
     if result is None or result.auc is None:
-        console.print(f"metadata-only classifier: {result.note if result else 'not run'}")
+        out.print(f"metadata-only classifier: {result.note if result else 'not run'}")
         return
     verdict = "[bold red]SHORTCUT[/]" if result.shortcut else "no shortcut"
-    console.print(f"label from metadata alone: CV ROC AUC {result.auc:.3f} ({result.folds}-fold, {result.num_images} "
+    out.print(f"label from metadata alone: CV ROC AUC {result.auc:.3f} ({result.folds}-fold, {result.num_images} "
                   f"images; chance 0.5 ± {result.chance_se:.3f}), bound {result.bound}: {verdict}")
     features = Table(title="each feature alone")
     features.add_column("feature")
     features.add_column("CV AUC alone", justify="right")
     for f in result.feature_aucs:
         features.add_row(f.feature, f"{f.auc:.3f}", style="bold red" if f.feature in result.features else None)
-    console.print(features)
+    out.print(features)
     if result.note:
-        console.print(f"note: {result.note}")
+        out.print(f"note: {result.note}")
