@@ -9,10 +9,11 @@ import logging
 
 import pytest
 import zarr
+from lare2.shared.cache import CacheLayout, FeatureCache
 from typer.testing import CliRunner
 
 from lare2.cli import app
-from lare2.shared.cache import CacheLayout, FeatureCache
+from tests.log_records import Logged
 from tests.synthetic_caches import write_synthetic_cache
 from tests.tiny_caches import NUM_SAMPLES, build_tiny_cache, manifest_rows
 
@@ -30,23 +31,6 @@ def error_line(result) -> str:
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in result.output, result.output
     return lines[0]
-
-
-class Logged:
-    """The lare2 log records of a block (the lare2 logger does not propagate to pytest's caplog)."""
-
-    def __init__(self, caplog) -> None:
-        self.caplog = caplog
-
-    def __enter__(self):
-        logging.getLogger("lare2").addHandler(self.caplog.handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        logging.getLogger("lare2").removeHandler(self.caplog.handler)
-
-    def messages(self, level: int = logging.WARNING) -> list[str]:
-        return [r.getMessage() for r in self.caplog.records if r.levelno >= level]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +90,7 @@ def test_eval_warns_loudly_on_the_training_ids(caches, tmp_path, caplog):
     with Logged(caplog) as log:
         result = invoke("eval", caches / "run", "--test", caches / "train", "--report", tmp_path / "r", "--no-plots")
     assert result.exit_code == 0, result.output
-    (leak,) = [m for m in log.messages() if m.startswith("LEAK:")]
+    (leak,) = [m for m in log.messages(logging.WARNING) if m.startswith("LEAK:")]
     assert f"{caches / 'train'} is the run's training cache (same sample ids)" in leak and "\n" not in leak
 
     part = write_synthetic_cache(tmp_path / "test", num_samples=32, signal="lare", seed=4, layout=LAYOUT).path
@@ -117,19 +101,19 @@ def test_eval_warns_loudly_on_the_training_ids(caches, tmp_path, caplog):
     caplog.clear()
     with Logged(caplog) as log:
         assert invoke("eval", caches / "run", "--test", part, "--report", tmp_path / "r2", "--no-plots").exit_code == 0
-    (leak,) = [m for m in log.messages() if m.startswith("LEAK:")]
+    (leak,) = [m for m in log.messages(logging.WARNING) if m.startswith("LEAK:")]
     assert "shares 5 sample ids with the run's training cache" in leak
     caplog.clear()
     with Logged(caplog) as log:
         assert invoke("eval", caches / "run", "--test", part, "--report", tmp_path / "r3", "--no-plots",
                       "--allow-overlap").exit_code == 0
-    assert not [m for m in log.messages() if m.startswith("LEAK:")]
+    assert not [m for m in log.messages(logging.WARNING) if m.startswith("LEAK:")]
     # a test cache of its own: not a word
     clean = write_synthetic_cache(tmp_path / "clean", num_samples=32, signal="lare", seed=6, layout=LAYOUT).path
     caplog.clear()
     with Logged(caplog) as log:
         assert invoke("eval", caches / "run", "--test", clean, "--report", tmp_path / "r4", "--no-plots").exit_code == 0
-    assert not [m for m in log.messages() if "LEAK" in m]
+    assert not [m for m in log.messages(logging.WARNING) if "LEAK" in m]
 
 
 def test_calibration_warns_when_the_threshold_rests_on_few_reals(caches, caplog):
@@ -137,7 +121,7 @@ def test_calibration_warns_when_the_threshold_rests_on_few_reals(caches, caplog)
         assert invoke("calibrate", caches / "run", "--val", caches / "val").exit_code == 0
     reals = int((FeatureCache.open(caches / "val").column("label") == 0).sum())
     assert reals < 100
-    assert any(f"the threshold rests on {reals} validation reals" in m for m in log.messages())
+    assert any(f"the threshold rests on {reals} validation reals" in m for m in log.messages(logging.WARNING))
 
 
 def test_extract_requires_a_split_and_writes_each_split_apart(tmp_path):
@@ -187,7 +171,7 @@ def test_manifest_show_warns_about_an_empty_or_tiny_val_split(tmp_path, caplog):
         "too few to select and calibrate on" in warnings
     with Logged(caplog) as log:
         assert invoke("manifest", "show", tiny.manifest).exit_code == 0
-    assert any("too few to select and calibrate on" in m for m in log.messages())
+    assert any("too few to select and calibrate on" in m for m in log.messages(logging.WARNING))
     train_only = [{"split": "train", "generator": "g", "label": label, "count": 500, "errors": 0} for label in (0, 1)]
     assert split_warnings(train_only)[0].startswith("no val rows")
     assert split_warnings(train_only + [{**c, "split": "val", "count": 120} for c in train_only]) == []

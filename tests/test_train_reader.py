@@ -4,7 +4,6 @@ for several epochs, seeds and world sizes; errors read in a worker surface uncha
 
 from __future__ import annotations
 
-import logging
 import shutil
 import threading
 import time
@@ -13,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from safetensors.torch import load_file
-
 from lare2.shared.cache import CacheError, CacheLayout
 from lare2.shared.settings import SettingsError
 from lare2.train.config import debug
 from lare2.train.data import Batch, CacheSplit, ReadSettings
 from lare2.train.trainer import hold_splits_in_memory
+from safetensors.torch import load_file
+
+from tests.log_records import Logged
 from tests.synthetic_caches import write_synthetic_cache
 
 LAYOUT = CacheLayout(pooled_dim=8, fmap_shape=(8, 7, 7), lare_shape=(4, 8, 8), chunk_samples=8, feature_dtype="float16")
@@ -176,23 +176,6 @@ def test_a_damaged_block_raises_the_same_cache_error_with_read_ahead(cache_path,
 
 
 # ---- in memory: within a budget, logged either way ----------------------------------------------------------------
-class Logged:
-    """The lare2 log records of a block (the lare2 logger does not propagate to pytest's caplog)."""
-
-    def __init__(self, caplog) -> None:
-        self.caplog = caplog
-
-    def __enter__(self):
-        logging.getLogger("lare2").addHandler(self.caplog.handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        logging.getLogger("lare2").removeHandler(self.caplog.handler)
-
-    def messages(self) -> list[str]:
-        return [r.getMessage() for r in self.caplog.records]
-
-
 def test_in_memory_holds_what_fits_and_says_why_not(cache_path, caplog):
     needed = open_split(cache_path).memory_bytes()
     per_sample = 8 * 2 + 8 * 7 * 7 * 2 + 4 * 8 * 8 * 4  # pooled + fmap float16, lare float32
