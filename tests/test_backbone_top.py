@@ -189,3 +189,25 @@ def test_other_backbone_weights_are_refused(caches, tmp_path, capsys) -> None:
     assert "the lare-only model reads no backbone features" in capsys.readouterr().err
     assert not (tmp_path / "run" / "model.safetensors").exists()
     assert main(train_argv(caches, tmp_path / "run", "--train-backbone-top", "--clip", "tiny")) == 0  # the cache's own
+
+
+def test_reading_the_top_from_a_file_leaves_the_seeded_generator_alone(tmp_path: Path):
+    # the head is built after the top is loaded: a weights file must not shift its initial weights
+    from lare2.train.backbone_top import load_top_weights
+
+    tower, fingerprint = load_tower("tiny")
+    torch.save(tower.state_dict(), tmp_path / "tiny.pt")
+    attrs = {"fingerprints": {"backbone": fingerprint}, "extract_config": {"backbone": "tiny"}}
+    draws = []
+    for clip in ("tiny", str(tmp_path / "tiny.pt")):
+        torch.manual_seed(0)
+        top = load_top_weights(clip, attrs, tmp_path)
+        draws.append(torch.rand(3))
+        assert top.fingerprint == fingerprint
+    torch.manual_seed(0)
+    torch.testing.assert_close(draws[0], torch.rand(3))
+    torch.testing.assert_close(draws[1], draws[0])
+    # the cache's recorded weights missing here: the error says to pass --clip
+    attrs_elsewhere = {**attrs, "extract_config": {"backbone": str(tmp_path / "moved.pt")}}
+    with pytest.raises(Exception, match="pass --clip with those weights"):
+        load_top_weights("", attrs_elsewhere, tmp_path)

@@ -46,7 +46,18 @@ def load_top_weights(clip: str, cache_attrs: Mapping[str, Any], cache_path: str 
     spec = clip or extracted_with
     if not spec:
         raise CheckpointError(f"{cache_path}: records no backbone weights; pass --clip with those it was extracted with")
-    tower, fingerprint = load_tower(spec)
+    import torch
+
+    # building the tower draws initial weights; keep the global generator where the trainer seeded it, so
+    # the head starts from the same weights whatever file the tower is read from (as without a top)
+    with torch.random.fork_rng(devices=[]):
+        try:
+            tower, fingerprint = load_tower(spec)
+        except FileNotFoundError as err:
+            if clip:
+                raise
+            raise CheckpointError(f"{err}; it is the backbone {cache_path} recorded: pass --clip with those weights "
+                                  "(e.g. when training from another folder than the extraction ran in)") from None
     if fingerprint != recorded:
         source = f"--clip {spec}" if clip else f"backbone {spec!r} (the cache's recorded weights, as found here)"
         raise CheckpointError(
