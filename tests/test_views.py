@@ -475,3 +475,24 @@ def test_a_detector_trains_on_views_and_validates_on_a_plain_cache(world, tmp_pa
     results = detector.score([tmp / "images" / p for p in cache.column("path")[ok]])
     assert [r.status for r in results] == ["ok"] * len(ok)
     np.testing.assert_allclose([r.p_fake for r in results], expected, atol=1e-5)
+
+
+def test_cache_diff_compares_the_view_arrays(world, tmp_path):
+    import shutil
+
+    import zarr
+
+    from lare2.shared.cache.diff import diff_caches
+
+    tmp, _, configs = world
+    copy = tmp_path / "copy"
+    shutil.copytree(configs["views"].out, copy)
+    assert diff_caches(configs["views"].out, copy)["agree"]
+    group = zarr.open_group(copy, mode="r+")
+    group["fmap_views"][2, 1, 0, 0, 0] = group["fmap_views"][2, 1, 0, 0, 0] + np.float16(1.0)  # one view of one sample
+    report = diff_caches(configs["views"].out, copy)
+    assert not report["agree"] and len(report["arrays"]["fmap_views"]["samples_differing"]) == 1
+    assert report["arrays"]["fmap"]["samples_differing"] == []  # the evaluation view is untouched
+    against_plain = diff_caches(configs["views"].out, configs["plain"].out)
+    assert against_plain["arrays"]["pooled_views"] == {"comparable": False, "reason": f"views: {K} vs 0"}
+    assert against_plain["arrays"]["fmap"]["samples_differing"] == []  # the evaluation view equals a plain cache

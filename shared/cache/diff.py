@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lare2.shared.cache.store import ARRAY_NAMES, META_COLUMNS, FeatureCache, open_cache
+from lare2.shared.cache.store import META_COLUMNS, FeatureCache, open_cache
 
 
 def _read_rows(cache: FeatureCache, indices: np.ndarray, name: str) -> np.ndarray:
@@ -50,7 +50,10 @@ def diff_caches(path_a: str | Path, path_b: str | Path, *, atol: float = 0.0) ->
     from lare2.shared.config import diff_identity
 
     arrays = {}
-    for name in ARRAY_NAMES:
+    for name in dict.fromkeys([*a.layout.array_names, *b.layout.array_names]):  # the view arrays too
+        if name not in a.layout.array_names or name not in b.layout.array_names:
+            arrays[name] = {"comparable": False, "reason": f"views: {a.layout.views} vs {b.layout.views}"}
+            continue
         shape_a, shape_b = a.layout.sample_shape(name), b.layout.sample_shape(name)
         if shape_a != shape_b:
             arrays[name] = {"comparable": False, "reason": f"sample shapes differ: {shape_a} vs {shape_b}"}
