@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import math
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,8 +23,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
-from lare2.shared.logs import console, progress_bar, rate_text
-from lare2.shared.manifest.built import ordered_map
+from lare2.shared.logs import console
+from lare2.shared.manifest.built import map_with_progress
 from lare2.shared.manifest.sources import read_image_bytes, split_tar_path
 from lare2.shared.manifest.table import SPLITS, ManifestError, read_manifest, select_rows
 
@@ -144,14 +143,7 @@ def read_image_meta(root: Path, row: Mapping) -> ImageMeta:
 
 def read_all_meta(root: Path, rows: Sequence[Mapping], workers: int = 8, progress: bool = True) -> list[ImageMeta]:
     """:func:`read_image_meta` of every row, on ``workers`` threads, in order."""
-    metas: list[ImageMeta] = []
-    start = time.monotonic()
-    with progress_bar("img", disable=not progress) as bar:
-        task = bar.add_task("reading headers", total=len(rows), rate="")
-        for meta in ordered_map(lambda row: read_image_meta(root, row), rows, workers):
-            metas.append(meta)
-            bar.update(task, advance=1, rate=rate_text(len(metas), time.monotonic() - start))
-    return metas
+    return map_with_progress(lambda row: read_image_meta(root, row), rows, workers, "reading headers", progress)
 
 
 # ---- statistics per group -------------------------------------------------------------------

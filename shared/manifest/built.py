@@ -104,16 +104,21 @@ def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int) -> It
             yield in_flight.popleft().result()
 
 
-def describe_all(root: Path, refs: Sequence[ImageRef], workers: int, progress: bool) -> list[dict]:
-    """The manifest rows of ``refs`` (plain files under ``root``), hashed on ``workers`` threads."""
-    rows = []
+def map_with_progress(fn: Callable[[_T], _R], items: Sequence[_T], workers: int, what: str, progress: bool) -> list[_R]:
+    """``ordered_map`` into a list, behind a progress bar titled ``what`` (images/s, ETA)."""
+    results: list[_R] = []
     start = time.monotonic()
     with progress_bar("img", disable=not progress) as bar:
-        task = bar.add_task("hashing images", total=len(refs), rate="")
-        for row in ordered_map(lambda ref: describe_file(root, ref), refs, workers):
-            rows.append(row)
-            bar.update(task, advance=1, rate=rate_text(len(rows), time.monotonic() - start))
-    return rows
+        task = bar.add_task(what, total=len(items), rate="")
+        for result in ordered_map(fn, items, workers):
+            results.append(result)
+            bar.update(task, advance=1, rate=rate_text(len(results), time.monotonic() - start))
+    return results
+
+
+def describe_all(root: Path, refs: Sequence[ImageRef], workers: int, progress: bool) -> list[dict]:
+    """The manifest rows of ``refs`` (plain files under ``root``), hashed on ``workers`` threads."""
+    return map_with_progress(lambda ref: describe_file(root, ref), refs, workers, "hashing images", progress)
 
 
 # ---- finishing a build ----------------------------------------------------------------------
