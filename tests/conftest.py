@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bad_images import GALLERY, good_rgb
+from tests.helpers.bad_images import GALLERY, good_rgb
 
 
 def write_image_tree(root: Path, n_good: int = 10, with_bad: bool = True) -> Path:

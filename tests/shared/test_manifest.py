@@ -39,7 +39,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lare2.cli import app
-from tests.rich_tables import table_rows
+from tests.helpers.rich_tables import table_rows
 
 # Entries of the authors' filename_to_folder.json (GitHub luo3300612/LaRE, f8b2966).
 AUTHORS_VAL_SYNSETS = {

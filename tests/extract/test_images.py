@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from lare2.extract.images import IMAGENET_MEAN, IMAGENET_STD, ImageError, backbone_input, decode_rgb, lare_input
-from tests.bad_images import GALLERY, exif_rotated, palette_alpha, sixteen_bit
+from tests.helpers.bad_images import GALLERY, exif_rotated, palette_alpha, sixteen_bit
 
 
 @pytest.mark.parametrize("name", sorted(GALLERY))
@@ -37,7 +37,7 @@ def test_palette_alpha_keeps_its_colours():
 
 
 def test_bomb_limit_is_configurable():
-    from tests.bad_images import decompression_bomb
+    from tests.helpers.bad_images import decompression_bomb
 
     pillow_limit = Image.MAX_IMAGE_PIXELS
     with pytest.raises(ImageError, match="decompression bomb.*limit of 1000"):

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from lare2.cli import app
 from lare2.shared.cache import ARRAY_NAMES, META_COLUMNS, CacheError, CacheLayout, FeatureCache
-from tests.synthetic_caches import write_synthetic_cache
+from tests.helpers.synthetic_caches import write_synthetic_cache
 
 runner = CliRunner()
 THREADS = __import__("torch").get_num_threads()

@@ -37,7 +37,7 @@ from lare2.extract.images import backbone_input, imagenet_normalised, reflect_pa
 from lare2.shared.cache import ARRAY_NAMES, CacheError, CacheLayout, FeatureCache
 from lare2.shared.config import debug, identity_fingerprint
 from lare2.train.data import CacheSplit, ReadSettings, view_choice
-from tests.bad_images import good_rgb, truncated
+from tests.helpers.bad_images import good_rgb, truncated
 
 K = 3
 TRAIN_SIZES = [(300, 260), (230, 240), (64, 48), (250, 300), (100, 230), (40, 36), (320, 224), (90, 80), (224, 260)]

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from lare2.extract.run import recompute_samples, run_extraction
 from lare2.shared.cache import CacheError, FeatureCache
 from lare2.shared.config import debug
-from tests.bad_images import GALLERY
+from tests.helpers.bad_images import GALLERY
 
 
 def _config(manifest: Path, out: Path, **overrides):

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from lare2.cli import app
 from lare2.shared.cache import ARRAY_NAMES, META_COLUMNS, CacheError, CacheExistsError, FeatureCache, pack_cache
 from lare2.train.data import CacheSplit
-from tests.tiny_caches import CHUNK, NUM_SAMPLES, PENDING_BLOCK, build_tiny_cache
+from tests.helpers.tiny_caches import CHUNK, NUM_SAMPLES, PENDING_BLOCK, build_tiny_cache
 
 runner = CliRunner()
 SHARD_BLOCKS = 4  # 6 blocks of 4 samples -> 2 shards per array, the second one partial

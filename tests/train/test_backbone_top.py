@@ -21,7 +21,7 @@ from lare2.shared.cache import FeatureCache
 from lare2.shared.clip_blocks import TOP_PREFIXES, BackboneTop, tiny_config
 from lare2.shared.clip_weights import build_backbone, load_tower
 from lare2.shared.config import debug
-from tests.bad_images import good_rgb
+from tests.helpers.bad_images import good_rgb
 
 pytestmark = pytest.mark.slow
 COUNTS = {"train": 12, "val": 6, "test": 4}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lare2.shared.cache import CacheLayout
 from lare2.train.checkpoint import load_detector, score_features, split_reference_state
 from lare2.train.models import EGREClassifier, ModelConfig, build_model, egre_config_from_state_dict
-from tests.synthetic_caches import write_synthetic_cache
+from tests.helpers.synthetic_caches import write_synthetic_cache
 
 # docs/method.md §3.5: the head keys of a reference CLipClassifierWMapV6 checkpoint.
 REFERENCE_HEAD_KEYS = {

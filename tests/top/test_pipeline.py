@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from lare2.cli import app
 from lare2.shared.cache import FeatureCache
 from lare2.shared.config import debug
-from tests.bad_images import GALLERY, good_rgb
+from tests.helpers.bad_images import GALLERY, good_rgb
 
 pytestmark = pytest.mark.slow
 

@@ -25,7 +25,7 @@ import torch
 from lare2.extract.run import rank_blocks, remove_stale_staging, run_extraction, shard_blocks, staging_folders
 from lare2.shared.cache import ARRAY_NAMES, STATUS_PENDING, FeatureCache
 from lare2.shared.config import debug
-from tests.bad_images import truncated
+from tests.helpers.bad_images import truncated
 
 NUM_GOOD, CHUNK = 16, 3  # + 1 broken image = 17 samples = 6 blocks, the last one short
 SETTINGS = {"chunk_samples": CHUNK, "batch_size": 2, "image_size": 64, "ensemble": 2, "num_workers": 0}

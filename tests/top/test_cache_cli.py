@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from lare2 import cache_cli
 from lare2.cli import app
-from tests.rich_tables import table_rows
-from tests.tiny_caches import (
+from tests.helpers.rich_tables import table_rows
+from tests.helpers.tiny_caches import (
     CHUNK,
     ERROR_INDICES,
     NUM_SAMPLES,
@@ -518,7 +518,7 @@ def test_stats_groups_and_png(tiny, tmp_path):
 def test_counts_are_recorded_only_once_the_cache_is_finished(tmp_path):
     """Concurrent jobs each count when they end: a count taken before another job's last block must
     not be recorded, or it would stay stale after the other job's correct count (verify: counts)."""
-    from tests.tiny_caches import LAYOUT
+    from tests.helpers.tiny_caches import LAYOUT
 
     cache = FeatureCache.open(build_tiny_cache(tmp_path, images=False).path, mode="r+")
     early = cache.finalize()  # job A ends while block PENDING_BLOCK is still being computed by job B

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from lare2.cli import app
 from lare2.shared.cache import CacheLayout
-from tests.synthetic_caches import write_synthetic_cache
-from tests.tiny_caches import build_tiny_cache, ok_indices
+from tests.helpers.synthetic_caches import write_synthetic_cache
+from tests.helpers.tiny_caches import build_tiny_cache, ok_indices
 
 LAYOUT = CacheLayout(pooled_dim=16, fmap_shape=(16, 7, 7), lare_shape=(4, 16, 16), chunk_samples=16)
 USAGE_BOX = "usage"  # typer.BadParameter / click usage errors: a box headed "Usage:", exit 2

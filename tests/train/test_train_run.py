@@ -15,7 +15,7 @@ from lare2.train.checkpoint import CheckpointError, load_detector, score_feature
 from lare2.train.cli import main
 from lare2.train.metrics import detection_metrics
 from lare2.train.report import evaluate
-from tests.synthetic_caches import write_synthetic_cache
+from tests.helpers.synthetic_caches import write_synthetic_cache
 
 LAYOUT = CacheLayout(pooled_dim=16, fmap_shape=(16, 7, 7), lare_shape=(4, 16, 16), chunk_samples=16)
 
@@ -136,10 +136,10 @@ def test_stage_2_never_loads_diffusers_or_the_extractor() -> None:
     from pathlib import Path
 
     # stage 2 and the synthetic-cache fixture its tests write with; run from the repository root so tests/ imports
-    code = ("import sys, lare2.train.cli, lare2.train.trainer, lare2.train.report, tests.synthetic_caches; "
+    code = ("import sys, lare2.train.cli, lare2.train.trainer, lare2.train.report, tests.helpers.synthetic_caches; "
             "bad = [m for m in sys.modules if m.split('.')[0] == 'diffusers' or m.startswith('lare2.extract')]; "
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
 def test_set_resume_false_starts_afresh(data, tmp_path, capsys) -> None:
@@ -157,7 +157,7 @@ def test_pending_samples_are_counted_and_reported(tmp_path, caplog) -> None:
     import logging
 
     from lare2.train.data import CacheSplit
-    from tests.tiny_caches import CHUNK, ERROR_INDICES, build_tiny_cache
+    from tests.helpers.tiny_caches import CHUNK, ERROR_INDICES, build_tiny_cache
 
     from lare2.shared.cache import CacheError
 
