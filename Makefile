@@ -67,10 +67,10 @@ help: ## list the targets and the variables (with their current values)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[extract,demo,dev]"
+	$(PY) -m pip install --quiet -e ".[extract,demo,dev,serve]"
 	touch $@
 
-setup: $(VENV)/.installed ## create .venv: torch (TORCH_SPEC, CPU build by default) first, then lare2 with extract, demo and dev extras
+setup: $(VENV)/.installed ## create .venv: torch (TORCH_SPEC, CPU build by default) first, then lare2 with extract, demo, dev and serve extras
 
 test: setup ## run the whole test suite (slow-marked cases included), 2 workers
 	$(PY) -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
@@ -118,6 +118,7 @@ minigenimage: setup ## build the MiniGenImage benchmark into data/minigenimage
 
 bench: setup ## speed, cost-ratio, FLOP and disk figures into bench/results/ (~6 min on 2 CPU cores); FULL=1 adds the full-size DIRE-style/LaRE ratio (~6 min more)
 	$(PY) bench/run_bench.py --out bench/results $(if $(filter 1,$(FULL)),--dire-full-size-images 2)
+	$(PY) bench/serve.py --out bench/results
 
 clean: ## remove caches, runs and build outputs (keeps .venv)
 	rm -rf cache runs data/minigenimage .pytest_cache  # bench/results holds the committed figures: kept

@@ -142,7 +142,7 @@ def step_fn(stage1: Stage1, batch_size: int, compiled: bool, compile_backend: st
     """A zero-argument callable running one batch through ``compute_images`` (or, ``reference``, the
     reference-style loop over its images); undo() restores the models."""
     from lare2.extract.lare import LareComputer
-    from lare2.extract.run import Models, compute_images
+    from lare2.extract.features import Models, compute_images
 
     from bench.stage1 import reference_lare_map
 
@@ -288,6 +288,103 @@ def parse_list(text: str, what: str, choices: tuple | None = None) -> list:
     return values
 
 
+@dataclass(frozen=True)
+class Settings:
+    """Where and how the configurations run: the GPU, or the CPU smoke mode (``--dry-run``)."""
+
+    cases: list
+    batch_sizes: list
+    """The batch sizes asked for, in the order given."""
+    case_seconds: float
+    compile_backend: str
+    size: str
+    device: torch.device
+    reserve: float
+    """Seconds a torch.compile configuration needs on top of its time box."""
+    min_iterations: int
+
+
+def settings_for(batch_sizes: str, dtypes: str, case_seconds: float, no_compile: bool, dry_run: bool) -> Settings:
+    """The configurations to run and their settings; on the GPU, TF32 and the cuDNN autotuner switched on."""
+    batch_list = list(DRY_RUN_BATCH_SIZES) if dry_run else parse_list(batch_sizes, "--batch-sizes")
+    dtype_list = list(DRY_RUN_DTYPES) if dry_run else parse_list(dtypes, "--dtypes", tuple(DTYPES))
+    if dry_run:
+        cases = [Case("fp32", False, False, 1, reference=True)]
+        cases += [Case(dtype_list[0], True, False, b) for b in batch_list]
+        cases += [Case(dtype_list[1], False, False, batch_list[0])]
+        cases += [] if no_compile else [Case(dtype_list[0], True, True, None)]
+        return Settings(cases, batch_list, min(case_seconds, 0.2), "eager", "tiny", torch.device("cpu"), 0.0, 1)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    cases = plan(batch_list, dtype_list, with_compile=not no_compile)
+    return Settings(cases, batch_list, case_seconds, "inductor", "full", torch.device("cuda"), COMPILE_RESERVE_S, 3)
+
+
+def results_header(settings: Settings, dry_run: bool, budget_seconds: float, peak_tflops_given: float | None) -> dict:
+    """Everything of ``gpu.json`` but the measured configurations: device, machine, date, FLOPs, peaks."""
+    device = settings.device
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU ({platform.processor() or platform.machine()})")
+    peaks = {d: (peak_tflops_given if peak_tflops_given else peak_tflops(device_name, d)) for d in DTYPES}
+    return {
+        "device": device_name, "dry_run": dry_run,
+        "machine": f"{platform.node()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+                   f"CUDA {torch.version.cuda}",
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv[0] else "gpu_bench.run",
+        "models": ("full: SD v1.5-shaped VAE + UNet + text encoder, CLIP RN50, random weights" if settings.size == "full"
+                   else "tiny SD + tiny backbone (dry run)"),
+        "budget_s": budget_seconds, "case_s": settings.case_seconds, "flops": stage1_flops(settings.size),
+        "peak_tflops_dense": peaks,
+        "peak_source": "--peak-tflops" if peak_tflops_given else
+                       ("vendor datasheet, dense (bench/gpu_bench.py PEAK_TFLOPS)" if any(peaks.values())
+                        else f"unknown device {device_name!r}: pass --peak-tflops"),
+        "cases": [], "notes": [],
+    }
+
+
+def measure_case(stage1: Stage1, case: Case, settings: Settings, results: dict) -> dict:
+    """One configuration's row; out of memory, and a failed torch.compile, are its result."""
+    from lare2.shared.logs import console
+
+    flops_per_image = results["flops"]["flops_per_image"]["total"]
+    peak = results["peak_tflops_dense"][case.dtype]
+    try:
+        return run_case(stage1, case, settings.case_seconds, flops_per_image, peak, settings.compile_backend,
+                        settings.min_iterations)
+    except torch.cuda.OutOfMemoryError as err:  # a measured limit of the device, recorded as such
+        torch.cuda.empty_cache()
+        return {**asdict(case), "status": f"out of memory: {first_line(err)}"}
+    except Exception as err:  # a failed torch.compile is that configuration's result; anything else stops the run
+        if not case.compile:
+            raise
+        console.log(f"{case}: torch.compile failed: {first_line(err)}")
+        return {**asdict(case), "status": f"compile failed: {first_line(err)}"}
+
+
+def measure_cases(stage1: Stage1, settings: Settings, results: dict, budget_seconds: float, out: Path) -> list[Case]:
+    """Every configuration in order, until the budget cannot fit the next; returns the skipped ones."""
+    from lare2.shared.logs import console
+
+    deadline = time.perf_counter() + budget_seconds
+    skipped = []
+    sizes = settings.batch_sizes
+    for case in settings.cases:
+        if case.batch_size is None:
+            best = best_case(results["cases"], dtype=case.dtype, channels_last=case.channels_last, compile=False)
+            case = replace(case, batch_size=best["batch_size"] if best else sizes[len(sizes) // 2])
+        need = 2 * settings.case_seconds + (settings.reserve if case.compile else 0.0)
+        if time.perf_counter() + need > deadline:
+            skipped.append(case)
+            results["cases"].append({**asdict(case), "status": "skipped: budget"})
+            continue
+        console.log(f"{case}")
+        results["cases"].append(measure_case(stage1, case, settings, results))
+        write(results, out)
+    return skipped
+
+
 def run(
     out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for gpu.json and gpu.md."),
     batch_sizes: str = typer.Option("16,32,64,128", help="Images per batch (the UNet sees 4x as many latents)."),
@@ -309,66 +406,13 @@ def run(
                       markup=False, soft_wrap=True)
         raise typer.Exit(2)
     started = time.perf_counter()
-    batch_list = list(DRY_RUN_BATCH_SIZES) if dry_run else parse_list(batch_sizes, "--batch-sizes")
-    dtype_list = list(DRY_RUN_DTYPES) if dry_run else parse_list(dtypes, "--dtypes", tuple(DTYPES))
-    if dry_run:
-        case_seconds, compile_backend, size, device = min(case_seconds, 0.2), "eager", "tiny", torch.device("cpu")
-        cases = [Case("fp32", False, False, 1, reference=True)] + [Case(dtype_list[0], True, False, b) for b in batch_list]
-        cases += [Case(dtype_list[1], False, False, batch_list[0])]
-        cases += [] if no_compile else [Case(dtype_list[0], True, True, None)]
-        reserve, min_iterations = 0.0, 1
-    else:
-        compile_backend, size, device = "inductor", "full", torch.device("cuda")
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        cases = plan(batch_list, dtype_list, with_compile=not no_compile)
-        reserve, min_iterations = COMPILE_RESERVE_S, 3
+    settings = settings_for(batch_sizes, dtypes, case_seconds, no_compile, dry_run)
     out.mkdir(parents=True, exist_ok=True)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
-    flops = stage1_flops(size)
-    flops_per_image = flops["flops_per_image"]["total"]
-    peaks = {d: (peak_tflops_given if peak_tflops_given else peak_tflops(device_name, d)) for d in DTYPES}
-    results = {
-        "device": device_name, "dry_run": dry_run,
-        "machine": f"{platform.node()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, CUDA {torch.version.cuda}",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv[0] else "gpu_bench.run",
-        "models": f"{size}: SD v1.5-shaped VAE + UNet + text encoder, CLIP RN50, random weights" if size == "full"
-                  else "tiny SD + tiny backbone (dry run)",
-        "budget_s": budget_seconds, "case_s": case_seconds, "flops": flops, "peak_tflops_dense": peaks,
-        "peak_source": "--peak-tflops" if peak_tflops_given else
-                       ("vendor datasheet, dense (bench/gpu_bench.py PEAK_TFLOPS)" if any(peaks.values())
-                        else f"unknown device {device_name!r}: pass --peak-tflops"),
-        "cases": [], "notes": [],
-    }
-    console.log(f"{device_name}: building {size} models")
-    stage1 = build_stage1(size, device)
+    results = results_header(settings, dry_run, budget_seconds, peak_tflops_given)
+    console.log(f"{results['device']}: building {settings.size} models")
+    stage1 = build_stage1(settings.size, settings.device)
     results["build_s"] = round(time.perf_counter() - started, 1)
-    deadline = time.perf_counter() + budget_seconds
-    skipped = []
-    for case in cases:
-        if case.batch_size is None:
-            best = best_case(results["cases"], dtype=case.dtype, channels_last=case.channels_last, compile=False)
-            case = replace(case, batch_size=best["batch_size"] if best else batch_list[len(batch_list) // 2])
-        need = 2 * case_seconds + (reserve if case.compile else 0.0)
-        if time.perf_counter() + need > deadline:
-            skipped.append(case)
-            results["cases"].append({**asdict(case), "status": "skipped: budget"})
-            continue
-        console.log(f"{case}")
-        try:
-            row = run_case(stage1, case, case_seconds, flops_per_image, peaks[case.dtype], compile_backend, min_iterations)
-        except torch.cuda.OutOfMemoryError as err:  # a measured limit of the device, recorded as such
-            row = {**asdict(case), "status": f"out of memory: {first_line(err)}"}
-            torch.cuda.empty_cache()
-        except Exception as err:  # a failed torch.compile is that configuration's result, recorded; anything else stops the run
-            if not case.compile:
-                raise
-            console.log(f"{case}: torch.compile failed: {first_line(err)}")
-            row = {**asdict(case), "status": f"compile failed: {first_line(err)}"}
-        results["cases"].append(row)
-        write(results, out)
+    skipped = measure_cases(stage1, settings, results, budget_seconds, out)
     if skipped:
         results["notes"].append(f"{len(skipped)} configurations skipped: the {budget_seconds:.0f} s budget ran out "
                                 "(rerun with --budget-seconds, or fewer --batch-sizes / --dtypes)")

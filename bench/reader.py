@@ -42,7 +42,7 @@ DISTINCT_BLOCKS = 8
 
 def write_full_size_cache(path: Path, samples: int, seed: int = 0):
     """A finished cache of ``samples`` synthetic samples with the full-size layout; half of them fake."""
-    from lare2.shared.cache import CacheLayout, FeatureCache
+    from lare2.shared.cache import STATUS_OK, CacheLayout, FeatureCache
 
     layout = CacheLayout()
     c = layout.chunk_samples
@@ -60,7 +60,8 @@ def write_full_size_cache(path: Path, samples: int, seed: int = 0):
         sl = cache.block_slice(block)
         n = sl.stop - sl.start
         arrays = {name: values[:n] for name, values in pool[block % DISTINCT_BLOCKS].items()}
-        cache.write_block(block, **arrays, seed=list(range(sl.start, sl.stop)), status=["ok"] * n, error=[""] * n)
+        cache.write_block(block, **arrays, seed=list(range(sl.start, sl.stop)), status=[STATUS_OK] * n,
+                          error=[""] * n)
     cache.finalize()
     return cache
 

@@ -32,12 +32,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):  # run as a script (bench/run_bench.py): the repository root makes ``bench.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import typer
+from lare2.shared.jsonio import write_json
+
+from bench.report import markdown
 
 GENIMAGE_SAMPLES = 2_681_167
 """GenImage: 1,331,167 real + 1,350,000 generated images (train + val, 8 generators)."""
@@ -82,7 +86,8 @@ def store_bytes(cache_path: Path) -> dict:
         if not file.is_file():
             continue
         stat = file.stat()
-        owner = next((name for name, folder in parts.items() if folder is not None and folder in file.parents), "metadata")
+        owner = next((name for name, folder in parts.items() if folder is not None and folder in file.parents),
+                     "metadata")
         sizes[owner]["apparent"] += stat.st_size
         sizes[owner]["allocated"] += stat.st_blocks * 512
         sizes[owner]["files"] += 1
@@ -117,6 +122,7 @@ def measure_reads(source: Path, folder: Path, blocks: int, seed: int = 0) -> tup
 def _time_reads(cache, seed: int) -> dict:
     """Every block once in random order, then 64 random single samples; and the files the cache takes."""
     from lare2.shared.cache import ARRAY_NAMES
+    from lare2.shared.cache.chunks import folder_file_count
 
     n, c = len(cache), cache.layout.chunk_samples
     rng = random.Random(seed)
@@ -132,27 +138,27 @@ def _time_reads(cache, seed: int) -> dict:
     for i in singles:
         cache.read([i])
     single_seconds = time.perf_counter() - started
-    from lare2.shared.cache.chunks import folder_file_count
-
     return {"files": folder_file_count(cache.path),
             "block_reads": {"samples_per_s": round(n / block_seconds, 1),
                             "raw_mb_per_s": round(n * raw / block_seconds / 1e6, 1)},
             "single_sample_reads": {"samples_per_s": round(len(singles) / single_seconds, 1)}}
 
 
-def measure_packed_reads(source: Path, folder: Path, shard_blocks: int, seed: int = 0) -> dict:
-    """The read cache packed into shards of ``shard_blocks`` blocks (``lare2 cache pack``), read the same way."""
+def measure_packed_reads(source: Path, folder: Path, pack_blocks: int, seed: int = 0) -> dict:
+    """The read cache packed with ``pack_blocks`` blocks per file (``lare2 cache pack``), read the same way."""
     from lare2.shared.cache import pack_cache
 
     started = time.perf_counter()
-    packed = pack_cache(source, folder, shard_blocks=shard_blocks, progress=False)
-    return {"shard_blocks": shard_blocks, "pack_seconds": round(time.perf_counter() - started, 2), **_time_reads(packed, seed)}
+    packed = pack_cache(source, folder, pack_blocks=pack_blocks, progress=False)
+    seconds = round(time.perf_counter() - started, 2)
+    return {"pack_blocks": pack_blocks, "pack_seconds": seconds, **_time_reads(packed, seed)}
 
 
 def measure_creation(folder: Path, samples: int) -> dict:
     from lare2.shared.cache import CacheLayout, FeatureCache
 
-    rows = {"sample_id": [f"{i:016x}" for i in range(samples)], "path": [f"gen/train/1_fake/{i}.png" for i in range(samples)],
+    rows = {"sample_id": [f"{i:016x}" for i in range(samples)],
+            "path": [f"gen/train/1_fake/{i}.png" for i in range(samples)],
             "label": [i % 2 for i in range(samples)], "generator": ["gen"] * samples, "split": ["train"] * samples,
             "class_name": ["goldfish"] * samples}
     started = time.perf_counter()
@@ -206,8 +212,8 @@ def gpu_rate(path: Path = GPU_RESULTS) -> tuple[float, str]:
         gpu = json.loads(path.read_text())
         if not gpu.get("dry_run") and gpu.get("best"):
             best = gpu["best"]
-            return float(best["images_per_s"]), (f"{path.name}: {gpu['device']}, {best['dtype']}, batch {best['batch_size']}, "
-                                                 f"{gpu['date']}")
+            return float(best["images_per_s"]), (f"{path.name}: {gpu['device']}, {best['dtype']}, "
+                                                 f"batch {best['batch_size']}, {gpu['date']}")
     return H200_GOAL_IMAGES_PER_S, "goal: 400 images/s on one H200 (bench/gpu.sh has not been run)"
 
 
@@ -219,7 +225,6 @@ def _zstd_ratio(array: np.ndarray) -> float:
     return round(len(data) / len(Zstd(level=3).encode(data)), 3)
 
 
-# ---- report ---------------------------------------------------------------------------------------
 def genimage_estimate(sizes: dict) -> dict:
     from lare2.shared.cache import ARRAY_NAMES
 
@@ -232,116 +237,119 @@ def genimage_estimate(sizes: dict) -> dict:
                                             * GENIMAGE_SAMPLES / 1e12, 3)}
 
 
-def markdown(results: dict) -> str:
-    load = f"; load average (1, 5, 15 min) {results['load_average_at_start']} at the start" if "load_average_at_start" in results else ""
-    lines = ["# Stage 1 benchmarks", "", f"Machine: {results['machine']}{load}", "",
-             f"Date: {results.get('date', '-')}; command: `{results.get('command', '-')}`; {results.get('seconds', '-')} s", "",
-             "| figure | value |", "| --- | --- |"]
-    tiny = results.get("tiny_extraction")
-    if tiny:
-        lines.append(f"| extraction, tiny models, end to end | {tiny['images_per_s']} img/s ({tiny['images']} images) |")
-    rn50 = results.get("tiny_sd_rn50_extraction")
-    if rn50:
-        lines.append(f"| extraction, tiny SD + full-size RN50 | {rn50['images_per_s']} img/s |")
-    for name, label in (("tiny", "tiny models"), ("tiny_sd_rn50", "tiny SD + full-size RN50")):
-        p = results.get("pipeline_efficiency", {}).get(name)
-        if p:
-            lines.append(f"| stage-1 pipeline efficiency, {label}: end to end / models only (batch {p['batch_size']}, "
-                         f"decode inline) | {p['end_to_end_over_models_only']} ({p['end_to_end_images_per_s']} vs "
-                         f"{p['models_only_images_per_s']} img/s; the ratio is the median of {p['repeats']} per-round ratios) |")
-    full = results.get("full_size")
-    if full:
-        lines.append(f"| SD v1.5-size LaRE (VAE + {full['ensemble']} UNet calls), fp32 CPU | "
-                     f"{full['lare_seconds_per_image']} s/img |")
-        lines.append(f"| CLIP RN50, fp32 CPU | {full['backbone_seconds_per_image']} s/img |")
-    for key, label in (("tiny", "tiny models"), ("full_size", "SD v1.5-size, fp32 CPU")):
-        d = results.get("dire_vs_lare", {}).get(key)
-        if d:
-            lines.append(f"| DIRE-style ({d['ddim_steps']}+{d['ddim_steps']} DDIM steps, decode) / LaRE, time per image, "
-                         f"{label}, batch {d['batch_size']} | {d['dire_over_lare']}x ({d['dire_seconds_per_image']} vs "
-                         f"{d['lare_seconds_per_image']} s/img, median of {d['repeats']}) |")
-    flops = results.get("flops")
-    if flops:
-        g, o = flops["gflop_per_image"], flops["gflop_other"]
-        lines.append(f"| FLOPs per image, full size | {g['total']} GFLOP: VAE encoder {g['vae_encoder']}, "
-                     f"{flops['ensemble']} UNet calls {g['unet']}, RN50 {g['backbone']} |")
-        lines.append(f"| DIRE-style / LaRE, FLOPs, full size | {o['dire_style_over_lare']}x "
-                     f"({o['dire_style_20_steps']} vs {round(g['vae_encoder'] + g['unet'], 2)} GFLOP) |")
-    ref = results.get("batched_vs_reference")
-    if ref:
-        lines.append(f"| batched extraction (batch {ref['batch_size']}, prompt cache) / reference-style loop (batch 1, "
-                     f"prompt encoded per image), tiny models | {ref['batched_over_reference']}x "
-                     f"({ref['batched_images_per_s']} vs {ref['reference_images_per_s']} img/s) |")
-    host = results.get("host")
-    if host:
-        r, j = host["worker"]["images_per_s"], host["worker"]["jpeg"]
-        lines.append(f"| loader worker, one thread: decode + both inputs of a {j['width']}x{j['height']} q{j['quality']} "
-                     f"JPEG | {r['decode_both']} img/s (decode {r['decode']}, + 256 px LaRE input "
-                     f"{r['decode_lare_input']}, + 224 crop {r['decode_backbone_input']}) |")
-    writes = results.get("cache_writes")
-    if writes:
-        lines.append(f"| cache writes, full-size layout (main process) | {writes['samples_per_s']} samples/s "
-                     f"({writes['raw_mb_per_s']} MB/s raw) |")
-    if host and "workers_per_gpu" in host:
-        w = host["workers_per_gpu"]
-        lines.append(f"| loader workers per GPU at {w['gpu_images_per_s']:g} img/s ({w['gpu_source']}) | "
-                     f"{w['loader_workers']} ({w['loader_workers_exact']}); cache writes take "
-                     f"{w['cache_write_share_of_one_process']:.0%} of one process |")
-    sizes = results.get("cache_bytes")
-    if sizes:
-        for name in ("lare", "pooled", "fmap", "metadata"):
-            s = sizes[name]
-            ratio = f", {s['compression_ratio']}x" if s["compression_ratio"] else ""
-            lines.append(f"| cache `{name}` on disk | {s['bytes_per_sample'] / 1e3:.1f} kB/sample{ratio} |")
-        lines.append(f"| cache total on disk | {sizes['total']['bytes_per_sample'] / 1e3:.1f} kB/sample |")
-    estimate = results.get("genimage_estimate")
-    if estimate:
-        lines.append(f"| GenImage ({estimate['samples']:,} images) cache | {estimate['terabytes']} TB "
-                     f"(uncompressed {estimate['uncompressed_terabytes']} TB) |")
-    reads = results.get("reads")
-    if reads:
-        lines.append(f"| cache reads, random blocks | {reads['block_reads']['samples_per_s']} samples/s "
-                     f"({reads['block_reads']['raw_mb_per_s']} MB/s decoded) |")
-        lines.append(f"| cache reads, random single samples | {reads['single_sample_reads']['samples_per_s']} samples/s |")
-    packed = results.get("packed_reads")
-    if reads and packed:
-        lines.append(f"| packed cache ({packed['shard_blocks']} blocks per shard), random blocks | "
-                     f"{packed['block_reads']['samples_per_s']} samples/s, {packed['files']} files instead of {reads['files']} "
-                     f"(packed in {packed['pack_seconds']} s) |")
-        lines.append(f"| packed cache, random single samples | {packed['single_sample_reads']['samples_per_s']} samples/s |")
-    creation = results.get("creation")
-    if creation:
-        lines.append(f"| cache creation, {creation['samples']:,} samples | {creation['seconds']} s, {creation['files']:,} files "
-                     f"(GenImage: ~{creation['genimage_seconds_estimate']} s, ~{creation['genimage_files_estimate']:,} files) |")
-    reader = results.get("reader")
-    if reader:
-        r = reader["reader_samples_per_s"]
-        rounds = reader.get("rounds", {})
-        if "date" in reader:  # remeasured on its own (--only-reader)
-            lines.append(f"| stage-2 rows below remeasured {reader['date'][:19]} (load {reader['load_average']}): "
-                         f"`{reader['command']}` | |")
-        lines.append(f"| stage-2 reader, 0 / 1 / 2 read workers (full-size cache, {reader['samples']:,} samples) | "
-                     f"{r['0']} / {r['1']} / {r['2']} samples/s (median of {len(rounds.get('ratio', [])) or 1}) |")
-        spread = f"; rounds {', '.join(map(str, rounds['ratio']))}" if "ratio" in rounds else ""
-        lines.append(f"| EGRE training epoch on CPU, from the cache / from memory | "
-                     f"{reader['train_from_cache_samples_per_s']} / {reader['train_in_memory_samples_per_s']} samples/s "
-                     f"(median per-round ratio {reader['cache_over_memory_ratio']}{spread}) |")
-    return "\n".join(lines) + "\n"
+# ---- the run --------------------------------------------------------------------------------------
+def _write(out: Path, results: dict) -> None:
+    write_json(out / "bench.json", results)
+    (out / "bench.md").write_text(markdown(results))
 
 
-def measure_reader_if_present(folder: Path, samples: int) -> dict | None:
-    """``bench.reader.measure_reader`` when that module is there (it is optional), else None."""
-    try:
-        from bench.reader import measure_reader
-    except ImportError as err:
-        _log(f"stage-2 reader figures skipped: {err}")
-        return None
-    return measure_reader(folder, samples=samples)
+def _remeasure_reader(out: Path, samples: int) -> None:
+    """Only the stage-2 reader figures, into the existing ``bench.json`` (dated, with their command)."""
+    from bench.reader import measure_reader
+
+    results = json.loads((out / "bench.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="lare2-bench-") as tmp:
+        reader = measure_reader(Path(tmp), samples=samples)
+    reader["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    reader["command"] = " ".join(["python", *sys.argv])
+    reader["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    results["reader"] = reader
+    _write(out, results)
+
+
+def _measure_extraction(results: dict, work: Path, manifest: Path, repeats: int, save: Callable[[], None]) -> Path:
+    """Extraction end to end and models only, tiny models and tiny SD + full-size RN50; returns the latter's cache."""
+    from bench.stage1 import measure_pipeline
+
+    results["pipeline_efficiency"] = {}
+    for name, settings in (("tiny", {}), ("tiny_sd_rn50", {"backbone": "random-rn50"})):
+        _log(f"extraction end to end and models only, {name}, {repeats} rounds")
+        p = measure_pipeline(manifest, work / name, repeats=repeats, keep=work / f"{name}-cache",
+                             chunk_samples=32, **settings)
+        results["pipeline_efficiency"][name] = p
+        results[f"{name}_extraction"] = {**p["median_run"], "images_per_s": p["end_to_end_images_per_s"],
+                                         "settings": p["settings"]}
+        save()
+    return work / "tiny_sd_rn50-cache"  # tiny SD maps, full-size RN50 features: the full-size layout
+
+
+def _measure_cache(results: dict, cache: Path, work: Path, read_blocks: int, create_samples: int) -> None:
+    """Bytes on disk, the GenImage estimate, writes and reads (plain and packed), creation."""
+    results["cache_bytes"] = store_bytes(cache)
+    results["genimage_estimate"] = genimage_estimate(results["cache_bytes"])
+    _log("cache writes and reads")
+    results["reads"], results["cache_writes"] = measure_reads(cache, work / "reads", read_blocks)
+    _log("packed cache reads")
+    results["packed_reads"] = measure_packed_reads(work / "reads", work / "packed", pack_blocks=min(64, read_blocks))
+    if create_samples:
+        _log(f"cache creation for {create_samples} samples")
+        results["creation"] = measure_creation(work / "created", create_samples)
+
+
+def _measure_costs(results: dict, manifest: Path, dire_images: int, reference_images: int, repeats: int) -> None:
+    """FLOPs per image; DIRE-style / LaRE and batched / reference-style loop with the tiny models."""
+    from lare2.extract.models import load_latent_diffusion
+
+    from bench.flops import stage1_flops
+    from bench.stage1 import decoded_inputs, measure_batched_vs_reference, measure_dire_vs_lare
+
+    _log("FLOPs per image, full-size configs (meta tensors)")
+    results["flops"] = stage1_flops("full")
+    _log(f"DIRE-style / LaRE and batched / reference-style loop, tiny models, {repeats} rounds")
+    tiny = load_latent_diffusion("tiny")
+    results["dire_vs_lare"] = {"tiny": measure_dire_vs_lare(tiny, decoded_inputs(manifest, dire_images),
+                                                             batch_size=8, repeats=repeats)}
+    results["batched_vs_reference"] = measure_batched_vs_reference(tiny, decoded_inputs(manifest, reference_images),
+                                                                   batch_size=8, repeats=repeats)
+
+
+def _measure_host(results: dict, host_images: int, repeats: int) -> None:
+    from bench.host import imagenet_like_jpegs, measure_worker, workers_needed
+
+    _log(f"loader worker on {host_images} ImageNet-like JPEGs, {repeats} rounds")
+    rate, source = gpu_rate()
+    worker = measure_worker(imagenet_like_jpegs(host_images), repeats=repeats)
+    needed = workers_needed(worker, results["cache_writes"], rate, source)
+    results["host"] = {"worker": worker, "workers_per_gpu": needed}
+
+
+def _measure_full_size_models(results: dict, manifest: Path, images: int, dire_images: int,
+                              save: Callable[[], None]) -> None:
+    """SD v1.5 + RN50 seconds per image (``images``) and the full-size DIRE-style / LaRE ratio (``dire_images``)."""
+    from bench.models import build_latent_diffusion
+    from bench.stage1 import decoded_inputs, measure_dire_vs_lare
+
+    _log("building the full-size SD v1.5 models, random weights")
+    t0 = time.perf_counter()
+    full = build_latent_diffusion("full")
+    build_seconds = round(time.perf_counter() - t0, 1)
+    if images:
+        _log(f"full-size SD v1.5 + RN50, {images} images")
+        results["full_size"] = {**measure_full_size(full, manifest, images), "build_seconds": build_seconds}
+        save()
+    if dire_images:
+        _log(f"DIRE-style / LaRE, full size, batch 1, {dire_images} images")
+        results["dire_vs_lare"]["full_size"] = measure_dire_vs_lare(
+            full, decoded_inputs(manifest, dire_images), batch_size=1, repeats=dire_images,
+            per_round=True, warm_up=not images)  # measure_full_size warmed these models up
+        save()
+
+
+def _machine_record() -> dict:
+    import torch
+
+    return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                       f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+            "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0].endswith("run_bench.py")
+                       else "bench/run_bench.py (called as a function)"}
 
 
 def run(
     out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for bench.json and bench.md."),
-    samples: int = typer.Option(32, help="Photo crops for the extraction, pipeline and cache-size figures (32: one cache block)."),
+    samples: int = typer.Option(32, help="Photo crops for the extraction, pipeline and cache-size figures "
+                                         "(32: one cache block)."),
     full_size_images: int = typer.Option(2, help="Images timed with the full-size models (0 skips them)."),
     dire_full_size_images: int = typer.Option(0, help="Images (batch 1) of the full-size DIRE-style / LaRE ratio, "
                                                       "~1 min each on 2 CPU cores (make bench FULL=1: 2)."),
@@ -352,118 +360,40 @@ def run(
     read_blocks: int = typer.Option(32, help="Chunk-sized blocks in the read and write throughput cache."),
     create_samples: int = typer.Option(20_000, help="Samples in the cache-creation timing (0 skips it)."),
     reader_samples: int = typer.Option(1024, help="Samples of the stage-2 reader figures (0 skips them)."),
-    only_reader: bool = typer.Option(False, "--only-reader", help="Remeasure only the stage-2 reader figures into the "
-                                                                  "existing bench.json (dated and with their command)."),
+    only_reader: bool = typer.Option(False, "--only-reader", help="Remeasure only the stage-2 reader figures into "
+                                     "the existing bench.json (dated and with their command)."),
 ) -> None:
     """Measure stage 1 on this machine and write the figures."""
-    import torch
-
     if only_reader:
-        results = json.loads((out / "bench.json").read_text())
-        with tempfile.TemporaryDirectory(prefix="lare2-bench-") as tmp:
-            reader = measure_reader_if_present(Path(tmp), reader_samples)
-        if reader:
-            reader["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-            reader["command"] = " ".join(["python", *sys.argv])
-            reader["load_average"] = [round(v, 2) for v in os.getloadavg()]
-            results["reader"] = reader
-            (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-            (out / "bench.md").write_text(markdown(results))
+        _remeasure_reader(out, reader_samples)
         return
-    from lare2.extract.models import load_latent_diffusion
-
-    from bench.flops import stage1_flops
-    from bench.host import imagenet_like_jpegs, measure_worker, workers_needed
-    from bench.models import build_latent_diffusion
-    from bench.stage1 import (
-        decoded_inputs,
-        measure_batched_vs_reference,
-        measure_dire_vs_lare,
-        measure_pipeline,
-    )
+    from bench.reader import measure_reader
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                                f"torch {torch.__version__}, {torch.get_num_threads()} threads",
-                     "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
-                     "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                     "command": " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0].endswith("run_bench.py")
-                                else "bench/run_bench.py (called as a function)"}
+    results: dict = _machine_record()
 
     def save() -> None:  # after every measurement: an interrupted run keeps what it measured
         results["seconds"] = round(time.perf_counter() - started, 1)
         results["load_average_now"] = [round(v, 2) for v in os.getloadavg()]
-        (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-        (out / "bench.md").write_text(markdown(results))
+        _write(out, results)
 
     with tempfile.TemporaryDirectory(prefix="lare2-bench-") as tmp:
         work = Path(tmp)
         _log(f"writing {samples} photo crops")
         manifest = write_photo_tree(work / "data", samples)
-
-        results["pipeline_efficiency"] = {}
-        for name, settings in (("tiny", {}), ("tiny_sd_rn50", {"backbone": "random-rn50"})):
-            _log(f"extraction end to end and models only, {name}, {repeats} rounds")
-            p = measure_pipeline(manifest, work / name, repeats=repeats, keep=work / f"{name}-cache",
-                                 chunk_samples=32, **settings)
-            results["pipeline_efficiency"][name] = p
-            results[f"{name}_extraction"] = {**p["median_run"], "images_per_s": p["end_to_end_images_per_s"],
-                                             "settings": p["settings"]}
-            save()
-        cache = work / "tiny_sd_rn50-cache"  # tiny SD maps, full-size RN50 features: the full-size layout
-        results["cache_bytes"] = store_bytes(cache)
-        results["genimage_estimate"] = genimage_estimate(results["cache_bytes"])
-
-        _log("cache writes and reads")
-        results["reads"], results["cache_writes"] = measure_reads(cache, work / "reads", read_blocks)
-        _log("packed cache reads")
-        results["packed_reads"] = measure_packed_reads(work / "reads", work / "packed", shard_blocks=min(64, read_blocks))
-        if create_samples:
-            _log(f"cache creation for {create_samples} samples")
-            results["creation"] = measure_creation(work / "created", create_samples)
+        cache = _measure_extraction(results, work, manifest, repeats, save)
+        _measure_cache(results, cache, work, read_blocks, create_samples)
         save()
-
-        _log("FLOPs per image, full-size configs (meta tensors)")
-        results["flops"] = stage1_flops("full")
-        _log(f"DIRE-style / LaRE and batched / reference-style loop, tiny models, {repeats} rounds")
-        tiny = load_latent_diffusion("tiny")
-        results["dire_vs_lare"] = {"tiny": measure_dire_vs_lare(tiny, decoded_inputs(manifest, dire_images),
-                                                                 batch_size=8, repeats=repeats)}
-        results["batched_vs_reference"] = measure_batched_vs_reference(tiny, decoded_inputs(manifest, reference_images),
-                                                                       batch_size=8, repeats=repeats)
+        _measure_costs(results, manifest, dire_images, reference_images, repeats)
         save()
-
-        _log(f"loader worker on {host_images} ImageNet-like JPEGs, {repeats} rounds")
-        rate, source = gpu_rate()
-        worker = measure_worker(imagenet_like_jpegs(host_images), repeats=repeats)
-        results["host"] = {"worker": worker,
-                           "workers_per_gpu": workers_needed(worker, results["cache_writes"], rate, source)}
+        _measure_host(results, host_images, repeats)
         save()
-
         if full_size_images or dire_full_size_images:
-            _log("building the full-size SD v1.5 models, random weights")
-            t0 = time.perf_counter()
-            full = build_latent_diffusion("full")
-            build_seconds = round(time.perf_counter() - t0, 1)
-            if full_size_images:
-                _log(f"full-size SD v1.5 + RN50, {full_size_images} images")
-                results["full_size"] = {**measure_full_size(full, manifest, full_size_images),
-                                        "build_seconds": build_seconds}
-                save()
-            if dire_full_size_images:
-                _log(f"DIRE-style / LaRE, full size, batch 1, {dire_full_size_images} images")
-                results["dire_vs_lare"]["full_size"] = measure_dire_vs_lare(
-                    full, decoded_inputs(manifest, dire_full_size_images), batch_size=1, repeats=dire_full_size_images,
-                    per_round=True, warm_up=not full_size_images)  # measure_full_size warmed these models up
-                save()
-            del full
+            _measure_full_size_models(results, manifest, full_size_images, dire_full_size_images, save)
         if reader_samples:
             _log(f"stage-2 reader on {reader_samples} samples")
-            reader = measure_reader_if_present(work / "reader", reader_samples)
-            if reader:
-                results["reader"] = reader
-
+            results["reader"] = measure_reader(work / "reader", samples=reader_samples)
     save()
     _log(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     from lare2.shared.logs import console

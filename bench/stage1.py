@@ -177,18 +177,14 @@ def measure_batched_vs_reference(model: LatentDiffusion, inputs: Inputs, *, batc
 # ---- c. end to end against the models alone --------------------------------------------------------
 def measure_pipeline(manifest: Path, work: Path, *, repeats: int, keep: Path | None = None, **settings) -> dict:
     """``run_extraction`` (decode, models, cache writes; ``debug`` preset + ``settings``) against
-    ``compute_batch`` on the same images already decoded, in the same batches, alternated.
+    ``compute_images`` on the same images already decoded, in the same batches, alternated.
 
     Each end-to-end round extracts into a fresh folder (not timed: model loading, cache creation);
     the first one is moved to ``keep`` when given, the others are deleted.
     """
-    from lare2.extract.loader import ManifestImages
-    from lare2.extract.run import (
-        compute_batch,
-        load_models,
-        run_extraction,
-        selected_rows,
-    )
+    from lare2.extract.features import compute_images, load_models
+    from lare2.extract.loader import ManifestImages, collate_decoded
+    from lare2.extract.run import run_extraction, selected_rows
     from lare2.shared.config import debug
     from lare2.shared.seeding import sample_seed
 
@@ -207,7 +203,8 @@ def measure_pipeline(manifest: Path, work: Path, *, repeats: int, keep: Path | N
 
     def models_only(_: int) -> None:
         for b in batches:
-            compute_batch(models, samples[b], prompts[b], seeds[b], device)
+            batch = collate_decoded(samples[b])
+            compute_images(models, batch.lare_images, batch.backbone_images, prompts[b], seeds[b], device)
 
     def end_to_end(r: int) -> None:
         out = work / f"end-to-end-{r}"

@@ -1,3 +1,5 @@
+"""``python -m lare2.extract --manifest ...`` (e.g. under ``accelerate launch``)."""
+
 from lare2.extract.cli import main
 
-main()
+raise SystemExit(main())

@@ -49,7 +49,7 @@ order). Applied to the RGB image, uint8 throughout until the last step:
 5. **normalisation**: /255 and the ImageNet mean/std, as the evaluation view (``imagenet_normalised``).
 
 Numpy and Pillow only, as the models' own preprocessing; the view tensors are made in the loader's
-workers and the backbone runs on them in stage 1 (``lare2.extract.run``).
+workers and the backbone runs on them in stage 1 (``lare2.extract.features.compute_images``).
 """
 
 from __future__ import annotations

@@ -10,36 +10,47 @@ refused, naming it); ``--no-resume`` refuses a cache already at ``--out``. Exit 
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Optional
 
 import typer
 
-from lare2.shared.cli_errors import fail, user_errors
+from lare2.shared.cli_errors import fail, run_commands, user_errors
 
 EXTRACT_HELP = ("Compute LaRE maps + backbone features for a manifest selection into a Zarr cache. "
                 "Reruns resume; --no-resume refuses an existing cache.")
 
 
 def extract(
+    ctx: typer.Context,
     manifest: str = typer.Option(..., "--manifest", "-m", help="Parquet manifest (lare2 manifest build)."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Cache directory (created or resumed); default cache/SPLIT, or cache/all without --split."),
-    split: Optional[str] = typer.Option(None, help="Only this split (train/val/test); required when the manifest has several."),
-    all_splits: bool = typer.Option(False, "--all-splits", help="One cache per split of the manifest, at OUT/SPLIT (OUT default: cache)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Cache directory (created or resumed); default "
+                                                                "cache/SPLIT, or cache/all without --split."),
+    split: Optional[str] = typer.Option(None, help="Only this split (train/val/test); required when the manifest has "
+                                                   "several."),
+    all_splits: bool = typer.Option(False, "--all-splits", help="One cache per split of the manifest, at OUT/SPLIT "
+                                                                "(OUT default: cache)."),
     generator: list[str] = typer.Option([], "--generator", "-g", help="Only these generators (repeatable)."),
     preset: str = typer.Option("paper", help="Settings preset: paper (docs/method.md §1) or debug (tiny models)."),
-    sd: Optional[str] = typer.Option(None, "--sd", help="Latent diffusion model: diffusers folder, .safetensors/.ckpt, hub id, or 'tiny'."),
-    clip: Optional[str] = typer.Option(None, "--clip", help="CLIP RN50: RN50.pt, a state dict, 'random-rn50' or 'tiny'."),
+    sd: Optional[str] = typer.Option(None, "--sd", help="Latent diffusion model: diffusers folder, .safetensors/.ckpt, "
+                                                        "hub id, or 'tiny'."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="CLIP RN50: RN50.pt, a state dict, 'random-rn50' or "
+                                                            "'tiny'."),
     backbone: Optional[str] = typer.Option(None, "--backbone", hidden=True, help="Old spelling of --clip."),
     timestep: Optional[int] = typer.Option(None, help="Diffusion timestep t in [0, 1000) (paper: 200)."),
     ensemble: Optional[int] = typer.Option(None, help="Noise draws per image averaged into the map (paper: 4)."),
-    prompt_mode: Optional[str] = typer.Option(None, help="class (template with the class name), fixed (--set prompt_text=...) or empty."),
+    prompt_mode: Optional[str] = typer.Option(None, help="class (template with the class name), fixed (--set "
+                                                         "prompt_text=...) or empty."),
     image_size: Optional[int] = typer.Option(None, help="Resize side before the VAE, a multiple of 8 (paper: 256)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per model call."),
     num_workers: Optional[int] = typer.Option(None, help="Decoding workers."),
-    device: Optional[str] = typer.Option(None, help="auto (CUDA when present, default) | cpu | cuda (each process of accelerate launch takes its own GPU)."),
-    num_shards: int = typer.Option(1, help="Independent array jobs sharing this cache (each may run several processes)."),
-    shard_index: int = typer.Option(0, help="This array job's index in [0, num_shards), e.g. $SLURM_ARRAY_TASK_ID."),
+    device: Optional[str] = typer.Option(None, help="auto (CUDA when present, default) | cpu | cuda (each process of "
+                                                    "accelerate launch takes its own GPU)."),
+    num_shards: Optional[str] = typer.Option(None, help="Independent array jobs sharing this cache (each may run "
+                                                        "several processes); default 1. auto: from the array job's "
+                                                        "variables."),
+    shard_index: Optional[str] = typer.Option(None, help="This array job's index in [0, num_shards); default 0. "
+                                                         "auto: SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX or "
+                                                         "AWS_BATCH_JOB_ARRAY_INDEX."),
     limit: Optional[int] = typer.Option(None, help="Only the first N selected rows."),
     perturb: Optional[str] = typer.Option(None, "--perturb", metavar="SPEC",
                                           help="Test condition applied to every image of the split, for robustness "
@@ -61,8 +72,24 @@ def extract(
                                 help="--resume: continue the cache at --out when its settings match. "
                                      "--no-resume: refuse when --out already holds a cache."),
     set_: list[str] = typer.Option([], "--set", help="Any ExtractConfig field, key=value (repeatable)."),
-    create_only: bool = typer.Option(False, "--create-only", help="Create (or check) the cache, extract nothing: run once before an array of jobs."),
+    create_only: bool = typer.Option(False, "--create-only", help="Create (or check) the cache, extract nothing: run "
+                                                                  "once before an array of jobs."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    submit: Optional[str] = typer.Option(None, "--submit", metavar="SCHEDULER",
+                                         help="slurm: create the cache, write a job script beside it (one array task "
+                                              "per shard) and submit it with sbatch, instead of extracting here."),
+    array: Optional[str] = typer.Option(None, "--array", metavar="N[%K]",
+                                        help="With --submit: N shards, one array task each (at most K at once)."),
+    sbatch_arg: list[str] = typer.Option([], "--sbatch-arg", metavar="ARG",
+                                         help="With --submit: one more #SBATCH line, e.g. --sbatch-arg=--time=4:00:00 "
+                                              "(repeatable)."),
+    gpus_per_task: int = typer.Option(0, "--gpus-per-task", min=0,
+                                      help="With --submit: GPUs per task (--gres); more than one runs one process "
+                                           "per GPU under accelerate launch."),
+    only_missing: bool = typer.Option(False, "--only-missing",
+                                      help="With --submit: only the shards that still have pending blocks."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="With --submit: print the job script; create, write and "
+                                                          "submit nothing."),
 ) -> None:
     from pathlib import Path
 
@@ -79,11 +106,19 @@ def extract(
         named = dict(manifest=manifest, out=out, split=split, generators=list(generator) or None, sd_model=sd,
                      backbone=clip or backbone, timestep=timestep, ensemble=ensemble, prompt_mode=prompt_mode,
                      image_size=image_size, batch_size=batch_size, num_workers=num_workers, device=device,
-                     num_shards=num_shards, shard_index=shard_index, limit=limit, perturb=perturb,
+                     limit=limit, perturb=perturb,
                      normalize=normalize, views=views)
         # --set comes last and wins, as before (options such as --num-shards always carry a value)
-        overrides = {k: v for k, v in named.items() if v is not None} | parse_overrides(set_, ExtractConfig)
+        sets = parse_overrides(set_, ExtractConfig)
+        overrides = {k: v for k, v in named.items() if v is not None} | sets
         cfg = make_preset(preset, **overrides)
+        if submit is None:  # --shard-index/--num-shards, "auto" from the array job's variables (lare2.extract.array_env)
+            from lare2.extract.array_env import shard_settings
+            from lare2.extract.submit import refuse_submit_options
+
+            refuse_submit_options(ctx)
+            shards = shard_settings(shard_index, num_shards, out=Path(cfg.out))
+            cfg = dataclasses.replace(cfg, **{k: v for k, v in shards.items() if k not in sets})
     configs = [cfg]
     with user_errors():
         splits = manifest_splits(cfg.manifest, cfg.generators)
@@ -92,13 +127,20 @@ def extract(
             fail(f"--split {split} and --all-splits: give one of them")
         configs = [dataclasses.replace(cfg, split=s, out=str(Path(out or "cache") / s)) for s in splits]
     elif cfg.split is None and len(splits) > 1:
-        fail(f"{cfg.manifest}: holds the splits {', '.join(splits)}, which must never share a cache; pass --split SPLIT "
+        fail(f"{cfg.manifest}: holds the splits {', '.join(splits)}, which must never share a cache; "
+             "pass --split SPLIT "
              "(writes cache/SPLIT), or --all-splits to write one cache per split under --out")
     for one in configs:
         if not resume and (Path(one.out) / "zarr.json").exists():
             fail(f"{one.out}: a cache already exists there and --no-resume was given; choose a new --out "
                  "(or drop --no-resume to continue it)")
 
+    if submit is not None:
+        from lare2.extract.submit import submit_from_cli
+
+        submit_from_cli(ctx, cfg, scheduler=submit, array=array, sbatch_args=sbatch_arg, gpus_per_task=gpus_per_task,
+                        only_missing=only_missing, dry_run=dry_run, all_splits=all_splits, json_out=json_out)
+        return
     from lare2.extract.run import run_extraction
     from lare2.shared.logs import console
 
@@ -108,10 +150,13 @@ def extract(
             summaries.append(run_extraction(one, create_only=create_only))
         if summaries[-1].rank == 0 and not json_out:  # under accelerate launch / torchrun, the main process speaks
             console.print(summaries[-1].line())
-            console.print(f"cache {summaries[-1].cache}: {summaries[-1].samples} samples, status counts {summaries[-1].counts}")
+            last = summaries[-1]
+            console.print(f"cache {last.cache}: {last.samples} samples, status counts {last.counts}")
     if json_out and summaries[0].rank == 0:  # one document: a summary, or with --all-splits a list of them
+        from lare2.shared.jsonio import print_json
+
         documents = [dataclasses.asdict(summary) for summary in summaries]
-        typer.echo(json.dumps(documents if all_splits else documents[0]))
+        print_json(documents if all_splits else documents[0])
 
 
 def manifest_splits(manifest: str, generators: list[str]) -> list[str]:
@@ -126,7 +171,6 @@ def register(app: typer.Typer) -> None:
     app.command("extract", help=EXTRACT_HELP)(extract)
 
 
-def main(argv: list[str] | None = None) -> None:
-    standalone = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
-    standalone.command(help=EXTRACT_HELP)(extract)
-    standalone(args=argv, prog_name="python -m lare2.extract")
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lare2.extract --manifest ...`` (e.g. under ``accelerate launch``); returns the exit code."""
+    return run_commands(register, argv, prog_name="python -m lare2.extract")

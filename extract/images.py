@@ -20,13 +20,14 @@ from PIL import Image, ImageOps
 
 from lare2.extract.clip_resnet import IMAGENET_MEAN, IMAGENET_STD
 from lare2.shared.config import MAX_IMAGE_PIXELS
+from lare2.shared.errors import InputError
 
 MIN_SIDE = 8
 BACKBONE_SIZE = 224
 
 
-class ImageError(ValueError):
-    """An image that cannot be used; the message is the reason stored in the cache."""
+class ImageError(InputError):
+    """An image that cannot be used; the message is the reason stored in the cache (or in a scored row)."""
 
 
 def decode_rgb(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -41,7 +42,8 @@ def decode_rgb(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Imag
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageError(f"declares {width}x{height} = {width * height} pixels, over the limit of {max_pixels} (decompression bomb guard)")
+                raise ImageError(f"declares {width}x{height} = {width * height} pixels, over the limit of "
+                                 f"{max_pixels} (decompression bomb guard)")
             image.load()
     except ImageError:
         raise
@@ -87,13 +89,15 @@ def lare_input(image: Image.Image, size: int) -> torch.Tensor:
 
 
 def reflect_pad(x_HW3: np.ndarray, size: int = BACKBONE_SIZE) -> np.ndarray:
-    """Reflect-101 pad (the edge pixel not repeated) until both sides are >= ``size``: ``pad // 2`` before, the rest after."""
+    """Reflect-101 pad (the edge pixel not repeated) until both sides are >= ``size``: ``pad // 2`` before,
+    the rest after."""
     height, width = x_HW3.shape[:2]
     pad_h, pad_w = max(size - height, 0), max(size - width, 0)
     if not (pad_h or pad_w):
         return x_HW3
     # numpy's "reflect" mirrors without repeating the edge pixel, i.e. BORDER_REFLECT_101.
-    return np.pad(x_HW3, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)), mode="reflect")
+    padding = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
+    return np.pad(x_HW3, padding, mode="reflect")
 
 
 def imagenet_normalised(x_HW3: np.ndarray) -> torch.Tensor:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lare2.shared.errors import UserError
 from lare2.shared.provenance import fingerprint_state_dict
 from lare2.shared.weights import read_state_dict
 
@@ -60,7 +61,7 @@ SD_BETA_START, SD_BETA_END, SD_TRAIN_STEPS = 0.00085, 0.012, 1000
 SD_VAE_SCALING_FACTOR = 0.18215
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError, ValueError):
     """A model argument (``--sd``, ``--clip``) that names nothing loadable; the message is one line."""
 
 

@@ -6,11 +6,10 @@ samples, one chunk of every array): array-job shard ``shard_index`` owns the blo
 share that shard's pending blocks with a stride. A block is written whole and then marked done, so
 a rerun after any crash (SIGKILL included) computes exactly the blocks that are not done. A batch
 never spans two blocks, so a block is computed in the same batches however the work is split, and
-a map never depends on the split (per-sample seeds, docs/method.md §1.5): 1 or 8 processes, 1 or 64 array jobs, one run
-or ten resumed ones give the same cache. With ``views`` K > 0 the loader's workers also make K augmented
-views per image (``lare2.extract.augment``, seeded per sample and view); the backbone sees the batch's
-evaluation views in one call, exactly as without views (so they equal a plain cache's features bit for
-bit), then its B x K augmented views in a second call.
+a map never depends on the split (per-sample seeds, docs/method.md §1.5): 1 or 8 processes, 1 or 64 array
+jobs, one run or ten resumed ones give the same cache. The features of a batch come from
+``lare2.extract.features`` (the models and ``compute_images``), the batches from ``lare2.extract.loader``;
+``recompute_samples`` recomputes chosen rows through the same batch path, for ``cache verify``.
 
 Rank 0 of a job creates the cache (atomically, see ``FeatureCache.create``), and finalises it
 (status counts in the attributes) after every rank of the job has finished.
@@ -30,21 +29,16 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from lare2.extract.loader import (
-    DecodedBatch,
-    DecodedSample,
-    ManifestImages,
-    block_batches,
-    collate_decoded,
-)
+from lare2.extract.features import Models, compute_images, load_models, stored_config
+from lare2.extract.loader import DecodedBatch, ManifestImages, block_batches, collate_decoded
 from lare2.shared.cache import (
     STATUS_ERROR,
     STATUS_OK,
     STATUS_PENDING,
     CacheError,
     CacheExistsError,
-    CacheLayout,
     FeatureCache,
+    nonfinite_rows,
 )
 from lare2.shared.cache.errors import RecomputeUnavailable
 from lare2.shared.config import ExtractConfig, diff_identity
@@ -60,85 +54,6 @@ from lare2.shared.seeding import sample_seed
 from torch.utils.data import DataLoader
 
 log = get_logger(__name__)
-
-
-# ---- models ------------------------------------------------------------------------------------
-@dataclass
-class Models:
-    lare: "object"  # LareComputer
-    backbone: torch.nn.Module
-    fingerprints: dict[str, str]
-    layout: CacheLayout
-
-
-def load_models(cfg: ExtractConfig, device: torch.device) -> Models:
-    from lare2.extract.clip_resnet import load_backbone
-    from lare2.extract.lare import LareComputer
-    from lare2.extract.models import load_latent_diffusion
-
-    dtype = getattr(torch, cfg.compute_dtype)
-    if dtype == torch.float16 and device.type == "cpu":
-        # float16 convolutions run on CPU, but ~20x slower than float32 (tiny models, torch 2.13); bfloat16
-        # has native CPU kernels, so it is what CI uses to exercise the reduced-precision GPU paths
-        raise ValueError("compute_dtype=float16 is for GPUs (on CPU its convolutions run ~20x slower than float32); "
-                         "on CPU use float32, or bfloat16 to try the reduced-precision path")
-    diffusion = load_latent_diffusion(cfg.sd_model, device=device, dtype=dtype)
-    backbone, backbone_fp = load_backbone(cfg.backbone, device=device, dtype=dtype)
-    lare = LareComputer(diffusion, timestep=cfg.timestep, ensemble=cfg.ensemble, device=device, dtype=dtype)
-    with torch.no_grad():  # shapes from one dummy pass: any backbone, any VAE depth
-        out = backbone(torch.zeros(1, 3, 224, 224, device=device, dtype=dtype))
-    down = 2 ** (len(diffusion.vae.config.block_out_channels) - 1)
-    layout = CacheLayout(
-        lare_shape=(diffusion.vae.config.latent_channels, cfg.image_size // down, cfg.image_size // down),
-        pooled_dim=int(out.pooled.shape[-1]),
-        fmap_shape=tuple(int(s) for s in out.fmap.shape[1:]),
-        feature_dtype=cfg.feature_dtype,
-        chunk_samples=cfg.chunk_samples,
-        views=cfg.views,
-    )
-    return Models(lare, backbone, {"sd": diffusion.fingerprint, "backbone": backbone_fp}, layout)
-
-
-def stored_config(stored: dict, device: torch.device, *, sd_model: str | None = None, backbone: str | None = None,
-                  compute_dtype: str | None = None) -> ExtractConfig:
-    """A recorded extraction config (a cache's or a detector's), to recompute its features in this
-    process: the models and compute dtype may be given anew, the device is this one, decoding runs inline."""
-    overrides = {k: v for k, v in dict(sd_model=sd_model, backbone=backbone, compute_dtype=compute_dtype).items() if v}
-    return ExtractConfig.from_dict(stored, **overrides, device=device.type, num_workers=0)
-
-
-def compute_batch(models: Models, samples: list[DecodedSample], prompts: list[str], seeds: list[int],
-                  device: torch.device) -> dict[str, np.ndarray]:
-    """Model outputs for decoded samples (none with an error): ``compute_images``'s arrays."""
-    views = torch.stack([s.view_images for s in samples]) if samples[0].view_images is not None else None
-    return compute_images(models, torch.stack([s.lare_image for s in samples]),
-                          torch.stack([s.backbone_image for s in samples]), prompts, seeds, device, view_images=views)
-
-
-@torch.no_grad()
-def compute_images(models: Models, lare_images: torch.Tensor, backbone_images: torch.Tensor, prompts: list[str],
-                   seeds: list[int], device: torch.device,
-                   view_images: torch.Tensor | None = None) -> dict[str, np.ndarray]:
-    """Float32 numpy arrays by cache array name: ``lare`` [n, 4, h, w], ``pooled`` [n, D], ``fmap`` [n, Cf, 14, 14],
-    and with ``view_images`` ``pooled_views`` [n, K, D], ``fmap_views`` [n, K, Cf, 14, 14].
-
-    ``lare_images`` [n, 3, S, S] in [-1, 1], ``backbone_images`` [n, 3, 224, 224], ``view_images``
-    [n, K, 3, 224, 224]; the copies to ``device`` overlap with compute when the inputs are pinned. The
-    evaluation views go through the backbone in their own call, so that they round exactly as without views.
-    """
-    dtype = next(models.backbone.parameters()).dtype
-    lare_images_B3SS = lare_images.to(device, non_blocking=True)
-    backbone_images_B3HW = backbone_images.to(device, non_blocking=True)
-    lare_B4hw = models.lare(lare_images_B3SS, prompts, seeds)
-    out = models.backbone(backbone_images_B3HW.to(dtype))
-    outputs = {"lare": lare_B4hw, "pooled": out.pooled, "fmap": out.fmap}
-    if view_images is not None:
-        n, k = view_images.shape[:2]
-        views_V3HW = view_images.to(device, non_blocking=True).reshape(n * k, *view_images.shape[2:])  # V = n * K, image-major
-        views = models.backbone(views_V3HW.to(dtype))
-        outputs["pooled_views"] = views.pooled.reshape(n, k, *views.pooled.shape[1:])
-        outputs["fmap_views"] = views.fmap.reshape(n, k, *views.fmap.shape[1:])
-    return {name: value.float().cpu().numpy() for name, value in outputs.items()}
 
 
 # ---- the cache: create, or reopen with the same identity ---------------------------------------
@@ -170,7 +85,8 @@ def open_or_create_cache(cfg: ExtractConfig, rows: dict, root: Path, models: Mod
         if stored_digest != digest:
             differing["manifest selection (sample ids)"] = (stored_digest, digest)
         if differing:
-            lines = "; ".join(f"{k}: cache has {a!r}, this run {b!r}" for k, a, b in ((k, *v) for k, v in differing.items()))
+            lines = "; ".join(f"{key}: cache has {ours!r}, this run {theirs!r}"
+                              for key, (ours, theirs) in differing.items())
             raise CacheError(f"{out}: refusing to extract into a cache made with another configuration ({lines}). "
                              f"Use another --out, or the cache's own settings.")
         return cache
@@ -284,8 +200,6 @@ def run_extraction(cfg: ExtractConfig, *, create_only: bool = False) -> Summary:
     ``create_only``: create (or check) the cache and stop, e.g. once before an array of jobs, so
     that they do not all build the same empty store at once.
     """
-    from accelerate.utils import broadcast_object_list
-
     accelerator = make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     out = Path(cfg.out)
@@ -297,25 +211,56 @@ def run_extraction(cfg: ExtractConfig, *, create_only: bool = False) -> Summary:
             for folder in remove_stale_staging(out):
                 log.info("removed %s, left by a cache creation that was killed", folder)
         cache = open_or_create_cache(cfg, rows, root, models, create=accelerator.is_main_process)
+    shard = f"{cfg.shard_index}/{cfg.num_shards}"
     if create_only:
         accelerator.wait_for_everyone()
         return Summary(cache=str(cache.path), samples=len(cache), skipped_blocks=int(cache.done_blocks().sum()),
                        counts=cache.finalize() if accelerator.is_main_process else {}, processes=world, rank=rank,
-                       shard=f"{cfg.shard_index}/{cfg.num_shards}")
-    # One view of what is done, taken before any rank of this job writes: the ranks' shares then
-    # partition the pending blocks exactly, even while other array jobs write theirs.
+                       shard=shard)
+    mine, pending = _shard_pending_blocks(accelerator, cache, cfg)
+    summary = Summary(cache=str(cache.path), samples=len(cache), skipped_blocks=len(mine) - len(pending),
+                      processes=world, rank=rank, shard=shard)
+    started = time.perf_counter()
+    _extract_blocks(cfg, cache, models, root, rank_blocks(pending, rank, world), summary, device,
+                    show_progress=accelerator.is_local_main_process)
+    summary.seconds = time.perf_counter() - started
+    _finish(accelerator, cache, cfg, mine, summary)
+    return summary
+
+
+def _shard_pending_blocks(accelerator, cache: FeatureCache, cfg: ExtractConfig) -> tuple[list[int], list[int]]:
+    """(this shard's blocks, those of them not done), as rank 0 sees the cache before any rank of the job writes.
+
+    One view for every rank: their shares then partition the pending blocks exactly, even while other
+    array jobs write theirs."""
+    from accelerate.utils import broadcast_object_list
+
     done = [cache.done_blocks()] if accelerator.is_main_process else [None]
-    done = broadcast_object_list(done)[0] if world > 1 else done[0]
+    done = broadcast_object_list(done)[0] if accelerator.num_processes > 1 else done[0]
     mine = shard_blocks(cache.num_blocks, cfg.num_shards, cfg.shard_index)
     pending = [b for b in mine if not done[b]]
-    blocks = rank_blocks(pending, rank, world)
     if accelerator.is_main_process:
-        log.info("%s: shard %d/%d holds %d blocks, %d done, %d to do on %d processes", out, cfg.shard_index,
-                 cfg.num_shards, len(mine), len(mine) - len(pending), len(pending), world)
+        log.info("%s: shard %d/%d holds %d blocks, %d done, %d to do on %d processes", cfg.out, cfg.shard_index,
+                 cfg.num_shards, len(mine), len(mine) - len(pending), len(pending), accelerator.num_processes)
+    return mine, pending
 
-    paths = cache.column("path")
-    class_names = cache.column("class_name")
-    sample_ids = cache.column("sample_id")
+
+def batch_features(models: Models, cfg: ExtractConfig, batch: DecodedBatch, class_names: Sequence[str],
+                   sample_ids: Sequence[str], device: torch.device) -> dict[str, np.ndarray] | None:
+    """``compute_images``'s arrays for a batch's decodable rows (None when it has none): the one batch path of
+    extraction and of its recomputation, with each row's prompt and seed from its cache row."""
+    good = batch.good_indices
+    if not good:
+        return None
+    return compute_images(models, batch.lare_images, batch.backbone_images,
+                          [cfg.prompt_for(class_names[i]) for i in good],
+                          [sample_seed(cfg.seed, sample_ids[i]) for i in good], device, view_images=batch.view_images)
+
+
+def _extract_blocks(cfg: ExtractConfig, cache: FeatureCache, models: Models, root: Path, blocks: list[int],
+                    summary: Summary, device: torch.device, *, show_progress: bool) -> None:
+    """Compute and write ``blocks`` whole, each as soon as its last batch is in; counts go to ``summary``."""
+    paths, class_names, sample_ids = cache.column("path"), cache.column("class_name"), cache.column("sample_id")
     loader = DataLoader(
         ManifestImages(root, paths, cfg.image_size, cfg.max_image_pixels, steps=cfg.image_steps(),
                        sample_ids=sample_ids, run_seed=cfg.seed, views=cfg.views),
@@ -324,19 +269,13 @@ def run_extraction(cfg: ExtractConfig, *, create_only: bool = False) -> Summary:
         collate_fn=collate_decoded,
         pin_memory=device.type == "cuda",
     )
-    summary = Summary(cache=str(cache.path), samples=len(cache), skipped_blocks=len(mine) - len(pending),
-                      processes=world, rank=rank, shard=f"{cfg.shard_index}/{cfg.num_shards}")
     results: dict[int, dict] = {}  # block -> per-row results gathered so far
     started = time.perf_counter()
     total = sum(len(range(*cache.block_slice(b).indices(len(cache)))) for b in blocks)
-    with progress_bar(disable=not accelerator.is_local_main_process) as bar:
-        task = bar.add_task(f"extract {out.name}", total=total, rate="")
+    with progress_bar(disable=not show_progress) as bar:
+        task = bar.add_task(f"extract {Path(cfg.out).name}", total=total, rate="")
         for batch in loader:
-            good = batch.good_indices
-            outputs = compute_images(models, batch.lare_images, batch.backbone_images,
-                                     [cfg.prompt_for(class_names[i]) for i in good],
-                                     [sample_seed(cfg.seed, sample_ids[i]) for i in good], device,
-                                     view_images=batch.view_images) if good else None
+            outputs = batch_features(models, cfg, batch, class_names, sample_ids, device)
             for index, error in zip(batch.indices, batch.errors):
                 if error:
                     log.warning("%s: %s", paths[index], error)
@@ -344,33 +283,35 @@ def run_extraction(cfg: ExtractConfig, *, create_only: bool = False) -> Summary:
             for block in [b for b, acc in results.items() if len(acc["rows"]) == acc["size"]]:
                 _flush(cache, block, results.pop(block), summary)
             progressed = summary.computed + sum(len(a["rows"]) for a in results.values())
-            elapsed = time.perf_counter() - started
-            bar.update(task, completed=progressed, rate=rate_text(progressed, elapsed))
+            bar.update(task, completed=progressed, rate=rate_text(progressed, time.perf_counter() - started))
     if results:
         raise RuntimeError(f"internal: blocks {sorted(results)} incomplete at the end of the loader")
-    summary.seconds = time.perf_counter() - started
 
+
+def _finish(accelerator, cache: FeatureCache, cfg: ExtractConfig, mine: list[int], summary: Summary) -> None:
+    """After every rank of the job: the job's totals in ``summary``; rank 0 finalises the cache (status counts)."""
     accelerator.wait_for_everyone()
-    if world > 1:
-        totals = torch.tensor([summary.computed, summary.failed], dtype=torch.int64, device=device)
+    if accelerator.num_processes > 1:
+        totals = torch.tensor([summary.computed, summary.failed], dtype=torch.int64, device=accelerator.device)
         summary.computed, summary.failed = (int(v) for v in accelerator.reduce(totals, reduction="sum").tolist())
     if accelerator.is_main_process:
         summary.counts = cache.finalize()
         done = cache.done_blocks()
         left = [b for b in mine if not done[b]]
         if left:  # only if a duplicate of this shard raced us; a rerun completes them
-            log.warning("%s: %d blocks of shard %d/%d still pending: %s", out, len(left), cfg.shard_index,
+            log.warning("%s: %d blocks of shard %d/%d still pending: %s", cfg.out, len(left), cfg.shard_index,
                         cfg.num_shards, left[:10])
         elif summary.counts.get(STATUS_PENDING):
-            log.info("%s: this shard is complete; %d samples of other shards still pending", out,
+            log.info("%s: this shard is complete; %d samples of other shards still pending", cfg.out,
                      summary.counts[STATUS_PENDING])
     accelerator.wait_for_everyone()
-    return summary
 
 
 def _gather(results: dict, cache: FeatureCache, batch: DecodedBatch, outputs, run_seed: int, sample_ids) -> None:
     """File a batch's rows under their block: (arrays or None, seed, error)."""
     position = {index: i for i, index in enumerate(batch.good_indices)}
+    # rows holding NaN/Inf once cast to the storage dtype: {array: bool [good rows]}
+    nonfinite = {name: nonfinite_rows(v.astype(cache.layout.dtype(name))) for name, v in (outputs or {}).items()}
     for index, error in zip(batch.indices, batch.errors):
         block = index // cache.layout.chunk_samples
         sl = cache.block_slice(block)
@@ -380,7 +321,7 @@ def _gather(results: dict, cache: FeatureCache, batch: DecodedBatch, outputs, ru
             acc["rows"][index] = (None, seed, error)
             continue
         arrays = {name: values[position[index]] for name, values in outputs.items()}
-        bad = [name for name, a in arrays.items() if not np.isfinite(a.astype(cache.layout.dtype(name))).all()]
+        bad = [name for name, rows in nonfinite.items() if rows[position[index]]]
         error = f"non-finite model output in {', '.join(bad)} (in its storage dtype)" if bad else ""
         acc["rows"][index] = (None if bad else arrays, seed, error)
 
@@ -440,13 +381,10 @@ def recompute_samples(cache_path: str | Path, indices: Sequence[int], *, sd_mode
     for batch_rows in block_batches(cache, blocks, cfg.batch_size):
         if not wanted.keys() & set(batch_rows):
             continue
-        good = [s for s in (dataset[r] for r in batch_rows) if not s.error]
-        if not good:
-            continue
-        arrays = compute_batch(models, good, [cfg.prompt_for(class_names[s.index]) for s in good],
-                               [sample_seed(cfg.seed, ids[s.index]) for s in good], torch_device)
-        for position, sample in enumerate(good):
-            if sample.index in wanted:
+        batch = collate_decoded([dataset[row] for row in batch_rows])
+        arrays = batch_features(models, cfg, batch, class_names, ids, torch_device)
+        for position, row in enumerate(batch.good_indices):
+            if row in wanted:
                 for name, values in arrays.items():
-                    out[name][wanted[sample.index]] = values[position].astype(cache.layout.dtype(name))
+                    out[name][wanted[row]] = values[position].astype(cache.layout.dtype(name))
     return out

@@ -1,6 +1,6 @@
 """``lare2 cache ...``: see what a cache holds and prove it whole.
 
-info, ls, show, verify, repair, diff, stats, export, pack. Each prints rich tables, or with ``--json`` one
+info, ls, show, verify, repair, progress, diff, stats, export, pack. Each prints rich tables, or with ``--json`` one
 JSON document on stdout for scripts. Exit codes (``lare2.shared.cli_errors``): 0 fine, 1 problems
 found (verify) or runs that disagree (diff), 2 bad usage (no such cache, not a cache, unknown id,
 bad option) with one ``error:`` line on stderr.
@@ -11,26 +11,18 @@ imported inside the commands so that ``lare2 --help`` stays fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Optional
 
 import typer
 
-from lare2.shared.cli_errors import EXIT_PROBLEMS, check_device, fail, user_errors
+from lare2.shared.cli_errors import EXIT_PROBLEMS, check_device, fail, run_commands, user_errors
 
 EXPORT_FORMATS = ("webdataset",)
 MAX_ITEMS_SHOWN = 10
 
-cache_app = typer.Typer(
-    help="Inspect a feature cache: counts, samples, verification, run-to-run diff, plots, export.",
-    no_args_is_help=True,
-)
-
-PathArg = Annotated[Path, typer.Argument(help="Cache directory (a Zarr group made by `lare2 extract`).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout instead of tables.")]
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(cache_app, name="cache")
+CACHE_HELP = "Inspect a feature cache: counts, samples, verification, run-to-run diff, plots, export."
+CACHE_ARGUMENT = typer.Argument(..., help="Cache directory (a Zarr group made by `lare2 extract`).")
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document to stdout instead of tables.")
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -40,20 +32,6 @@ def _console():
     console = Console()
     # piped to a file or a pager: wide tables beat folded cells
     return console if console.is_terminal else Console(width=200)
-
-
-_usage_error = fail  # one line on stderr, exit 2
-
-
-def _usage_errors():
-    """Bad input (no such cache, not a cache, unknown id or column, bad option value) -> one line + exit 2."""
-    return user_errors(KeyError)
-
-
-def _print_json(obj) -> None:
-    from lare2.shared.jsonio import to_json
-
-    typer.echo(to_json(obj))
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -95,18 +73,19 @@ def _load_recompute_fn():
 
 
 # ---- commands -----------------------------------------------------------------------------------
-@cache_app.command()
-def info(path: PathArg, json: JsonOpt = False) -> None:
+def info(path: Path = CACHE_ARGUMENT, json_out: bool = JSON_OPTION) -> None:
     """Counts per split x generator x label x status, array sizes, extraction config, fingerprints, provenance."""
     from rich.table import Table
 
     from lare2.shared.cache import open_cache
     from lare2.shared.cache.summary import cache_info, label_name
 
-    with _usage_errors():
+    with user_errors():
         report = cache_info(open_cache(path))
-    if json:
-        _print_json(report)
+    if json_out:
+        from lare2.shared.jsonio import print_json
+
+        print_json(report)
         return
     console = _console()
     blocks = report["blocks"]
@@ -117,7 +96,8 @@ def info(path: PathArg, json: JsonOpt = False) -> None:
     for column in ("split", "generator", "label", "status", "count"):
         counts.add_column(column, justify="right" if column == "count" else "left")
     for row in report["groups"]:
-        counts.add_row(row["split"], row["generator"], f"{row['label']} ({label_name(row['label'])})", row["status"], str(row["count"]))
+        label = f"{row['label']} ({label_name(row['label'])})"
+        counts.add_row(row["split"], row["generator"], label, row["status"], str(row["count"]))
     console.print(counts)
     arrays = Table(title="arrays", title_justify="left")
     for column in ("array", "shape", "dtype", "chunks", "bytes", "on disk", "ratio"):
@@ -135,15 +115,14 @@ def info(path: PathArg, json: JsonOpt = False) -> None:
                                        **(provenance.get("versions") or {}), "manifest": report["manifest"]}))
 
 
-@cache_app.command("ls")
 def ls(
-    path: PathArg,
-    generator: Annotated[Optional[str], typer.Option(help="Only this generator.")] = None,
-    label: Annotated[Optional[int], typer.Option(help="Only this label (0 real, 1 fake).")] = None,
-    status: Annotated[Optional[str], typer.Option(help="Only this status: ok, error, pending.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Only this split.")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many rows (0 = all).")] = 20,
-    json: JsonOpt = False,
+    path: Path = CACHE_ARGUMENT,
+    generator: Optional[str] = typer.Option(None, help="Only this generator."),
+    label: Optional[int] = typer.Option(None, help="Only this label (0 real, 1 fake)."),
+    status: Optional[str] = typer.Option(None, help="Only this status: ok, error, pending."),
+    split: Optional[str] = typer.Option(None, help="Only this split."),
+    limit: int = typer.Option(20, help="At most this many rows (0 = all)."),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Sample rows, filtered."""
     from rich.table import Table
@@ -151,11 +130,13 @@ def ls(
     from lare2.shared.cache import META_COLUMNS, open_cache
     from lare2.shared.cache.summary import list_samples
 
-    with _usage_errors():
+    with user_errors():
         listing = list_samples(open_cache(path), generator=generator, label=label, status=status, split=split,
                                limit=limit or None)
-    if json:
-        _print_json(listing)
+    if json_out:
+        from lare2.shared.jsonio import print_json
+
+        print_json(listing)
         return
     table = Table(title=f"{len(listing['rows'])} of {listing['matching']} matching samples", title_justify="left")
     columns = ["index", *META_COLUMNS]
@@ -166,13 +147,13 @@ def ls(
     _console().print(table)
 
 
-@cache_app.command()
 def show(
-    path: PathArg,
-    sample_id: Annotated[str, typer.Argument(help="Sample id (a unique prefix is enough).")],
-    png: Annotated[Optional[Path], typer.Option(help="Save the image beside its LaRE map (one panel per channel).")] = None,
-    run: Annotated[Optional[Path], typer.Option(help="With --png: add the attention of this egre run over the feature grid.")] = None,
-    json: JsonOpt = False,
+    path: Path = CACHE_ARGUMENT,
+    sample_id: str = typer.Argument(..., help="Sample id (a unique prefix is enough)."),
+    png: Optional[Path] = typer.Option(None, help="Save the image beside its LaRE map (one panel per channel)."),
+    run: Optional[Path] = typer.Option(None, help="With --png: add the attention of this egre run over the feature "
+                                                  "grid."),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """One sample: metadata, per-channel LaRE statistics, feature norms; optionally a PNG."""
     from rich.table import Table
@@ -181,7 +162,7 @@ def show(
     from lare2.shared.cache.plots import render_sample_png
     from lare2.shared.cache.summary import find_sample, sample_summary
 
-    with _usage_errors():  # a damaged block (absent chunk) is refused too
+    with user_errors():  # a damaged block (absent chunk) is refused too
         cache = open_cache(path)
         index = find_sample(cache, sample_id)
         summary = sample_summary(cache, index)
@@ -189,13 +170,15 @@ def show(
     if run is not None and png is not None:
         from lare2.heatmaps import cache_sample_attention
 
-        with _usage_errors():
+        with user_errors():
             extra[f"EGRE attention ({run.name})"] = cache_sample_attention(run, cache, index)
     if png is not None:
-        with _usage_errors():  # e.g. --png into a folder that does not exist
+        with user_errors():  # e.g. --png into a folder that does not exist
             summary["png"] = render_sample_png(cache, index, png, extra_panels=extra)
-    if json:
-        _print_json(summary)
+    if json_out:
+        from lare2.shared.jsonio import print_json
+
+        print_json(summary)
         return
     console = _console()
     console.print(_key_values(f"sample {index}", summary["metadata"]))
@@ -215,52 +198,55 @@ def show(
                       + ("" if shown["image_shown"] else f"; LaRE panels only: {shown['image_note']}"))
 
 
-@cache_app.command()
 def verify(
-    path: PathArg,
-    manifest: Annotated[Optional[Path], typer.Option(help="Manifest to check ids and metadata against "
-                                                           "(default: the one the cache records, when at hand).")] = None,
-    recompute: Annotated[int, typer.Option(help="Re-extract this many random ok samples and compare bit for bit.")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed choosing the samples to recompute.")] = 0,
-    sd: Annotated[Optional[str], typer.Option("--sd", help="Override the cache's SD model for --recompute.")] = None,
-    clip: Annotated[Optional[str], typer.Option("--clip", help="Override the cache's CLIP backbone for --recompute.")] = None,
-    sd_model: Annotated[Optional[str], typer.Option("--sd-model", hidden=True, help="Old spelling of --sd.")] = None,
-    backbone: Annotated[Optional[str], typer.Option("--backbone", hidden=True, help="Old spelling of --clip.")] = None,
-    device: Annotated[str, typer.Option(help="Device for --recompute: auto (CUDA when present), cpu or cuda.")] = "auto",
-    compute_dtype: Annotated[Optional[str], typer.Option(
-        help="Override the cache's compute dtype for --recompute (float32 on a CPU for a GPU's float16 cache).")] = None,
-    tolerance: Annotated[float, typer.Option(
-        help="0: bit for bit. Else a sample matches when max |difference| <= tolerance x its max |value| "
-             "(for another device or compute dtype, e.g. 0.01).")] = 0.0,
-    allow_pending: Annotated[bool, typer.Option("--allow-pending",
-                                                help="Accept pending blocks (a cache still being written) with a warning.")] = False,
-    json: JsonOpt = False,
+    path: Path = CACHE_ARGUMENT,
+    manifest: Optional[Path] = typer.Option(None, help="Manifest to check ids and metadata against "
+                                                       "(default: the one the cache records, when at hand)."),
+    recompute: int = typer.Option(0, help="Re-extract this many random ok samples and compare bit for bit."),
+    seed: int = typer.Option(0, help="Seed choosing the samples to recompute."),
+    sd: Optional[str] = typer.Option(None, "--sd", help="Override the cache's SD model for --recompute."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="Override the cache's CLIP backbone for --recompute."),
+    sd_model: Optional[str] = typer.Option(None, "--sd-model", hidden=True, help="Old spelling of --sd."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", hidden=True, help="Old spelling of --clip."),
+    device: str = typer.Option("auto", help="Device for --recompute: auto (CUDA when present), cpu or cuda."),
+    compute_dtype: Optional[str] = typer.Option(
+        None, help="Override the cache's compute dtype for --recompute (float32 on a CPU for a GPU's float16 cache)."),
+    tolerance: float = typer.Option(
+        0.0, help="0: bit for bit. Else a sample matches when max |difference| <= tolerance x its max |value| "
+                  "(for another device or compute dtype, e.g. 0.01)."),
+    allow_pending: bool = typer.Option(False, "--allow-pending",
+                                       help="Accept pending blocks (a cache still being written) with a warning."),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Prove a cache whole; exit 1 on any problem.
 
     Every chunk a block must hold stored and readable, no NaN/Inf in ok samples, ids unique, metadata
-    equal to the manifest, fingerprints consistent; pending blocks are an error unless --allow-pending. --recompute K re-extracts K random ok
-    samples and compares them bit for bit, or within --tolerance (skipped, with the reason, when
-    the models or the device are not at hand).
+    equal to the manifest, fingerprints consistent; pending blocks are an error unless --allow-pending.
+    --recompute K re-extracts K random ok samples and compares them bit for bit, or within --tolerance
+    (skipped, with the reason, when the models or the device are not at hand).
     """
     from lare2.shared.cache.verify import verify_cache
 
     if device != "auto" or recompute:
         device = check_device(device)  # cuda without CUDA: one line, exit 2
-    with _usage_errors():
+    with user_errors():
         report = verify_cache(path, manifest=manifest, recompute=recompute, seed=seed, sd_model=sd or sd_model,
-                              backbone=clip or backbone, device=device, compute_dtype=compute_dtype, tolerance=tolerance,
-                              recompute_fn=_load_recompute_fn() if recompute else None, progress=not json,
+                              backbone=clip or backbone, device=device, compute_dtype=compute_dtype,
+                              tolerance=tolerance,
+                              recompute_fn=_load_recompute_fn() if recompute else None, progress=not json_out,
                               allow_pending=allow_pending)
-    if json:
-        _print_json(report.to_dict())
+    if json_out:
+        from lare2.shared.jsonio import print_json
+
+        print_json(report.to_dict())
     else:
         from rich.markup import escape
 
         console = _console()
         for finding in report.findings:
             colour = "red" if finding.severity == "error" else "yellow"
-            console.print(f"[{colour}]{finding.severity}[/] {escape(f'[{finding.check}]')} {escape(finding.message)}")  # not markup
+            check, message = escape(f"[{finding.check}]"), escape(finding.message)  # text, not markup
+            console.print(f"[{colour}]{finding.severity}[/] {check} {message}")
             for item in finding.items[:MAX_ITEMS_SHOWN]:
                 console.print(f"    {item}", highlight=False)
             if len(finding.items) > MAX_ITEMS_SHOWN:
@@ -272,21 +258,23 @@ def verify(
         raise typer.Exit(EXIT_PROBLEMS)
 
 
-@cache_app.command()
 def repair(
-    path: PathArg,
-    manifest: Annotated[Optional[Path], typer.Option(help="Manifest the cache was made from (default: the one it records).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list the damaged blocks; exit 1 when there are any.")] = False,
-    json: JsonOpt = False,
+    path: Path = CACHE_ARGUMENT,
+    manifest: Optional[Path] = typer.Option(None, help="Manifest the cache was made from (default: the one it "
+                                                       "records)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list the damaged blocks; exit 1 when there are any."),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Mark every block with a missing, unreadable or inconsistent chunk as not done (metadata from the manifest),
     so that rerunning the same `lare2 extract` recomputes exactly those blocks."""
     from lare2.shared.cache.repair import repair_cache
 
-    with _usage_errors():
-        summary = repair_cache(path, manifest=manifest, dry_run=dry_run, progress=not json)
-    if json:
-        _print_json(summary)
+    with user_errors():
+        summary = repair_cache(path, manifest=manifest, dry_run=dry_run, progress=not json_out)
+    if json_out:
+        from lare2.shared.jsonio import print_json
+
+        print_json(summary)
     else:
         console = _console()
         verb = "would reset" if dry_run else "reset"
@@ -304,12 +292,11 @@ def repair(
         raise typer.Exit(EXIT_PROBLEMS)
 
 
-@cache_app.command()
 def diff(
-    a: Annotated[Path, typer.Argument(help="First cache.")],
-    b: Annotated[Path, typer.Argument(help="Second cache.")],
-    atol: Annotated[float, typer.Option(help="Absolute difference tolerated per element.")] = 0.0,
-    json: JsonOpt = False,
+    a: Path = typer.Argument(..., help="First cache."),
+    b: Path = typer.Argument(..., help="Second cache."),
+    atol: float = typer.Option(0.0, help="Absolute difference tolerated per element."),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Compare two caches sample by sample; exit 1 when they differ.
 
@@ -320,10 +307,12 @@ def diff(
 
     from lare2.shared.cache.diff import diff_caches
 
-    with _usage_errors():
+    with user_errors():
         report = diff_caches(a, b, atol=atol)
-    if json:
-        _print_json(report)
+    if json_out:
+        from lare2.shared.jsonio import print_json
+
+        print_json(report)
     else:
         console = _console()
         table = Table(title=f"{report['compared']} samples compared (atol {atol:g})", title_justify="left")
@@ -348,11 +337,10 @@ def diff(
         raise typer.Exit(EXIT_PROBLEMS)
 
 
-@cache_app.command()
 def stats(
-    path: PathArg,
-    png: Annotated[Optional[Path], typer.Option(help="Save violins + histograms of mean LaRE per generator and label.")] = None,
-    json: JsonOpt = False,
+    path: Path = CACHE_ARGUMENT,
+    png: Optional[Path] = typer.Option(None, help="Save violins + histograms of mean LaRE per generator and label."),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Distribution of mean LaRE per generator and label (ok samples)."""
     from rich.table import Table
@@ -361,15 +349,17 @@ def stats(
     from lare2.shared.cache.plots import render_stats_png
     from lare2.shared.cache.summary import label_name, lare_stats
 
-    with _usage_errors():
-        summary = lare_stats(open_cache(path), progress=not json)
+    with user_errors():
+        summary = lare_stats(open_cache(path), progress=not json_out)
     if png is not None:
-        with _usage_errors():
+        with user_errors():
             summary["png"] = render_stats_png(summary, png)
     for group in summary["groups"]:
         del group["values"]  # per-sample means: for the plot, too long to print
-    if json:
-        _print_json(summary)
+    if json_out:
+        from lare2.shared.jsonio import print_json
+
+        print_json(summary)
         return
     table = Table(title=f"mean LaRE over {summary['ok_samples']} ok samples", title_justify="left")
     for column in ("generator", "label", "n", "mean", "std", "median", "q05", "q95"):
@@ -383,46 +373,93 @@ def stats(
         console.print(f"wrote {summary['png']['png']} ({summary['png']['pixels'][0]}x{summary['png']['pixels'][1]} px)")
 
 
-@cache_app.command()
 def export(
-    path: PathArg,
-    out: Annotated[Path, typer.Option(help="Output folder for the shards, sizes.json and cache_attrs.json.")],
-    export_format: Annotated[str, typer.Option("--format", help=f"Export format: {', '.join(EXPORT_FORMATS)}.")] = "webdataset",
-    shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
-    status: Annotated[str, typer.Option(help="ok: samples with arrays; all: also failed samples (json only).")] = "ok",
-    json: JsonOpt = False,
+    path: Path = CACHE_ARGUMENT,
+    out: Path = typer.Option(..., help="Output folder for the shards, sizes.json and cache_attrs.json."),
+    export_format: str = typer.Option("webdataset", "--format", help=f"Export format: {', '.join(EXPORT_FORMATS)}."),
+    shard_size: int = typer.Option(1000, help="Samples per shard."),
+    status: str = typer.Option("ok", help="ok: samples with arrays; all: also failed samples (json only)."),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Export the cache to another format (WebDataset tar shards)."""
     from lare2.shared.cache.export import export_webdataset
 
     if export_format not in EXPORT_FORMATS:
-        _usage_error(f"--format {export_format!r}: choose from {list(EXPORT_FORMATS)}")
-    with _usage_errors():
-        summary = export_webdataset(path, out, shard_size=shard_size, status=status, progress=not json)
-    if json:
-        _print_json(summary)
+        fail(f"--format {export_format!r}: choose from {list(EXPORT_FORMATS)}")
+    with user_errors():
+        summary = export_webdataset(path, out, shard_size=shard_size, status=status, progress=not json_out)
+    if json_out:
+        from lare2.shared.jsonio import print_json
+
+        print_json(summary)
         return
     _console().print(f"wrote {sum(summary['sizes'].values())} samples in {len(summary['shards'])} shards to "
                      f"{summary['out']} (exported {summary['exported']}, skipped {summary['skipped']})")
 
 
-@cache_app.command()
 def pack(
-    path: PathArg,
-    out: Annotated[Path, typer.Argument(help="Folder for the packed copy (must not exist).")],
-    shard_blocks: Annotated[int, typer.Option(help="Blocks (chunks) per shard file.")] = 64,
-    json: JsonOpt = False,
+    path: Path = CACHE_ARGUMENT,
+    out: Path = typer.Argument(..., help="Folder for the packed copy (must not exist)."),
+    shard_blocks: int = typer.Option(64, help="Blocks (chunks) per shard file."),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Copy a finished cache into Zarr shards of many blocks each: far fewer files, same values."""
     from lare2.shared.cache import pack_cache
     from lare2.shared.cache.chunks import folder_file_count
 
-    with _usage_errors():
-        packed = pack_cache(path, out, shard_blocks=shard_blocks, progress=not json)
+    with user_errors():
+        packed = pack_cache(path, out, pack_blocks=shard_blocks, progress=not json_out)
     summary = {"source": str(path), "out": str(out), "shard_blocks": shard_blocks, "samples": len(packed),
                "files_before": folder_file_count(path), "files_after": folder_file_count(out)}
-    if json:
-        _print_json(summary)
+    if json_out:
+        from lare2.shared.jsonio import print_json
+
+        print_json(summary)
         return
     _console().print(f"packed {summary['samples']} samples from {path} into {out}: {summary['files_before']} files -> "
                      f"{summary['files_after']} ({shard_blocks} blocks per shard)")
+
+
+def progress(
+    path: Path = CACHE_ARGUMENT,
+    num_shards: Optional[int] = typer.Option(None, help="Shards of the array (default: as the cache was created)."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Blocks and samples done per shard, the rate from recent done marks, an ETA and the shards left
+    (as `sbatch --array=` takes them); safe while an array of jobs writes the cache."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from lare2.shared.cache.progress import cache_progress, summary_lines
+
+    with user_errors():
+        report = cache_progress(path, num_shards)
+    if json_out:
+        from lare2.shared.jsonio import print_json
+
+        print_json({**asdict(report), "complete": report.complete})
+        return
+    console = _console()
+    table = Table(title="shards with pending blocks" if report.num_shards > 64 else "shards", title_justify="left")
+    for column in ("shard", "blocks done", "samples done"):
+        table.add_column(column, justify="right")
+    for shard in report.shards:
+        if report.num_shards <= 64 or shard.blocks_done < shard.blocks:
+            table.add_row(str(shard.shard), f"{shard.blocks_done}/{shard.blocks}",
+                          f"{shard.samples_done}/{shard.samples}")
+    console.print(table)
+    for line in summary_lines(report):
+        console.print(line, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    cache_app = typer.Typer(help=CACHE_HELP, no_args_is_help=True)
+    for command in (info, ls, show, verify, repair, progress, diff, stats, export, pack):
+        cache_app.command(command.__name__)(command)
+    app.add_typer(cache_app, name="cache")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``main(["cache", "info", PATH])``: a ``lare2 cache`` command without the console script; the exit code."""
+    return run_commands(register, argv)

@@ -2,10 +2,10 @@
 so that ``lare2 --help`` and the cache/manifest commands start fast and ``train`` never loads diffusers.
 
 One grammar for every command (``lare2.shared.cli_errors``): exit 0 success, 1 problems found
-(``cache verify``/``cache diff``), 2 bad usage or input with one ``error:`` line naming the file
-and the remedy (never a traceback), 3 ``train`` stopped early on purpose; ``--json`` on every
-command that reports; ``--device auto|cpu|cuda`` (auto: CUDA when present); ``--sd``/``--clip``
-for the models; ``--resume`` continues, ``--no-resume`` refuses an existing cache or run.
+(``cache verify``/``cache diff``), 2 bad usage or input (parser errors included) with one ``error:``
+line naming the file or value and the remedy (never a traceback), 3 ``train`` stopped early on
+purpose; ``--json`` on every command that reports; ``--device auto|cpu|cuda`` (auto: CUDA when present);
+``--sd``/``--clip`` for the models; ``--resume`` continues, ``--no-resume`` refuses an existing cache or run.
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ import importlib
 
 import typer
 
+from lare2.shared.cli_errors import OneLineUsageGroup, run_app
+
 app = typer.Typer(
     name="lare2",
+    cls=OneLineUsageGroup,  # parser errors as one ``error:`` line too
     help="Detect diffusion-generated images with LaRE^2: extract LaRE maps + CLIP features, train EGRE, evaluate.",
     no_args_is_help=True,
     add_completion=False,
@@ -35,7 +38,8 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
 ) -> None:
     """Detect diffusion-generated images with LaRE^2: extract LaRE maps + CLIP features, train EGRE, evaluate."""
 
@@ -47,19 +51,17 @@ COMMAND_MODULES = (
     "lare2.cache_cli",
     "lare2.train.cli",
     "lare2.minigenimage.cli",
+    "lare2.serve.cli",
 )
 
 for _module in COMMAND_MODULES:
-    try:
-        importlib.import_module(_module).register(app)
-    except ModuleNotFoundError as err:  # a stage not installed in this checkout
-        if err.name != _module:
-            raise
+    importlib.import_module(_module).register(app)
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> int:
+    """Run ``lare2`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    return run_app(app, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -9,10 +9,10 @@
 Features are computed exactly as for the caches the detector was trained on: the run records their
 extraction config (models, t, draws, prompt mode, image size, dtypes, seed) and the fingerprint of
 that extraction, and a detector whose models at hand give another fingerprint is refused. Images
-are decoded in DataLoader workers as in stage 1 (``extract/loader.py``); each image's draws are
-seeded from its bytes (``sample_seed(seed, content_id(bytes))``, as in a cache), the outputs go
-through the cache's storage dtypes, then the model scores them (a run trained with
-``--train-backbone-top`` feeds the stored fmap through its own layer4 + attention pool). A file's
+are decoded in DataLoader workers and prepared by stage 1's own ``prepare_sample`` (``extract/loader.py``);
+each image's draws are seeded from its bytes (``sample_seed(seed, content_id(bytes))``, as in a cache), the outputs go
+through the cache's storage dtypes, then one pass of the model gives p(fake) and EGRE's attention (a run
+trained with ``--train-backbone-top`` feeds the stored fmap through its own layer4 + attention pool). A file's
 p(fake) therefore equals what ``lare2 extract`` + ``lare2 eval`` give it, to float tolerance
 (batches differ). The run's
 ``normalize`` chain (its own preprocessing, e.g. ``jpeg:96``) is applied to every image after
@@ -32,6 +32,7 @@ the file is called only with ``fixed``/``empty`` prompts, an explicit class or `
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, Union
@@ -40,10 +41,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lare2.extract.clip_text import zero_shot_input
-from lare2.extract.images import ImageError, backbone_input, decode_rgb, lare_input, oriented_rgb
-from lare2.extract.loader import DecodedSample, collate_decoded
-from lare2.shared.cli_errors import one_line
+from lare2.extract.images import ImageError, decode_rgb, oriented_rgb
+from lare2.extract.loader import DecodedBatch, DecodedSample, collate_decoded, prepare_sample
+from lare2.shared.cache import STATUS_ERROR, STATUS_OK, nonfinite_rows
+from lare2.shared.errors import InputError, MissingInputError
 from lare2.shared.manifest import content_id, is_image_name
 from lare2.shared.perturbations import Step, apply_chain
 from lare2.shared.seeding import sample_seed
@@ -52,11 +53,10 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from lare2.extract.clip_text import ZeroShotImageNet
-    from lare2.extract.run import Models
+    from lare2.extract.features import Models
     from lare2.shared.config import ExtractConfig
     from lare2.train.checkpoint import DetectorConfig
 
-STATUS_OK, STATUS_ERROR = "ok", "error"
 AUTO_CLASS = "auto"
 """``class_name`` value that asks for CLIP zero-shot ImageNet classes."""
 ROW_FIELDS = ("path", "p_fake", "is_fake", "threshold", "prompt", "status", "error")
@@ -95,8 +95,9 @@ class Result:
 
 
 def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
-    """(files to score, files skipped): files as given; folders searched recursively (sorted within each folder), where
-    files without an image name (``.png``, ``.jpg``, ...) are skipped. A missing input raises FileNotFoundError."""
+    """(files to score, files skipped): files as given; folders searched recursively (sorted within each folder),
+    where files without an image name (``.png``, ``.jpg``, ...) are skipped. A missing input raises
+    ``MissingInputError`` (a ``FileNotFoundError``)."""
     from lare2.shared.manifest.sources import files_under
 
     files, skipped = [], []
@@ -107,7 +108,7 @@ def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Path]
         elif item.is_file():
             files.append(item)
         else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
+            raise MissingInputError(f"{item}: no such file or folder")
     return files, skipped
 
 
@@ -119,74 +120,68 @@ def _label(item: Any, index: int) -> str:
     return getattr(item, "filename", "") or f"<image {index}>"
 
 
-@dataclass
-class ScoreSample(DecodedSample):
-    """One input decoded for scoring (``DecodedSample`` + what scoring needs besides the images)."""
-
-    key: str = ""
-    """Content id that seeds the image's draws."""
-    name: str = ""
-    """File name, for GenImage-style classes."""
-    clip_image: Any = None
-    """[3, 224, 224] in CLIP's preprocessing, for zero-shot classes (or None)."""
+def model_image(item: Any, max_pixels: int, steps: Sequence[Step], run_seed: int) -> "Image.Image":
+    """``decode_item``, then the run's ``normalize`` chain: the image the models saw (before their resize and crop)."""
+    image, key = decode_item(item, max_pixels)
+    return apply_chain(image, steps, sample_seed(run_seed, key))  # seeded as prepare_sample seeds it
 
 
-def model_image(item: Any, max_pixels: int, steps: Sequence[Step], run_seed: int) -> tuple["Image.Image", str, str]:
-    """``decode_item``, then the run's ``normalize`` chain: the image the models see (before their resize and crop)."""
-    image, key, name = decode_item(item, max_pixels)
-    if steps:  # seeded as the cache seeds this image (its sample_id is the same content id)
-        image = apply_chain(image, steps, sample_seed(run_seed, key))
-    return image, key, name
+def backing_file(item: Any) -> Path | None:
+    """The file an input comes from: a path, or the file a PIL image was opened from while it is still there."""
+    if isinstance(item, (str, Path)):
+        return Path(item)
+    filename = getattr(item, "filename", "")
+    with contextlib.suppress(OSError):
+        if isinstance(filename, str) and filename and Path(filename).is_file():
+            return Path(filename)
+    return None
 
 
-def decode_item(item: Any, max_pixels: int) -> tuple["Image.Image", str, str]:
-    """(RGB image, content id seeding its draws, file name) of a path, bytes or a PIL image."""
+def decode_item(item: Any, max_pixels: int) -> tuple["Image.Image", str]:
+    """(RGB image, content id seeding its draws) of a path, bytes or a PIL image."""
     if isinstance(item, (str, Path)):
         data = Path(item).read_bytes()
-        return decode_rgb(data, max_pixels=max_pixels), content_id(data), Path(item).name
+        return decode_rgb(data, max_pixels=max_pixels), content_id(data)
     if isinstance(item, (bytes, bytearray, memoryview)):
         data = bytes(item)
-        return decode_rgb(data, max_pixels=max_pixels), content_id(data), ""
+        return decode_rgb(data, max_pixels=max_pixels), content_id(data)
     if not hasattr(item, "convert"):
         raise ImageError(f"not a path, bytes or PIL image: {type(item).__name__}")
     item.load()
     if item.size[0] * item.size[1] > max_pixels:
-        raise ImageError(f"{item.size[0]}x{item.size[1]} pixels, over the limit of {max_pixels} (decompression bomb guard)")
+        raise ImageError(f"{item.size[0]}x{item.size[1]} pixels, over the limit of {max_pixels} "
+                         "(decompression bomb guard)")
     image = oriented_rgb(item)
-    filename = getattr(item, "filename", "")
-    if filename and Path(filename).is_file():  # seeded as the file itself is
-        return image, content_id(Path(filename).read_bytes()), Path(filename).name
-    return image, content_id(b"lare2:pixels:%dx%d:" % image.size + image.tobytes()), ""
+    source = backing_file(item)
+    if source is not None:  # seeded as the file itself is
+        return image, content_id(source.read_bytes())
+    return image, content_id(b"lare2:pixels:%dx%d:" % image.size + image.tobytes())
 
 
 class ScoreInputs(Dataset):
-    """Inputs -> model inputs, decoded in DataLoader workers; a failure is the row's error, never an exception."""
+    """Inputs -> (model inputs, file name), decoded in DataLoader workers; a failure is the row's error."""
 
     def __init__(self, items: Sequence[Any], image_size: int, max_pixels: int, zero_shot: bool, *,
                  steps: Sequence[Step] = (), run_seed: int = 0) -> None:
-        """``steps``: the run's ``normalize`` chain, applied after decoding with ``sample_seed(run_seed, content id)``."""
+        """``steps``: the run's ``normalize`` chain, applied after decoding with ``sample_seed(run_seed, content id)``;
+        ``zero_shot``: also prepare CLIP's zero-shot input."""
         self.items, self.image_size, self.max_pixels, self.zero_shot = list(items), image_size, max_pixels, zero_shot
         self.steps, self.run_seed = tuple(steps), run_seed
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> ScoreSample:
-        try:
-            image, key, name = model_image(self.items[index], self.max_pixels, self.steps, self.run_seed)
-            return ScoreSample(index, lare_input(image, self.image_size), backbone_input(image), "", key=key, name=name,
-                               clip_image=zero_shot_input(image) if self.zero_shot else None)
-        except (ImageError, OSError) as err:
-            return ScoreSample(index, None, None, one_line(err))
-        except Exception as err:  # noqa: BLE001 - any failure of one image is that image's error row
-            return ScoreSample(index, None, None, f"{type(err).__name__}: {err}")
+    def __getitem__(self, index: int) -> tuple[DecodedSample, str]:
+        item = self.items[index]
+        sample = prepare_sample(index, lambda: decode_item(item, self.max_pixels), self.image_size, steps=self.steps,
+                                run_seed=self.run_seed, zero_shot=self.zero_shot)
+        source = backing_file(item)
+        return sample, "" if source is None else source.name
 
 
-def collate_scored(samples: list[ScoreSample]) -> tuple:
-    """(DecodedBatch, content ids, file names, stacked CLIP inputs or None), rows in order."""
-    clip_images = [s.clip_image for s in samples if not s.error and s.clip_image is not None]
-    return (collate_decoded(samples), [s.key for s in samples], [s.name for s in samples],
-            torch.stack(clip_images) if clip_images else None)
+def collate_scored(rows: list[tuple[DecodedSample, str]]) -> tuple[DecodedBatch, list[str]]:
+    """(the batch, each row's file name), rows in order."""
+    return collate_decoded([sample for sample, _ in rows]), [name for _, name in rows]
 
 
 class Detector:
@@ -198,7 +193,7 @@ class Detector:
         """Use ``Detector.from_run``. ``config``: the run's ``DetectorConfig``; ``extraction``: the ``ExtractConfig``
         features are recomputed with; ``models``: stage 1's ``Models`` for it."""
         if threshold is not None and not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold={threshold}: expected a probability in [0, 1]")
+            raise InputError(f"threshold={threshold}: expected a probability in [0, 1]")
         self.model, self.config, self.extraction, self.models, self.device = model, config, extraction, models, device
         self.run_dir = str(run_dir)
         self.threshold = config.threshold if threshold is None else float(threshold)
@@ -217,7 +212,7 @@ class Detector:
         ``cpu`` or ``cuda``. ``threshold`` overrides the calibrated one; ``num_workers`` decode images
         (0: in this process). Raises ``CheckpointError`` (a user error) for an unusable run or other weights.
         """
-        from lare2.extract.run import load_models, stored_config
+        from lare2.extract.features import load_models, stored_config
         from lare2.shared.config import identity_fingerprint
         from lare2.shared.devices import resolve_device
         from lare2.train.checkpoint import CheckpointError, load_detector
@@ -250,9 +245,8 @@ class Detector:
         if self._zero_shot is None:
             from lare2.extract.clip_text import ZeroShotImageNet, load_text_tower
 
-            tower = load_text_tower(self.extraction.backbone, device=self.device,
-                                    dtype=next(self.models.backbone.parameters()).dtype)
-            self._zero_shot = ZeroShotImageNet(tower, self.models.lare.model.tokenizer, self.extraction.prompt_template)
+            tower = load_text_tower(self.extraction.backbone, device=self.device, dtype=self.models.dtype)
+            self._zero_shot = ZeroShotImageNet(tower, self.models.tokenizer, self.extraction.prompt_template)
         return self._zero_shot
 
     def score(self, items: Sequence[ImageInput], class_name: str | None = None) -> list[Result]:
@@ -279,10 +273,11 @@ class Detector:
         loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate_scored,
                             num_workers=self.num_workers if len(items) > 1 else 0,
                             pin_memory=self.device.type == "cuda")
-        for batch, keys, names, clip_images in loader:
-            yield from self._score_batch(items, batch, keys, names, clip_images, class_name)
+        for batch, names in loader:
+            yield from self._score_batch(items, batch, names, class_name)
 
-    def _prompts(self, good: list[int], names: dict[int, str], clip_images, class_name: str | None) -> dict[int, tuple[str, str]]:
+    def _prompts(self, good: list[int], names: dict[int, str], clip_images: torch.Tensor | None,
+                 class_name: str | None) -> dict[int, tuple[str, str]]:
         """Row -> (prompt, "") or ("", why there is none)."""
         from lare2.shared.classnames import class_name as imagenet_name
         from lare2.shared.classnames import class_name_from_filename
@@ -292,49 +287,29 @@ class Detector:
         if class_name and class_name != AUTO_CLASS:
             return {i: (self.extraction.prompt_for(class_name), "") for i in good}
         if class_name == AUTO_CLASS:
-            dtype = next(self.models.backbone.parameters()).dtype
-            pooled = self.models.backbone(clip_images.to(self.device, dtype)).pooled if good else None
+            pooled = self.models.backbone(clip_images.to(self.device, self.models.dtype)).pooled if good else None
             classes = self._zero_shot.classify(pooled) if good else []
             return {i: (self.extraction.prompt_for(imagenet_name(c)), "") for i, c in zip(good, classes)}
         prompts = {}
         for i in good:
             found = class_name_from_filename(names[i]) if names[i] else ""
-            what = f"{names[i]!r} is not a GenImage-style file name" if names[i] else "an in-memory image has no file name"
+            what = (f"{names[i]!r} is not a GenImage-style file name" if names[i]
+                    else "an in-memory image has no file name")
             prompts[i] = (self.extraction.prompt_for(found), "") if found else (
                 "", f"no ImageNet class for the class prompt the detector was trained with: {what}; "
                     "pass --class-name NAME, or --class-name auto for CLIP zero-shot classes")
         return prompts
 
     @torch.inference_mode()
-    def _score_batch(self, items: list, batch, keys: list[str], names: list[str], clip_images,
-                     class_name: str | None) -> list[Result]:
-        from lare2.extract.run import compute_images
-        from lare2.heatmaps import spatial_attention_of
-        from lare2.train.checkpoint import score_features
-
-        position = {index: k for k, index in enumerate(batch.good_indices)}
-        by_row = dict(zip(batch.indices, zip(keys, names)))
-        prompts = self._prompts(batch.good_indices, {i: by_row[i][1] for i in batch.indices}, clip_images, class_name)
+    def _score_batch(self, items: list, batch: DecodedBatch, names: list[str], class_name: str | None) -> list[Result]:
+        prompts = self._prompts(batch.good_indices, dict(zip(batch.indices, names)), batch.clip_images, class_name)
         ready = [i for i in batch.good_indices if not prompts[i][1]]
-        scored: dict[int, tuple] = {}
-        if ready:
-            take = [position[i] for i in ready]
-            arrays = compute_images(self.models, batch.lare_images[take], batch.backbone_images[take],
-                                    [prompts[i][0] for i in ready],
-                                    [sample_seed(self.extraction.seed, by_row[i][0]) for i in ready], self.device)
-            stored = {name: a.astype(self.models.layout.dtype(name)).astype(np.float32) for name, a in arrays.items()}
-            # only what the model reads: a run with a trainable backbone top (docs/method.md §2.4) recomputes
-            # pooled from the stored fmap with its own top, never reading the frozen backbone's pooled
-            reads = {name: stored[name] if name in type(self.model).input_names else None for name in ("pooled", "fmap", "lare")}
-            p_fake = score_features(self.model, reads["pooled"], reads["fmap"], reads["lare"]).cpu().numpy()
-            attention = spatial_attention_of(self.model, stored["fmap"], stored["lare"])
-            for k, i in enumerate(ready):
-                bad = [name for name, a in stored.items() if not np.isfinite(a[k]).all()]
-                scored[i] = (float(p_fake[k]), stored["lare"][k], None if attention is None else attention[k], bad)
+        scored = self._score_ready(batch, ready, [prompts[i][0] for i in ready]) if ready else {}
         results = []
         for index, decode_error in zip(batch.indices, batch.errors):
             prompt, why = prompts.get(index, ("", decode_error))
-            common = dict(path=_label(items[index], index), threshold=self.threshold, prompt=prompt, source=items[index])
+            common = dict(path=_label(items[index], index), threshold=self.threshold, prompt=prompt,
+                          source=items[index])
             if index not in scored:
                 results.append(Result(p_fake=None, is_fake=None, status=STATUS_ERROR, error=why, **common))
                 continue
@@ -347,19 +322,44 @@ class Detector:
                                   attention=attention, **common))
         return results
 
+    def _score_ready(self, batch: DecodedBatch, ready: list[int], prompts: list[str]) -> dict[int, tuple]:
+        """Row -> (p_fake, LaRE map [L, h, w], attention [H, W] or None, names of non-finite arrays) for the
+        ``ready`` rows (decoded, with a prompt): one batch through stage 1's models, one pass of the detector."""
+        from lare2.extract.features import compute_images
+        from lare2.train.models import predict_features
+
+        position = {index: k for k, index in enumerate(batch.good_indices)}
+        take = [position[i] for i in ready]
+        keys = dict(zip(batch.indices, batch.keys))
+        arrays = compute_images(self.models, batch.lare_images[take], batch.backbone_images[take], prompts,
+                                [sample_seed(self.extraction.seed, keys[i]) for i in ready], self.device)
+        stored = {name: a.astype(self.models.layout.dtype(name)).astype(np.float32) for name, a in arrays.items()}
+        # only what the model reads: a run with a trainable backbone top (docs/method.md §2.4) recomputes
+        # pooled from the stored fmap with its own top, never reading the frozen backbone's pooled
+        reads = [stored[name] if name in type(self.model).input_names else None for name in ("pooled", "fmap", "lare")]
+        output = predict_features(self.model, *reads)  # p(fake) and EGRE's attention from the same pass
+        p_fake = output.p_fake.cpu().numpy()
+        attention = None if output.attention is None else output.attention.float().cpu().numpy()
+        scored = {}
+        nonfinite = {name: nonfinite_rows(a) for name, a in stored.items()}
+        for k, i in enumerate(ready):
+            bad = [name for name, rows in nonfinite.items() if rows[k]]
+            scored[i] = (float(p_fake[k]), stored["lare"][k], None if attention is None else attention[k], bad)
+        return scored
+
     def heatmap(self, result: Result, out_png: str | Path) -> dict:
         """Save the image, its LaRE map and EGRE's attention side by side, p(fake) in the title.
 
-        Returns ``{"png": path, "pixels": [width, height]}``; ValueError for an error row."""
+        Returns ``{"png": path, "pixels": [width, height]}``; ``InputError`` for an error row."""
         from lare2.heatmaps import render_heatmap
 
         if result.status != STATUS_OK or result.lare is None:
-            raise ValueError(f"{result.path}: not scored ({result.error or 'no maps kept'}): no heatmap")
+            raise InputError(f"{result.path}: not scored ({result.error or 'no maps kept'}): no heatmap")
         # drawn over the image the maps come from: after the run's normalize chain (a size:N changes the geometry)
         image = model_image(result.source, self.extraction.max_image_pixels, self.extraction.normalize_steps(),
-                            self.extraction.seed)[0]
+                            self.extraction.seed)
         verdict = "FAKE" if result.is_fake else "real"
-        title = (f"{Path(result.path).name}: p(fake) = {result.p_fake:.3f}, {verdict} at threshold {result.threshold:.3f}"
-                 + (f"; prompt {result.prompt!r}" if result.prompt else ""))
+        title = (f"{Path(result.path).name}: p(fake) = {result.p_fake:.3f}, {verdict} at threshold "
+                 f"{result.threshold:.3f}" + (f"; prompt {result.prompt!r}" if result.prompt else ""))
         return render_heatmap(image, result.lare, result.attention, title, out_png,
                               no_attention_note=f"no spatial attention\n(model kind {self.config.model.kind!r})")

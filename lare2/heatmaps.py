@@ -47,8 +47,10 @@ def _backbone_positions(side: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     return coords, (coords >= 0) & (coords < size)
 
 
-def attention_over_image(attention_HW: np.ndarray, size_wh: tuple[int, int], backbone_size: int = BACKBONE_SIZE) -> np.ndarray:
-    """[H, W]: the attention upsampled to the backbone input and placed over the image pixels it covers (NaN elsewhere)."""
+def attention_over_image(attention_HW: np.ndarray, size_wh: tuple[int, int],
+                         backbone_size: int = BACKBONE_SIZE) -> np.ndarray:
+    """[H, W]: the attention upsampled to the backbone input and placed over the image pixels it covers
+    (NaN elsewhere)."""
     upsampled = _resize_float(np.asarray(attention_HW, np.float32), (backbone_size, backbone_size))
     width, height = size_wh
     rows, rows_in = _backbone_positions(height, backbone_size)
@@ -58,25 +60,10 @@ def attention_over_image(attention_HW: np.ndarray, size_wh: tuple[int, int], bac
     return canvas
 
 
-def spatial_attention_of(model, fmap, lare) -> np.ndarray | None:
-    """EGRE's attention [B, H, W] (float32 numpy) for cached-style inputs; None for models without one."""
-    import torch
-
-    if not hasattr(model, "spatial_attention"):
-        return None
-    device = next(model.parameters()).device
-    as_tensor = lambda x: torch.as_tensor(np.asarray(x, dtype=np.float32)).to(device)  # noqa: E731
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        attention = model.spatial_attention(as_tensor(fmap), as_tensor(lare)).float().cpu().numpy()
-    model.train(was_training)
-    return attention
-
-
 def render_heatmap(image, lare_Lhw: np.ndarray, attention_HW: np.ndarray | None, title: str, out: str | Path,
                    no_attention_note: str = "no spatial attention") -> dict:
-    """Save image | LaRE map over it | attention over it, with ``title`` above; returns the PNG's path and pixel size."""
+    """Save image | LaRE map over it | attention over it, with ``title`` above; returns the PNG's path and
+    pixel size."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -106,14 +93,19 @@ def render_heatmap(image, lare_Lhw: np.ndarray, attention_HW: np.ndarray | None,
 
 def cache_sample_attention(run_dir: str | Path, cache, index: int) -> np.ndarray:
     """EGRE's attention [H, W] over one cached sample, from a run whose features match the cache's."""
+    from lare2.shared.cache import nonfinite_rows
+    from lare2.shared.errors import InputError
     from lare2.train.checkpoint import CheckpointError, check_compatible, load_detector
     from lare2.train.data import extraction_fingerprint
+    from lare2.train.models import predict_features
 
     model, detector = load_detector(run_dir)
     check_compatible(detector, extraction_fingerprint(cache), cache.layout, cache.path)
     if not hasattr(model, "spatial_attention"):
-        raise CheckpointError(f"{run_dir}: a {detector.model.kind!r} detector has no spatial attention; pass an egre run")
-    arrays = cache.read([index], names=("fmap", "lare"))
-    if not all(np.isfinite(a).all() for a in arrays.values()):
-        raise ValueError(f"{cache.path}: sample {index} has no features (status error): nothing to attend over")
-    return spatial_attention_of(model, arrays["fmap"], arrays["lare"])[0]
+        raise CheckpointError(f"{run_dir}: a {detector.model.kind!r} detector has no spatial attention; "
+                              "pass an egre run")
+    arrays = cache.read([index], names=type(model).input_names)
+    if any(nonfinite_rows(a).any() for a in arrays.values()):
+        raise InputError(f"{cache.path}: sample {index} has no features (status error): nothing to attend over")
+    output = predict_features(model, arrays.get("pooled"), arrays["fmap"], arrays["lare"])
+    return output.attention[0].float().cpu().numpy()

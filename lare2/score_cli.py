@@ -15,7 +15,8 @@ from typing import Optional
 
 import typer
 
-from lare2.shared.cli_errors import EXIT_PROBLEMS, check_device, user_errors
+from lare2.shared.cli_errors import EXIT_PROBLEMS, check_device, run_commands, user_errors
+from lare2.shared.errors import InputError
 
 SCORE_HELP = ("Score images or folders with a trained detector: p(fake) and the verdict at the calibrated threshold. "
               "Exit 0: all scored; 1: some files could not be; 2: bad usage.")
@@ -29,13 +30,13 @@ class RowWriter:
     def __init__(self, path: Path, fields: tuple[str, ...]) -> None:
         self.kind = path.suffix.lower()
         if self.kind not in OUT_SUFFIXES:
-            raise ValueError(f"{path}: --out must end in {', '.join(OUT_SUFFIXES)}")
+            raise InputError(f"{path}: --out must end in {', '.join(OUT_SUFFIXES)}")
         if not path.parent.is_dir():
-            raise ValueError(f"{path}: no folder {path.parent} to write into; create it or choose another --out")
+            raise InputError(f"{path}: no folder {path.parent} to write into; create it or choose another --out")
         try:
             self.file = open(path, "w", newline="")
         except OSError as err:
-            raise ValueError(f"{path}: cannot write ({err.strerror}); choose another --out") from None
+            raise InputError(f"{path}: cannot write ({err.strerror}); choose another --out") from None
         self.rows = 0
         self.csv = csv.DictWriter(self.file, fieldnames=list(fields)) if self.kind == ".csv" else None
         if self.csv:
@@ -72,16 +73,21 @@ def heatmap_name(path: str, used: set[str]) -> str:
 def score(
     run_dir: Path = typer.Argument(..., help="A finished run (lare2 train --out)."),
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
-    sd: Optional[str] = typer.Option(None, "--sd", help="Latent diffusion weights, if not where the run recorded them."),
-    clip: Optional[str] = typer.Option(None, "--clip", "--backbone", help="CLIP weights, if not where the run recorded them."),
+    sd: Optional[str] = typer.Option(None, "--sd", help="Latent diffusion weights, if not where the run recorded "
+                                                        "them."),
+    clip: Optional[str] = typer.Option(None, "--clip", "--backbone", help="CLIP weights, if not where the run recorded "
+                                                                          "them."),
     class_name: Optional[str] = typer.Option(
         None, "--class-name",
         help="Runs trained with class prompts: the ImageNet class of every image, or 'auto' (CLIP zero-shot; needs "
              "--clip RN50.pt's text tower). Default: from GenImage-style file names; other images are error rows."),
-    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Decision threshold on p(fake) (default: the run's calibrated one)."),
-    heatmaps: Optional[Path] = typer.Option(None, "--heatmaps", help="Write one PNG per scored image here: image, LaRE map, EGRE attention."),
+    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Decision threshold on p(fake) (default: "
+                                                                           "the run's calibrated one)."),
+    heatmaps: Optional[Path] = typer.Option(None, "--heatmaps", help="Write one PNG per scored image here: image, LaRE "
+                                                                     "map, EGRE attention."),
     device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the rows to this .csv, .json or .jsonl, as they are scored."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the rows to this .csv, .json or .jsonl, "
+                                                                 "as they are scored."),
     json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of a table."),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Images per model call (default: the extraction's)."),
     workers: int = typer.Option(2, min=0, help="DataLoader workers decoding images (0: in this process)."),
@@ -96,7 +102,8 @@ def score(
     with user_errors():
         files, skipped = collect_inputs(inputs)
         if not files:
-            raise ValueError(f"{' '.join(map(str, inputs))}: no image files to score ({len(skipped)} other files skipped)")
+            raise InputError(f"{' '.join(map(str, inputs))}: no image files to score "
+                             f"({len(skipped)} other files skipped)")
         if heatmaps is not None:
             heatmaps.mkdir(parents=True, exist_ok=True)
         writer = RowWriter(out, ROW_FIELDS) if out else None
@@ -123,19 +130,23 @@ def score(
             writer.close()
     seconds = time.perf_counter() - started
     if json_out:
-        typer.echo(json.dumps([r.row() for r in results]))
+        from lare2.shared.jsonio import print_json
+
+        print_json([r.row() for r in results])
     else:
         print_table(results, f"{run_dir}: p(fake), verdict at threshold {detector.threshold:.4g}")
     errors = sum(r.status == STATUS_ERROR for r in results)
     fake = sum(bool(r.is_fake) for r in results)
     console.print(f"scored {len(results) - errors} of {len(results)} images in {seconds:.1f} s "
-                  f"({rate_text(len(results), seconds)}): {fake} fake, {len(results) - errors - fake} real, {errors} errors"
+                  f"({rate_text(len(results), seconds)}): {fake} fake, {len(results) - errors - fake} real, "
+                  f"{errors} errors"
                   + (f"; rows in {out}" if out else "") + (f"; heatmaps in {heatmaps}" if heatmaps is not None else ""),
                   soft_wrap=True)
     if skipped:
         shown = ", ".join(str(p) for p in skipped[:MAX_SKIPPED_SHOWN])
         more = f" (+{len(skipped) - MAX_SKIPPED_SHOWN} more)" if len(skipped) > MAX_SKIPPED_SHOWN else ""
-        console.print(f"skipped {len(skipped)} files without an image name: {shown}{more}", soft_wrap=True, highlight=False)  # paths whole
+        console.print(f"skipped {len(skipped)} files without an image name: {shown}{more}",
+                      soft_wrap=True, highlight=False)  # paths whole
     if errors:
         raise typer.Exit(EXIT_PROBLEMS)
 
@@ -157,4 +168,9 @@ def print_table(results: list, title: str) -> None:
 
 def register(app: typer.Typer) -> None:
     app.command("score", help=SCORE_HELP)(score)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``main([RUN_DIR, IMAGE, ...])``: ``lare2 score`` without the console script; returns the exit code."""
+    return run_commands(register, argv, prog_name="lare2 score")
 

@@ -19,6 +19,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,7 +29,9 @@ from lare2.minigenimage.models import IMAGE_SIZE
 from lare2.minigenimage.photos import CLASS_NAMES, photos_of, random_crops
 from lare2.minigenimage.sampling import load_sampler, sample
 from lare2.minigenimage.zoo import GENERATORS, ZOO_DIR, check_generator, log, read_record
+from lare2.shared.errors import InputError
 from lare2.shared.seeding import sample_seed
+from lare2.shared.settings import make_config, pick_preset
 
 GENIMAGE_FOLDER = {"train": "train", "val": "train", "test": "val"}
 """Our split -> GenImage's folder: GenImage's ``train`` holds our train and val, its ``val`` is our test."""
@@ -61,19 +64,32 @@ class BuildConfig:
         for name in [*self.generators, self.train_generator]:
             check_generator(name)
         if min(self.train_count, self.val_count, self.test_count) < 0:
-            raise ValueError("counts must be >= 0")
+            raise InputError("counts must be >= 0")
 
 
-def preset(name: str) -> BuildConfig:
-    """``demo``: the benchmark of ``make demo``; ``reduced``: 96 / 40 / 48 images per class, quick but
-    too small for the detectors to learn well; ``tiny``: a few images per folder (tests)."""
-    if name == "demo":
-        return BuildConfig()
-    if name == "reduced":
-        return BuildConfig(train_count=96, val_count=40, test_count=48)
-    if name == "tiny":
-        return BuildConfig(train_count=16, val_count=8, test_count=16)
-    raise ValueError(f"preset={name!r}: choose from ('demo', 'reduced', 'tiny')")
+# ---- presets: plain functions returning a config ------------------------------------------------
+def demo(**overrides: Any) -> BuildConfig:
+    """The benchmark of ``make demo``: 240 / 80 / 120 images per class."""
+    return make_config(BuildConfig, overrides)
+
+
+def reduced(**overrides: Any) -> BuildConfig:
+    """96 / 40 / 48 images per class: quick, but too small for the detectors to learn well."""
+    return make_config(BuildConfig, {"train_count": 96, "val_count": 40, "test_count": 48, **overrides})
+
+
+def tiny(**overrides: Any) -> BuildConfig:
+    """A few images per folder (tests)."""
+    return make_config(BuildConfig, {"train_count": 16, "val_count": 8, "test_count": 16, **overrides})
+
+
+PRESETS: dict[str, Callable[..., BuildConfig]] = {"demo": demo, "reduced": reduced, "tiny": tiny}
+
+
+def preset(name: str, **overrides: Any) -> BuildConfig:
+    """The preset called ``name`` (``demo``, ``reduced``, ``tiny``) with ``overrides``; ``SettingsError`` for an
+    unknown preset or key."""
+    return pick_preset(PRESETS, name, **overrides)
 
 
 def png_bytes(pixels_HW3: np.ndarray) -> bytes:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lare2.shared.logs import console, get_logger
+from lare2.shared.errors import InputError
 
 log = get_logger(__name__)
 
@@ -66,12 +67,12 @@ class DemoConfig:
         from lare2.shared.config import PROMPT_MODES
 
         if self.prompt_mode not in PROMPT_MODES:
-            raise ValueError(f"prompt_mode={self.prompt_mode!r}: choose from {PROMPT_MODES}")
+            raise InputError(f"prompt_mode={self.prompt_mode!r}: choose from {PROMPT_MODES}")
         unknown = sorted(set(self.models) - set(MODELS))
         if unknown:
-            raise ValueError(f"models {unknown}: choose from {MODELS}")
+            raise InputError(f"models {unknown}: choose from {MODELS}")
         if self.zoo and not (Path(self.zoo) / "ldm-a" / "unet").is_dir():
-            raise ValueError(f"zoo={self.zoo!r}: no ldm-a/unet there; train one with `lare2 minigenimage zoo --zoo {self.zoo}`")
+            raise InputError(f"zoo={self.zoo!r}: no ldm-a/unet there; train one with `lare2 minigenimage zoo --zoo {self.zoo}`")
 
     @property
     def zoo_dir(self) -> Path:
@@ -98,9 +99,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     torch.set_flush_denormal(True)
     out = Path(cfg.out)
     console.rule("[bold]1/4 MiniGenImage: crops of real photographs + images from the 4 generators of the zoo")
-    build_config = build_preset(cfg.build_preset)
-    build_config.out, build_config.seed, build_config.zoo = str(out / "data"), cfg.seed, str(cfg.zoo_dir)
-    manifest = build(build_config)
+    manifest = build(build_preset(cfg.build_preset, out=str(out / "data"), seed=cfg.seed, zoo=str(cfg.zoo_dir)))
 
     console.rule(f"[bold]2/4 Stage 1: LaRE maps with ldm-a (t=200, 4 draws, {IMAGE_SIZE} px) + backbone features")
     caches = {}

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from lare2.minigenimage.pools import POOLS, read_pools
+from lare2.shared.errors import InputError, UserError
 
 CROP_SCALES = (0.3, 1.0)
 """A crop's side, as a fraction of the photograph's shorter side, is drawn uniformly from this range."""
@@ -58,7 +59,7 @@ CLASS_NAMES: tuple[str, ...] = tuple(sorted({p.class_name for p in PHOTOS}))
 
 def photos_of(pool: str) -> list[Photo]:
     if pool not in POOLS:
-        raise ValueError(f"pool={pool!r}: choose from {POOLS}")
+        raise InputError(f"pool={pool!r}: choose from {POOLS}")
     return [p for p in PHOTOS if p.pool == pool]
 
 
@@ -85,8 +86,8 @@ def load_photo(photo: Photo) -> Image.Image:
     Cached: crops never modify it (``crop`` returns a new image)."""
     path = photo_path(photo)
     if photo.sha256 and file_sha256(path) != photo.sha256:
-        raise ValueError(f"photo {photo.name!r}: {path} has sha256 {file_sha256(path)}, expected {photo.sha256} "
-                         "(another package version ships another file; the benchmark would not be the same)")
+        raise UserError(f"photo {photo.name!r}: {path} has sha256 {file_sha256(path)}, expected {photo.sha256} "
+                        "(another package version ships another file; the benchmark would not be the same)")
     with Image.open(path) as img:
         return img.convert("RGB")
 

@@ -17,6 +17,7 @@ import torch
 from lare2.minigenimage.models import IMAGE_SIZE, GanConfig, GanDiscriminator, GanGenerator
 from lare2.minigenimage.photos import CLASS_NAMES
 from lare2.minigenimage.zoo import StepLogger, ZooTrainConfig, batches, log, record_weights, recipe_from_args, training_images
+from lare2.shared.errors import InputError
 
 
 @dataclass(kw_only=True)
@@ -32,7 +33,7 @@ class GanTrainConfig(ZooTrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.width < 1:
-            raise ValueError("width must be >= 1")
+            raise InputError("width must be >= 1")
 
 
 def train(config: GanTrainConfig) -> Path:

@@ -23,6 +23,7 @@ import torch
 from lare2.minigenimage.models import IMAGE_SIZE, latent_unet, sd_scheduler_config, tiny_text_encoder
 from lare2.minigenimage.photos import CLASS_NAMES
 from lare2.minigenimage.zoo import StepLogger, ZOO_DIR, ZooTrainConfig, batches, log, optimizer_step, record_weights, training_images
+from lare2.shared.errors import InputError
 
 PROMPT_TEMPLATE = "a photo of a {}"
 SHARED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
@@ -54,9 +55,9 @@ class LdmTrainConfig(ZooTrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.name not in ("ldm-a", "ldm-b"):
-            raise ValueError(f"name={self.name!r}: choose from ('ldm-a', 'ldm-b')")
+            raise InputError(f"name={self.name!r}: choose from ('ldm-a', 'ldm-b')")
         if self.width < 8 or self.width % 8:
-            raise ValueError("width must be a positive multiple of 8")
+            raise InputError("width must be a positive multiple of 8")
 
 
 def preset(name: str) -> LdmTrainConfig:
@@ -65,7 +66,7 @@ def preset(name: str) -> LdmTrainConfig:
         return LdmTrainConfig(name="ldm-a", width=32, seed=0, steps=6000)
     if name == "ldm-b":
         return LdmTrainConfig(name="ldm-b", width=24, seed=1, steps=1000)
-    raise ValueError(f"name={name!r}: choose from ('ldm-a', 'ldm-b')")
+    raise InputError(f"name={name!r}: choose from ('ldm-a', 'ldm-b')")
 
 
 def write_shared_components(folder: Path, seed: int) -> None:

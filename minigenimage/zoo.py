@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from lare2.minigenimage.photos import training_crops
+from lare2.shared.errors import InputError
 from lare2.shared.logs import get_logger
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
@@ -35,7 +36,7 @@ log = get_logger(__name__)
 
 def check_generator(name: str) -> str:
     if name not in GENERATORS:
-        raise ValueError(f"generator={name!r}: choose from {GENERATORS}")
+        raise InputError(f"generator={name!r}: choose from {GENERATORS}")
     return name
 
 
@@ -133,7 +134,7 @@ class ZooTrainConfig:
 
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.crops_per_photo) < 1:
-            raise ValueError("steps, batch_size and crops_per_photo must be >= 1")
+            raise InputError("steps, batch_size and crops_per_photo must be >= 1")
 
 
 def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -5,43 +5,43 @@ Exit codes
     1  the command ran and found problems (``cache verify`` findings, ``cache diff`` differences,
        ``score`` error rows)
     2  bad usage or bad input: ONE line ``error: <message>`` on stderr naming the file or value and
-       the remedy (typer's own usage box for bad options), never a traceback
+       the remedy, never a traceback; parser errors (an unknown option, a value out of range, a
+       missing argument) too
     3  ``lare2 train`` stopped early on purpose (the hidden ``--stop-after-steps``)
 
 ``user_errors()`` is a context manager and a decorator: the exceptions that mean "bad input" become
-that line and exit 2. They are recognised by class name (``CacheError``, ``ManifestError``,
-``SettingsError``, ``ModelSourceError``, ``CheckpointError``, ...) plus ``FileNotFoundError``,
-``FileExistsError``, ``NotADirectoryError``, ``IsADirectoryError`` and ``ValueError``, so this module
-imports neither torch nor any stage: ``lare2 --help`` stays fast and ``lare2 train`` never loads
-diffusers. Set ``LARE2_TRACEBACK=1`` to see the traceback anyway.
+that line and exit 2. They are matched by type: the project's own ``UserError`` and its domain
+subclasses (``lare2.shared.errors``, torch-free), plus ``FileNotFoundError``, ``FileExistsError``,
+``NotADirectoryError`` and ``IsADirectoryError`` for files a user names. Anything else, a plain
+``ValueError`` from numpy or torch included, is a bug and keeps its traceback. Set
+``LARE2_TRACEBACK=1`` to see the traceback of a user error too.
+
+Every CLI module has ``register(app)`` (adds its commands) and ``main(argv) -> int`` (runs them
+without the console script, through :func:`run_commands`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
-EXIT_OK = 0
+from lare2.shared.errors import UserError
+
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
 
-# lare2 exception classes that always mean bad input (matched by name: importing them would load torch)
-USER_ERROR_NAMES = frozenset({"CacheError", "CacheExistsError", "ManifestError", "SettingsError", "ModelSourceError",
-                              "ModelNotFoundError", "CheckpointError", "ImageError"})
-EXTRA_OF_PACKAGE = {"diffusers": "extract", "transformers": "extract", "skimage": "demo"}
+EXTRA_OF_PACKAGE = {"diffusers": "extract", "transformers": "extract", "skimage": "demo", "fastapi": "serve",
+                    "uvicorn": "serve", "multipart": "serve", "prometheus_client": "serve"}
 """Packages of the optional installs (pyproject.toml extras): a missing one is a usage error that names the extra."""
-USER_ERROR_TYPES: tuple[type[BaseException], ...] = (FileNotFoundError, FileExistsError, NotADirectoryError,
-                                                      IsADirectoryError, ValueError)
-
-
-def is_user_error(err: BaseException, extra: tuple[type[BaseException], ...] = ()) -> bool:
-    if isinstance(err, USER_ERROR_TYPES + extra):
-        return True
-    return any(cls.__name__ in USER_ERROR_NAMES and cls.__module__.startswith("lare2.") for cls in type(err).__mro__)
+USER_ERROR_TYPES: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, FileExistsError,
+                                                      NotADirectoryError, IsADirectoryError)
+ParserError: type[Exception] = typer.BadParameter.__mro__[1]
+"""click's ``UsageError``, from the click that typer uses (recent typers carry their own copy)."""
 
 
 def one_line(err: BaseException) -> str:
@@ -62,11 +62,10 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 
 @contextlib.contextmanager
-def user_errors(*extra: type[BaseException]) -> Iterator[None]:
+def user_errors() -> Iterator[None]:
     """Bad input (a missing or wrong file, a bad setting, an incompatible run/cache) -> ``error: ...`` + exit 2.
 
-    ``extra``: more exception types that mean bad input in this command (e.g. ``KeyError`` for an
-    unknown sample id). Anything else propagates with its traceback: that is a bug."""
+    Anything that is not a user error propagates with its traceback: that is a bug."""
     try:
         yield
     except ModuleNotFoundError as err:  # a stage's extra not installed: say which
@@ -74,8 +73,8 @@ def user_errors(*extra: type[BaseException]) -> Iterator[None]:
         if extra_name is None or os.environ.get("LARE2_TRACEBACK"):
             raise
         fail(f"this command needs {err.name}, which is not installed: pip install 'lare2[{extra_name}]'")
-    except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
-        if not is_user_error(err, extra) or os.environ.get("LARE2_TRACEBACK"):
+    except USER_ERROR_TYPES as err:
+        if os.environ.get("LARE2_TRACEBACK"):
             raise
         fail(one_line(err))
 
@@ -86,3 +85,63 @@ def check_device(device: str) -> str:
 
     with user_errors():
         return resolve_device(device).type
+
+
+# ---- parser errors ------------------------------------------------------------------------------
+def usage_message(err: Exception, command: str) -> str:
+    """click's complaint as ``<command>: <reason>; see '<command> --help'`` (one line); ``command``
+    when click did not say which (it leaves some option errors without their context)."""
+    if getattr(err, "ctx", None) is not None:
+        command = err.ctx.command_path
+    return f"{command}: {err.format_message().rstrip('.')}; see '{command} --help'"
+
+
+@contextlib.contextmanager
+def usage_in_one_line(command: str) -> Iterator[None]:
+    """A parser error (unknown option, value out of range, missing argument) -> one ``error:`` line + exit 2.
+
+    ``NoArgsIsHelpError`` passes: it is how a bare group shows its help."""
+    try:
+        yield
+    except ParserError as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # as typer tells it apart, without importing it
+            raise
+        fail(usage_message(err, command), err.exit_code)
+
+
+class OneLineUsageGroup(TyperGroup):
+    """The root command group: parser errors of every command below it come out in the one-line form.
+
+    Subcommands are parsed inside the root's ``invoke``, so wrapping it (and the root's own parsing)
+    covers every nested command; ``--help`` is untouched."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: typer.Context | None = None,
+                     **extra: Any) -> typer.Context:
+        with usage_in_one_line(info_name or self.name or "lare2"):
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        with usage_in_one_line(ctx.command_path):
+            return super().invoke(ctx)
+
+
+def run_commands(register: Callable[[typer.Typer], None], argv: list[str] | None, prog_name: str = "lare2") -> int:
+    """Run the commands ``register`` adds, with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
+
+    A module that registers one command runs it directly (``python -m lare2.extract --manifest ...``);
+    several are subcommands (``main(["train", ...])``)."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False, no_args_is_help=True)
+    register(app)
+    return run_app(app, argv, prog_name)
+
+
+def run_app(app: typer.Typer, argv: list[str] | None, prog_name: str = "lare2") -> int:
+    """``app`` with ``argv``: the exit code, as the console script would exit; a bug's exception propagates."""
+    try:
+        with usage_in_one_line(prog_name):
+            code = typer.main.get_command(app).main(args=argv, prog_name=prog_name, standalone_mode=False)
+    except ParserError as err:  # a bare group: its help is already printed
+        return err.exit_code
+    except typer.Exit as err:  # from fail(): the line is printed
+        return err.exit_code
+    return int(code or 0)

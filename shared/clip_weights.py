@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lare2.shared.clip_blocks import HEAD_WIDTH, ModifiedResNet, ModifiedResNetConfig, rn50_config, small_config, tiny_config
+from lare2.shared.errors import InputError, UserError
 from lare2.shared.provenance import fingerprint_state_dict
 from lare2.shared.weights import read_state_dict
 
@@ -26,7 +27,7 @@ BACKBONE_REMEDY = (f"pass an RN50.pt TorchScript archive, a state dict ({'/'.joi
                    f"keys visual.* or bare), or one of {', '.join(repr(n) for n in NAMED_BACKBONES)}")
 
 
-class BackboneSourceError(ValueError):
+class BackboneSourceError(UserError, ValueError):
     """A backbone argument that names nothing loadable as a CLIP ModifiedResNet; the message says why."""
 
 
@@ -75,8 +76,8 @@ def read_backbone_state(path: Path) -> dict[str, Tensor]:
         return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     try:
         return read_state_dict(path)
-    except ValueError as err:
-        raise ValueError(f"{err} (nor as a TorchScript archive)") from None
+    except InputError as err:
+        raise BackboneSourceError(f"{err} (nor as a TorchScript archive)") from None
 
 
 def visual_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -99,7 +100,7 @@ def load_state_strict(module: nn.Module, state: Mapping[str, Tensor], where: str
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
         problems = [f"{label} {len(keys)}: {few(keys)}" for label, keys in
                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)) if keys]
-        raise ValueError(f"{where}: does not match {what}; " + "; ".join(problems))
+        raise BackboneSourceError(f"{where}: does not match {what}; " + "; ".join(problems))
     module.load_state_dict(state, strict=True)
 
 

@@ -1,4 +1,4 @@
-"""Stage 1 configuration: one typed dataclass, presets as plain dicts of overrides.
+"""Stage 1 configuration: one typed dataclass, presets as plain functions returning one.
 
 Choices are ``Literal`` types and checked, with every field's type, by ``lare2.shared.settings``
 (which also converts ``--set KEY=VALUE``); ranges are checked in ``__post_init__``. The *identity*
@@ -13,13 +13,12 @@ call, so the two are equal bit for bit; the views are extra training material).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Mapping, get_args
+from typing import Any, Callable, Literal, Mapping, get_args
 
 from lare2.shared.devices import DeviceName
 from lare2.shared.perturbations import Step, chain_text, parse_chain
-from lare2.shared.settings import SettingsError, check_fields, check_range, field_types, make_config
+from lare2.shared.settings import SettingsError, check_fields, check_range, field_types, make_config, pick_preset
 
 PromptMode = Literal["class", "fixed", "empty"]
 ComputeDtype = Literal["float32", "float16", "bfloat16"]
@@ -195,22 +194,26 @@ def identity_fingerprint(identity: dict) -> str:
 
 def diff_identity(stored: dict, wanted: dict) -> dict[str, tuple]:
     """Keys whose values differ: {key: (stored, wanted)}."""
-    return {k: (stored.get(k), wanted.get(k)) for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)}
+    keys = sorted(set(stored) | set(wanted))
+    return {k: (stored.get(k), wanted.get(k)) for k in keys if stored.get(k) != wanted.get(k)}
 
 
-# ---- presets ------------------------------------------------------------------------------------
-PRESETS: dict[str, dict[str, Any]] = {
-    # the paper's settings (docs/method.md §1): SD v1.5, t=200, 4 draws, class prompts, 256 px
-    "paper": {"sd_model": "runwayml/stable-diffusion-v1-5", "backbone": "RN50.pt"},
-    # tiny seeded random models: runs in seconds on a CPU
-    "debug": {"sd_model": "tiny", "backbone": "tiny", "batch_size": 4, "chunk_samples": 8, "num_workers": 0},
-}
+# ---- presets: plain functions returning a config ------------------------------------------------
+def paper(**overrides: Any) -> ExtractConfig:
+    """The paper's settings (docs/method.md §1): SD v1.5, t=200, 4 draws, class prompts, 256 px."""
+    return make_config(ExtractConfig, {"sd_model": "runwayml/stable-diffusion-v1-5", "backbone": "RN50.pt",
+                                       **overrides})
 
 
-def preset(name: str, **overrides) -> ExtractConfig:
-    """``PRESETS[name]`` with ``overrides``; ``SettingsError`` for an unknown preset or key."""
-    return make_config(ExtractConfig, PRESETS, name, **overrides)
+def debug(**overrides: Any) -> ExtractConfig:
+    """Tiny seeded random models: runs in seconds on a CPU."""
+    return make_config(ExtractConfig, {"sd_model": "tiny", "backbone": "tiny", "batch_size": 4, "chunk_samples": 8,
+                                       "num_workers": 0, **overrides})
 
 
-paper = functools.partial(preset, "paper")
-debug = functools.partial(preset, "debug")
+PRESETS: dict[str, Callable[..., ExtractConfig]] = {"paper": paper, "debug": debug}
+
+
+def preset(name: str, **overrides: Any) -> ExtractConfig:
+    """The preset called ``name`` with ``overrides``; ``SettingsError`` for an unknown preset or key."""
+    return pick_preset(PRESETS, name, **overrides)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal, get_args
 
+from lare2.shared.errors import InputError
+
 if TYPE_CHECKING:
     import torch
 
@@ -16,9 +18,9 @@ def resolve_device(name: str) -> "torch.device":
     import torch
 
     if name not in DEVICES:
-        raise ValueError(f"device {name!r}: choose from {', '.join(DEVICES)}")
+        raise InputError(f"device {name!r}: choose from {', '.join(DEVICES)}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda': this torch build sees no CUDA device; use --device auto or cpu")
+        raise InputError("device 'cuda': this torch build sees no CUDA device; use --device auto or cpu")
     return torch.device(name)

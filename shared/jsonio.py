@@ -1,4 +1,4 @@
-"""JSON for the whole project: one sanitiser for reports and attributes, and an atomic file writer."""
+"""JSON for the whole project: one sanitiser for reports and attributes, the `--json` printer, a file writer."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from lare2.shared.atomic import atomic_write
 
 
 def jsonable(obj: Any) -> Any:
@@ -29,8 +31,10 @@ def jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def to_json(obj: Any) -> str:
-    return json.dumps(jsonable(obj), indent=2)
+def print_json(obj: Any) -> None:
+    """A command's ``--json`` report: one document (``jsonable`` values) on ONE line of stdout, so that
+    scripts find it as the last line even where other processes of a launch print too."""
+    print(json.dumps(jsonable(obj)), flush=True)
 
 
 def _json_default(obj: Any) -> Any:
@@ -45,8 +49,7 @@ def _json_default(obj: Any) -> Any:
 
 def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
     """``data`` as indented JSON with a trailing newline; NaN/Inf kept as JSON's NaN/Infinity, other
-    types raise ``TypeError``. Written to ``<path>.tmp`` and renamed: a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=True) + "\n")
-    tmp.replace(path)
+    types raise ``TypeError``. Written atomically (``atomic_write``): a crash never leaves half a file."""
+    text = json.dumps(data, indent=2, default=_json_default, allow_nan=True) + "\n"
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)

@@ -7,61 +7,59 @@ line on stderr and exit 2 (``lare2.shared.cli_errors``); ``audit`` exits 1 when 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Optional
 
 import typer
 
-from lare2.shared.cli_errors import EXIT_PROBLEMS, fail, user_errors
+from lare2.shared.cli_errors import EXIT_PROBLEMS, fail, run_commands, user_errors
 
 DEFAULT_VAL_FRACTION = 0.05
 LOSSLESS = {"PNG", "BMP", "TIFF", "PPM"}
 """Formats whose file size follows from the pixels alone (no quality setting)."""
 DEFAULT_SHORTCUT_BOUND = 0.75  # = lare2.shared.manifest.audit.SHORTCUT_AUC_BOUND (kept here so --help imports nothing)
 
-BUILD_HELP = """Build a manifest (one parquet row per image) from SRC. KIND is the layout of SRC:
-
-- genimage: SRC/<generator>/[<subset>/]{train,val}/{ai,nature}/*; GenImage val -> test, GenImage train -> train minus a held-out --val-fraction (chosen by content hash) -> val.
-
-- folders: SRC/[<generator>/]<split>/{0_real,1_fake}/*, or SRC/{0_real,1_fake}/* with --split.
-
-- list: a text file of 'path<sep>label' lines (tab, comma or space), paths relative to it or absolute; needs --split.
-
-- webdataset: a folder of tar shards (or one .tar) with key.jpg|png|webp members and key.cls / key.json labels.
-"""
-
-
-_fail = fail  # one line on stderr, exit 2
+BUILD_HELP = (
+    "Build a manifest (one parquet row per image) from SRC. KIND is the layout of SRC:\n\n"
+    "- genimage: SRC/<generator>/[<subset>/]{train,val}/{ai,nature}/*; GenImage val -> test, GenImage train -> "
+    "train minus a held-out --val-fraction (chosen by content hash) -> val.\n\n"
+    "- folders: SRC/[<generator>/]<split>/{0_real,1_fake}/*, or SRC/{0_real,1_fake}/* with --split.\n\n"
+    "- list: a text file of 'path<sep>label' lines (tab, comma or space), paths relative to it or absolute; "
+    "needs --split.\n\n"
+    "- webdataset: a folder of tar shards (or one .tar) with key.jpg|png|webp members and key.cls / key.json "
+    "labels.\n"
+)
 
 
 def build(
-    kind: Annotated[str, typer.Argument(help="Layout of SRC: genimage, folders, list or webdataset.")],
-    src: Annotated[Path, typer.Argument(help="Dataset folder, list file, or tar shard(s) folder.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Manifest to write (.parquet); replaced if present.")],
-    val_fraction: Annotated[float, typer.Option(help="genimage: share of GenImage train held out as val.")] = DEFAULT_VAL_FRACTION,
-    generator: Annotated[str | None, typer.Option(help="Generator of rows whose layout names none.")] = None,
-    split: Annotated[str | None, typer.Option(help="Split (train/val/test) of rows whose layout names none.")] = None,
-    label: Annotated[str | None, typer.Option(help="list/webdataset: label (0/1/real/fake) of rows that carry none.")] = None,
-    keep_duplicates: Annotated[bool, typer.Option(help="Keep every copy of an image (a cache needs unique ids per split).")] = False,
-    workers: Annotated[int, typer.Option(help="Threads hashing files.")] = min(8, os.cpu_count() or 1),
-    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest's counts as JSON (as `manifest show --json`).")] = False,
+    kind: str = typer.Argument(..., help="Layout of SRC: genimage, folders, list or webdataset."),
+    src: Path = typer.Argument(..., help="Dataset folder, list file, or tar shard(s) folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Manifest to write (.parquet); replaced if present."),
+    val_fraction: float = typer.Option(DEFAULT_VAL_FRACTION, help="genimage: share of GenImage train held out as val."),
+    generator: Optional[str] = typer.Option(None, help="Generator of rows whose layout names none."),
+    split: Optional[str] = typer.Option(None, help="Split (train/val/test) of rows whose layout names none."),
+    label: Optional[str] = typer.Option(None, help="list/webdataset: label (0/1/real/fake) of rows that carry none."),
+    keep_duplicates: bool = typer.Option(False, help="Keep every copy of an image (a cache needs unique ids per "
+                                                     "split)."),
+    workers: int = typer.Option(min(8, os.cpu_count() or 1), help="Threads hashing files."),
+    json_out: bool = typer.Option(False, "--json", help="Print the manifest's counts as JSON (as `manifest show "
+                                                        "--json`)."),
 ) -> None:
     """Build a manifest from a dataset layout."""
     from lare2.shared.logs import get_logger
-    from lare2.shared.manifest import (BUILDERS, build_manifest, count_rows, parse_label, print_build_report, split_warnings,
-                                       write_built)
+    from lare2.shared.manifest import (BUILDERS, build_manifest, count_rows, parse_label, print_build_report,
+                                       split_warnings, write_built)
 
     if kind not in BUILDERS:
-        _fail(f"unknown manifest builder {kind!r}; choose from {sorted(BUILDERS)}")
+        fail(f"unknown manifest builder {kind!r}; choose from {sorted(BUILDERS)}")
     given = {"--generator": generator, "--split": split, "--label": label,
              "--val-fraction": None if val_fraction == DEFAULT_VAL_FRACTION else val_fraction}
     applies = {"genimage": ("--val-fraction",), "folders": ("--generator", "--split"),
                "list": ("--generator", "--split", "--label"), "webdataset": ("--generator", "--split", "--label")}
     stray = [flag for flag, value in given.items() if value is not None and flag not in applies[kind]]
     if stray:
-        _fail(f"{', '.join(stray)} do(es) not apply to the {kind} builder (it takes {', '.join(applies[kind])})")
+        fail(f"{', '.join(stray)} do(es) not apply to the {kind} builder (it takes {', '.join(applies[kind])})")
     options: dict = {"keep_duplicates": keep_duplicates, "workers": workers}
     if kind == "genimage":
         options["val_fraction"] = val_fraction
@@ -77,20 +75,21 @@ def build(
     log.info("%s: %d rows (%d with errors) under %s", out, built.table.num_rows, built.num_errors, built.root)
     for warning in split_warnings(count_rows(built.table)):
         log.warning("%s: %s", out, warning)
-    if as_json:
-        show(out, as_json=True)
+    if json_out:
+        show(out, json_out=True)
 
 
 def show(
-    path: Annotated[Path, typer.Argument(help="Manifest (.parquet).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    path: Path = typer.Argument(..., help="Manifest (.parquet)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Counts per split x generator x label (and errors), and the root."""
     from rich.console import Console
     from rich.table import Table
 
     from lare2.shared.logs import get_logger
-    from lare2.shared.manifest import LABEL_FAKE, LABEL_REAL, count_rows, read_manifest, read_manifest_metadata, split_warnings
+    from lare2.shared.manifest import (LABEL_FAKE, LABEL_REAL, count_rows, read_manifest, read_manifest_metadata,
+                                       split_warnings)
 
     with user_errors():
         meta = read_manifest_metadata(path)
@@ -106,10 +105,12 @@ def show(
         "counts": counts,
         "warnings": split_warnings(counts),
     }
-    for warning in [] if as_json else summary["warnings"]:
+    for warning in [] if json_out else summary["warnings"]:
         get_logger(__name__).warning("%s: %s", path, warning)
-    if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+    if json_out:
+        from lare2.shared.jsonio import print_json
+
+        print_json(summary)
         return
     pivot: dict[tuple[str, str], dict[int | str, int]] = {}
     for c in counts:
@@ -125,19 +126,25 @@ def show(
     Console().print(grid)
 
 
-AUDIT_HELP = """Audit a manifest for shortcuts before training: can the label be told from file metadata alone?
-
-Reads every image's header (no decoding) and reports per split x generator x label: formats, width and height, JPEG quality (estimated from the quantisation tables), chroma subsampling, bytes per pixel. Then cross-validates a classifier on those metadata alone; a ROC AUC above --bound is a shortcut (GenImage's "JPEG or not", Grommelt et al. 2024, arXiv 2403.17608): a warning names the features and the exit code is 1.
-"""
+AUDIT_HELP = (
+    "Audit a manifest for shortcuts before training: can the label be told from file metadata alone?\n\n"
+    "Reads every image's header (no decoding) and reports per split x generator x label: formats, width and "
+    "height, JPEG quality (estimated from the quantisation tables), chroma subsampling, bytes per pixel. Then "
+    "cross-validates a classifier on those metadata alone; a ROC AUC above --bound is a shortcut (GenImage's "
+    "\"JPEG or not\", Grommelt et al. 2024, arXiv 2403.17608): a warning names the features and the exit code is 1.\n"
+)
 
 
 def audit(
-    path: Annotated[Path, typer.Argument(help="Manifest (.parquet).")],
-    split: Annotated[str | None, typer.Option(help="Audit only this split (train/val/test); default all, grouped by split.")] = None,
-    bound: Annotated[float, typer.Option(help="CV ROC AUC above which the metadata are a shortcut, in (0.5, 1).")] = DEFAULT_SHORTCUT_BOUND,
-    seed: Annotated[int, typer.Option(help="Seed of the cross-validation folds and the classifier.")] = 0,
-    workers: Annotated[int, typer.Option(help="Threads reading headers.")] = min(8, os.cpu_count() or 1),
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document (groups, classifier, shortcut) instead of tables.")] = False,
+    path: Path = typer.Argument(..., help="Manifest (.parquet)."),
+    split: Optional[str] = typer.Option(None, help="Audit only this split (train/val/test); default all, grouped by "
+                                                   "split."),
+    bound: float = typer.Option(DEFAULT_SHORTCUT_BOUND, help="CV ROC AUC above which the metadata are a shortcut, in "
+                                                             "(0.5, 1)."),
+    seed: int = typer.Option(0, help="Seed of the cross-validation folds and the classifier."),
+    workers: int = typer.Option(min(8, os.cpu_count() or 1), help="Threads reading headers."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document (groups, classifier, shortcut) "
+                                                        "instead of tables."),
 ) -> None:
     """Formats, sizes, JPEG quality per group, and whether they predict the label."""
     from lare2.shared.logs import get_logger
@@ -145,8 +152,10 @@ def audit(
 
     with user_errors():
         report = audit_manifest(path, split=split, bound=bound, seed=seed, workers=workers)
-    if as_json:
-        typer.echo(json.dumps(report.to_json(), indent=2))
+    if json_out:
+        from lare2.shared.jsonio import print_json
+
+        print_json(report.to_json())
     else:
         print_audit_report(report)
     result = report.classifier
@@ -174,3 +183,8 @@ def register(app: typer.Typer) -> None:
     manifest_app.command("show")(show)
     manifest_app.command("audit", help=AUDIT_HELP)(audit)
     app.add_typer(manifest_app, name="manifest")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``main(["manifest", "show", PATH])``: a ``lare2 manifest`` command without the console script; the exit code."""
+    return run_commands(register, argv)

@@ -46,6 +46,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
+from lare2.shared.errors import InputError
+
 KINDS: tuple[str, ...] = ("jpeg", "blur", "resize", "crop", "noise", "size")
 """Step kinds, in the order the help lists them."""
 NORMALIZE_ONLY: tuple[str, ...] = ("size",)
@@ -99,7 +101,7 @@ def _check_value(kind: str, value: float) -> bool:
 def parse_chain(spec: str, *, allow_size: bool = False, what: str = "--perturb") -> tuple[Step, ...]:
     """``"jpeg:75+resize:0.5"`` -> its steps, in order; ``""`` or ``"none"`` -> ``()``.
 
-    ``allow_size``: accept ``size:N`` (normalisations only). A bad part raises ``ValueError`` naming
+    ``allow_size``: accept ``size:N`` (normalisations only). A bad part raises ``InputError`` naming
     ``what``, the part, and the kinds or the kind's range."""
     spec = spec.strip()
     if spec.lower() in ("", "none"):
@@ -110,10 +112,10 @@ def parse_chain(spec: str, *, allow_size: bool = False, what: str = "--perturb")
         kind, sep, number = part.partition(":")
         kind = kind.strip().lower()
         if kind in NORMALIZE_ONLY and not allow_size:
-            raise ValueError(f"{what} {spec!r}: bad part {part!r}: {kind}:N is a normalisation (--normalize), "
+            raise InputError(f"{what} {spec!r}: bad part {part!r}: {kind}:N is a normalisation (--normalize), "
                              f"not a perturbation; a perturbation is one of {', '.join(kinds)}")
         if kind not in kinds:
-            raise ValueError(f"{what} {spec!r}: bad part {part!r}: expected KIND:VALUE with KIND one of "
+            raise InputError(f"{what} {spec!r}: bad part {part!r}: expected KIND:VALUE with KIND one of "
                              f"{', '.join(kinds)}, parts joined by '+' (e.g. jpeg:75+resize:0.5), or none")
         try:
             value = float(number) if sep else math.nan
@@ -121,7 +123,7 @@ def parse_chain(spec: str, *, allow_size: bool = False, what: str = "--perturb")
             value = math.nan
         if not _check_value(kind, value):
             letter, meaning = RANGES[kind]
-            raise ValueError(f"{what} {spec!r}: bad part {part!r}: expected {kind}:{letter} with {letter} {meaning}")
+            raise InputError(f"{what} {spec!r}: bad part {part!r}: expected {kind}:{letter} with {letter} {meaning}")
         steps.append(Step(kind, value))
     return tuple(steps)
 

@@ -3,8 +3,9 @@
 - ``parse_overrides(["seed=3", ...], ConfigClass)``: ``--set KEY=VALUE`` strings converted by the
   field's annotated type (``int``, ``float``, ``bool``, ``str``, ``X | None``, ``list[str]``,
   ``Literal[...]``); a bad key or value is a ``SettingsError`` naming it and what was expected.
-- ``make_config(ConfigClass, presets, name, **overrides)``: a preset (a plain dict of overrides)
-  plus overrides; unknown presets and keys are ``SettingsError`` too.
+- Presets are plain functions, ``def debug(**overrides) -> Config``, each returning
+  ``make_config(Config, {**its settings, **overrides})``; ``pick_preset(PRESETS, name, **overrides)``
+  calls one by name. Unknown presets and keys are ``SettingsError`` too.
 - ``check_fields(config)`` from each config's ``__post_init__``: every field has its annotated type
   and every ``Literal`` field one of its choices (the one place where validation by type happens);
   ``check_range`` for the per-config range checks.
@@ -21,7 +22,9 @@ import functools
 import os
 import types
 import typing
-from typing import Any, Iterable, Literal, Mapping, TypeVar, Union
+from typing import Any, Callable, Iterable, Literal, Mapping, TypeVar, Union
+
+from lare2.shared.errors import UserError
 
 T = TypeVar("T")
 
@@ -29,7 +32,7 @@ _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 _NONE = ("none", "null")
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """A setting with an unknown key or a value of the wrong type or range; the message names both."""
 
 
@@ -58,7 +61,8 @@ def describe(annotation: Any) -> str:
         return "one of " + ", ".join(str(c) for c in typing.get_args(annotation))
     if typing.get_origin(annotation) is list:
         return f"a comma-separated list of {describe(typing.get_args(annotation)[0])}s"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation, str(annotation))
+    plain = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return plain.get(annotation, str(annotation))
 
 
 def convert(key: str, raw: str, annotation: Any) -> Any:
@@ -113,15 +117,19 @@ def parse_overrides(pairs: Iterable[str], config_cls: type) -> dict[str, Any]:
     return overrides
 
 
-def make_config(config_cls: type[T], presets: Mapping[str, Mapping[str, Any]], name: str, **overrides: Any) -> T:
-    """``config_cls(**presets[name], **overrides)``, with one-line errors for unknown presets and keys."""
-    if name not in presets:
-        raise SettingsError(f"preset {name!r}: choose from {', '.join(sorted(presets))}")
-    values = {**presets[name], **overrides}
+def make_config(config_cls: type[T], values: Mapping[str, Any]) -> T:
+    """``config_cls(**values)``, with a one-line error for an unknown key. What every preset returns."""
     unknown = [k for k in values if k not in field_types(config_cls)]
     if unknown:
         raise _unknown_key(unknown[0], config_cls)
     return config_cls(**values)
+
+
+def pick_preset(presets: Mapping[str, Callable[..., T]], name: str, **overrides: Any) -> T:
+    """``presets[name](**overrides)``: the preset function called ``name``; a one-line error for an unknown one."""
+    if name not in presets:
+        raise SettingsError(f"preset {name!r}: choose from {', '.join(sorted(presets))}")
+    return presets[name](**overrides)
 
 
 def _matches(value: Any, annotation: Any) -> bool:

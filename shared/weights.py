@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from lare2.shared.errors import InputError
+
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or a torch pickle (``.ckpt``/``.pt``/``.pth``/``.bin``).
@@ -24,9 +26,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file and the reason
         reason = str(err).splitlines()[0]
-        raise ValueError(f"{path}: cannot read as a weights-only torch checkpoint ({reason})") from err
+        raise InputError(f"{path}: cannot read as a weights-only torch checkpoint ({reason})") from err
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+        raise InputError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     return state

@@ -1,4 +1,5 @@
-"""``--train-backbone-top``: the backbone's layer4 + attention pool, from the weights a cache was made with (docs/method.md §2.4).
+"""``--train-backbone-top``: the backbone's layer4 + attention pool, from the weights a cache was made with
+(docs/method.md §2.4).
 
 The weights are read by the same code as stage 1's (``shared/clip_weights.py::load_tower``), so a
 file, a state dict or a named seeded tower (``tiny``, ``small``) gives the fingerprint stage 1
@@ -45,7 +46,8 @@ def load_top_weights(clip: str, cache_attrs: Mapping[str, Any], cache_path: str 
                               "--train-backbone-top needs a cache made by `lare2 extract`")
     spec = clip or extracted_with
     if not spec:
-        raise CheckpointError(f"{cache_path}: records no backbone weights; pass --clip with those it was extracted with")
+        raise CheckpointError(f"{cache_path}: records no backbone weights; "
+                              "pass --clip with those it was extracted with")
     import torch
 
     # building the tower draws initial weights; keep the global generator where the trainer seeded it, so
@@ -61,8 +63,9 @@ def load_top_weights(clip: str, cache_attrs: Mapping[str, Any], cache_path: str 
     if fingerprint != recorded:
         source = f"--clip {spec}" if clip else f"backbone {spec!r} (the cache's recorded weights, as found here)"
         raise CheckpointError(
-            f"{source}: its fingerprint {fingerprint} differs from {recorded}, the backbone fingerprint {cache_path} "
-            f"records (extracted with backbone={extracted_with!r}); pass --clip with the weights the cache was made with")
+            f"{source}: its fingerprint {fingerprint} differs from {recorded}, the backbone fingerprint "
+            f"{cache_path} records (extracted with backbone={extracted_with!r}); pass --clip with the weights "
+            "the cache was made with")
     state = {k: v.detach().clone() for k, v in tower.state_dict().items() if k.startswith(TOP_PREFIXES)}
     return TopWeights(state=state, depth=tower.config.layers[3], heads=tower.config.heads, fingerprint=fingerprint,
                       source=str(spec))

@@ -1,33 +1,42 @@
-"""Detector checkpoints: ``model.safetensors`` + ``config.json`` in a run directory.
+"""Run directories: what ``lare2 train`` writes, and what scoring, eval and calibration read back.
 
-``config.json`` holds the model kind and dims, the extraction config and fingerprint of the caches
-it was trained on (what scoring new images recomputes), the calibrated decision threshold and how
-it was set, the training config and the provenance. Scoring a cache made with another extraction fingerprint is refused.
+    model.safetensors   the detector's weights (of the best epoch on the validation metric)
+    config.json         the model kind and dims, the extraction config and fingerprint of the caches it was
+                        trained on (what scoring new images recomputes), the calibrated decision threshold and
+                        how it was set, the training config and the provenance; written last
+    history.json        per-epoch training loss, learning rate and validation metrics
+    resume.pt           the last finished epoch: model, optimizer, scheduler, RNG, epoch/step, history, best
+
+Scoring a cache made with another extraction fingerprint is refused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lare2.shared.atomic import atomic_write
 from lare2.shared.cache import CacheLayout
 from lare2.shared.config import ExtractConfig
+from lare2.shared.errors import UserError
 from lare2.shared.jsonio import write_json
-from lare2.train.data import CacheSplit
+from lare2.train.config import RESUME_FREE_KEYS, TrainConfig
 from lare2.train.models import ModelConfig, build_model
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.json"
+RESUME_FILE = "resume.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A run directory that cannot be loaded or does not fit the data it is used on; the message says why."""
 
 
@@ -83,9 +92,8 @@ def save_weights(model: nn.Module | Mapping[str, torch.Tensor], path: Path) -> N
     """A model's weights (or a state dict) as safetensors, written atomically."""
     source = model.state_dict() if isinstance(model, nn.Module) else model
     state = {k: v.detach().cpu().contiguous() for k, v in source.items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        save_file(state, str(tmp))
 
 
 def save_detector(run_dir: str | Path, model: nn.Module, config: DetectorConfig) -> None:
@@ -129,55 +137,71 @@ def check_compatible(config: DetectorConfig, fingerprint: str, layout: CacheLayo
         raise CheckpointError(f"{cache_path}: cache dims (pooled, fmap, lare) = {have}, the detector expects {want}")
 
 
-@torch.no_grad()
-def score_features(model: nn.Module, pooled: torch.Tensor | np.ndarray | None, fmap: torch.Tensor | np.ndarray | None,
-                   lare: torch.Tensor | np.ndarray | None) -> torch.Tensor:
-    """p(fake) [B] for cached-style inputs (any float dtype; cast to float32 on the model's device)."""
-    device = next(model.parameters()).device
+@dataclass
+class Progress:
+    """Where training stands after its last finished epoch (``resume.pt`` holds it with the model,
+    optimizer, scheduler and RNG states)."""
 
-    def prepare(x):
-        if x is None:
-            return None
-        x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-        return x.to(device=device, dtype=torch.float32)
-
-    was_training = model.training
-    model.eval()
-    logits_B2 = model(prepare(pooled), prepare(fmap), prepare(lare))
-    model.train(was_training)
-    # float64: a float32 softmax rounds margins above ~17 to exactly 1.0, tying confident fakes with misjudged reals
-    return logits_B2.double().softmax(dim=-1)[:, 1]
+    epoch: int = 0
+    """Epochs finished."""
+    step: int = 0
+    """Optimizer steps taken."""
+    history: list[dict] = field(default_factory=list)
+    """One record per finished epoch, as ``history.json`` holds them."""
+    best: dict = field(default_factory=lambda: {"metric": -math.inf, "epoch": -1})
+    """Selection metric, validation loss and epoch (0-based) of the best epoch so far."""
+    best_weights: dict[str, torch.Tensor] | None = None
+    """The best epoch's weights (CPU), kept in ``resume.pt`` too: they and ``best`` stay consistent."""
 
 
-def split_reference_state(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(head, backbone) parts of a reference ``CLipClassifierWMapV6`` state dict.
-
-    Unwraps ``{"state_dict": ...}``/``{"model": ...}`` containers and ``module.`` prefixes
-    (DataParallel). Backbone keys lose their ``clip_model.`` prefix (``visual.*`` remains).
-    """
-    for wrapper in ("state_dict", "model", "model_state_dict"):
-        if wrapper in state and isinstance(state[wrapper], Mapping):
-            state = state[wrapper]
-    head, backbone = {}, {}
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        key = key.removeprefix("module.")
-        if key.startswith("clip_model."):
-            backbone[key.removeprefix("clip_model.")] = value
-        else:
-            head[key] = value
-    return head, backbone
+def save_history(run_dir: Path, history: list[dict]) -> None:
+    write_json(run_dir / HISTORY_FILE, {"history": history})
 
 
-@torch.no_grad()
-def score_split(model: nn.Module, split: CacheSplit, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels [N], p_fake [N], cache row indices [N]) for every ok sample of ``split``, in store order."""
-    labels, scores, indices = [], [], []
-    for batch in split.sequential_batches(batch_size):
-        scores.append(score_features(model, batch.pooled, batch.fmap, batch.lare).cpu().numpy())
-        labels.append(batch.label.numpy())
-        indices.append(batch.index)
-    if not scores:
-        return np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.int64)
-    return np.concatenate(labels), np.concatenate(scores).astype(np.float64), np.concatenate(indices)
+def _rng_state() -> dict:
+    return {"rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["rng_torch"])
+    if state.get("rng_cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+
+def save_resume_state(run_dir: Path, progress: Progress, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      scheduler, cfg: TrainConfig) -> None:
+    """``run_dir/resume.pt`` after a finished epoch, with this process's RNG state; written atomically,
+    so that a kill leaves the previous epoch's state intact."""
+    state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "best_model": progress.best_weights,
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "epoch": progress.epoch, "step": progress.step, "history": progress.history, "best": progress.best,
+             "config": cfg.to_dict(), **_rng_state()}
+    with atomic_write(run_dir / RESUME_FILE) as tmp:
+        torch.save(state, tmp)
+
+
+def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    now, defaults = cfg.to_dict(), TrainConfig().to_dict()  # a setting newer than the saved state has its default there
+    changed = {k: (saved.get(k, defaults[k]), now[k]) for k in now
+               if k not in RESUME_FREE_KEYS and saved.get(k, defaults[k]) != now[k]}
+    if changed:
+        raise CheckpointError(f"{path}: saved with other settings {changed} (saved, now); use another --out, "
+                              "or --overwrite to start afresh")
+
+
+def load_resume_state(run_dir: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      scheduler) -> Progress | None:
+    """Restore ``model``, ``optimizer``, ``scheduler`` and the RNG from ``run_dir/resume.pt``; where training
+    stands (None: no saved state). A state saved with other settings (``RESUME_FREE_KEYS`` aside) is refused."""
+    path = run_dir / RESUME_FILE
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    _check_resumable(state["config"], cfg, path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state)
+    return Progress(epoch=state["epoch"], step=state["step"], history=state["history"], best=state["best"],
+                    best_weights=state.get("best_model"))

@@ -16,13 +16,14 @@ import contextlib
 import glob
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
-from lare2.shared.cli_errors import EXIT_STOPPED, check_device, fail, user_errors
+from lare2.shared.cli_errors import EXIT_STOPPED, check_device, fail, run_commands, user_errors
 
-JsonOpt = typer.Option(False, "--json", help="Print the summary as one JSON document on stdout (logs go to stderr).")
+JSON_OPTION = typer.Option(False, "--json", help="Print the summary as one JSON document on stdout (logs go to "
+                                                 "stderr).")
 
 
 def _expand_tests(patterns: list[str]) -> list[str]:
@@ -35,12 +36,6 @@ def _expand_tests(patterns: list[str]) -> list[str]:
     if not paths:
         fail("no test caches given: pass --test CACHE (repeatable, or a quoted glob such as 'cache/test_*')")
     return paths
-
-
-def _echo_json(obj) -> None:
-    from lare2.shared.jsonio import to_json
-
-    typer.echo(to_json(obj))
 
 
 def _holds_run(out: Path) -> bool:
@@ -58,7 +53,8 @@ def _load_run(run_dir: Path):
 
 
 def train_command(
-    preset: str = typer.Option("paper", help="Settings to start from: paper (reference recipe) or debug (tiny, CPU, seconds)."),
+    preset: str = typer.Option("paper", help="Settings to start from: paper (reference recipe) or debug (tiny, CPU, "
+                                             "seconds)."),
     model: Optional[str] = typer.Option(None, help="egre | linear | lare-only (default: the preset's, egre)."),
     train: Optional[str] = typer.Option(None, help="Training cache directory."),
     val: Optional[str] = typer.Option(None, help="Validation cache directory (selection, schedule, threshold)."),
@@ -67,23 +63,29 @@ def train_command(
     batch_size: Optional[int] = typer.Option(None, help="Batch size."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
     seed: Optional[int] = typer.Option(None, help="Seed of weights, data order and dropout."),
-    device: Optional[str] = typer.Option(None, help="auto (CUDA when present; the default, the debug preset picks cpu) | cpu | cuda."),
+    device: Optional[str] = typer.Option(None, help="auto (CUDA when present; the default, the debug preset picks cpu) "
+                                                    "| cpu | cuda."),
     target_fpr: Optional[float] = typer.Option(None, help="FPR on validation reals for the calibrated threshold."),
     train_backbone_top: bool = typer.Option(False, "--train-backbone-top",
-                                            help="Also train the backbone's layer4 + attention pool, from the weights the "
+                                            help="Also train the backbone's layer4 + attention pool, from the weights "
+                                                 "the "
                                                  "cache was made with; pooled is recomputed from the cached fmap "
                                                  "(its lr: --set backbone_top_lr_scale=0.1, the default)."),
-    clip: Optional[str] = typer.Option(None, help="Backbone weights for --train-backbone-top (RN50.pt, a state dict, or "
+    clip: Optional[str] = typer.Option(None, help="Backbone weights for --train-backbone-top (RN50.pt, a state dict, "
+                                                  "or "
                                                   "tiny/small); default: the backbone the training cache recorded."),
-    set_: List[str] = typer.Option([], "--set", help="Any other TrainConfig field: --set KEY=VALUE (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help="Any other TrainConfig field: --set KEY=VALUE (repeatable)."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume",
-                                          help="--resume (default): continue the run at --out from its last saved epoch. "
+                                          help="--resume (default): continue the run at --out from its last saved "
+                                               "epoch. "
                                                "--no-resume: refuse when --out already holds a run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in --out, replacing the run there."),
-    allow_pending: bool = typer.Option(False, "--allow-pending", help="Use caches still being extracted (pending samples left out)."),
+    allow_pending: bool = typer.Option(False, "--allow-pending", help="Use caches still being extracted (pending "
+                                                                      "samples left out)."),
     allow_overlap: bool = typer.Option(False, "--allow-overlap",
-                                       help="Accept train and val sharing sample ids, or test data in either (a leak, if not meant)."),
-    json_out: bool = JsonOpt,
+                                       help="Accept train and val sharing sample ids, or test data in either (a leak, "
+                                            "if not meant)."),
+    json_out: bool = JSON_OPTION,
     stop_after_steps: Optional[int] = typer.Option(None, hidden=True, help="Debug: stop without saving after N steps."),
 ) -> None:
     """Fit a detector on cached features; select and calibrate on the validation cache."""
@@ -93,8 +95,9 @@ def train_command(
 
     with user_errors():
         overrides = parse_overrides(set_, TrainConfig)
-        named = {"model": model, "train": train, "val": val, "out": out, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                 "seed": seed, "device": device, "target_fpr": target_fpr, "stop_after_steps": stop_after_steps,
+        named = {"model": model, "train": train, "val": val, "out": out, "epochs": epochs, "batch_size": batch_size,
+                 "lr": lr, "seed": seed, "device": device, "target_fpr": target_fpr,
+                 "stop_after_steps": stop_after_steps,
                  "allow_pending": allow_pending or None, "allow_overlap": allow_overlap or None,
                  "train_backbone_top": train_backbone_top or None, "clip": clip}
         overrides.update({k: v for k, v in named.items() if v is not None})
@@ -104,7 +107,8 @@ def train_command(
             overrides["resume"] = False
         cfg = make_preset(preset, **overrides)
     if cfg.clip and not cfg.train_backbone_top:
-        fail(f"--clip {cfg.clip}: only --train-backbone-top reads backbone weights at train time; add it, or drop --clip")
+        fail(f"--clip {cfg.clip}: only --train-backbone-top reads backbone weights at train time; "
+             "add it, or drop --clip")
     check_device(cfg.device)
     if not cfg.resume and not overwrite and _holds_run(Path(cfg.out)):
         fail(f"{cfg.out}: already holds a run and --no-resume was given; choose a new --out, "
@@ -115,7 +119,9 @@ def train_command(
     with user_errors():
         result = run_training(cfg)
     if json_out:
-        _echo_json({"run_dir": result.run_dir, "finished": result.finished, "best_epoch": result.best_epoch,
+        from lare2.shared.jsonio import print_json
+
+        print_json({"run_dir": result.run_dir, "finished": result.finished, "best_epoch": result.best_epoch,
                     "threshold": result.threshold, "target_fpr": cfg.target_fpr, "select_metric": cfg.select_metric,
                     "val_metrics": result.val_metrics})
     if not result.finished:
@@ -124,20 +130,24 @@ def train_command(
 
 def eval_command(
     run_dir: Path = typer.Argument(..., help="Run directory of a trained detector (config.json + model.safetensors)."),
-    more_tests: List[str] = typer.Argument(None, help="More test caches (so that --test cache/test_* works unquoted)."),
-    test: List[str] = typer.Option([], help="Test cache, or a quoted glob such as 'cache/test_*' (repeatable)."),
+    more_tests: list[str] = typer.Argument(None, help="More test caches (so that --test cache/test_* works unquoted)."),
+    test: list[str] = typer.Option([], help="Test cache, or a quoted glob such as 'cache/test_*' (repeatable)."),
     report: Optional[Path] = typer.Option(None, help="Report directory (default RUN_DIR/report)."),
     batch_size: int = typer.Option(256, help="Samples per scoring batch."),
     device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda."),
     plots: bool = typer.Option(True, help="Write roc.png and acc_ap.png (and robustness.png)."),
     robustness: bool = typer.Option(False, "--robustness",
-                                    help="Also a generator x perturbation table: test caches grouped by the perturbation "
+                                    help="Also a generator x perturbation table: test caches grouped by the "
+                                         "perturbation "
                                          "of their extraction (clean for none); robustness.json/.csv/.png."),
-    metric: Optional[str] = typer.Option(None, help="The figure the robustness table shows: auc (default) | acc | acc@thr | ap "
+    metric: Optional[str] = typer.Option(None, help="The figure the robustness table shows: auc (default) | acc | "
+                                                    "acc@thr | ap "
                                                     "(JSON and CSV hold all four)."),
-    allow_pending: bool = typer.Option(False, "--allow-pending", help="Score caches still being extracted (pending samples left out)."),
-    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Test caches sharing samples with the training cache: no warning."),
-    json_out: bool = JsonOpt,
+    allow_pending: bool = typer.Option(False, "--allow-pending", help="Score caches still being extracted (pending "
+                                                                      "samples left out)."),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Test caches sharing samples with the training "
+                                                                      "cache: no warning."),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Per-generator ACC/AP/AUC/TPR@FPR table for every test cache; JSON, CSV, PNG plots and per-sample
     predictions.parquet; with --robustness, the same figures per perturbation of the test caches."""
@@ -161,8 +171,11 @@ def eval_command(
                           allow_pending=allow_pending, allow_overlap=allow_overlap, robustness=robustness,
                           metric=metric or "auc")
     if json_out:
+        from lare2.shared.jsonio import print_json
+
         keys = ("run", "threshold", "target_fpr", "model", "rows", "mean", "extraction_errors", "robustness")
-        _echo_json({key: result[key] for key in keys if key in result} | {"report_dir": str(report or run_dir / "report")})
+        print_json({key: result[key] for key in keys if key in result}
+                   | {"report_dir": str(report or run_dir / "report")})
 
 
 def convert_reference_command(
@@ -171,7 +184,7 @@ def convert_reference_command(
     lare_size: int = typer.Option(32, help="Side of the LaRE map the head will see: image size / 8 (32 at 256 px)."),
     val: Optional[str] = typer.Option(None, hidden=True, help="Removed: calibrate with `lare2 calibrate`."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
-    json_out: bool = JsonOpt,
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Write an uncalibrated run from a reference checkpoint (head loaded strictly; backbone saved aside).
 
@@ -183,22 +196,26 @@ def convert_reference_command(
              f"(extract {val} with --clip {out}/backbone.safetensors first)")
     if _holds_run(out) and not overwrite:
         fail(f"{out}: already holds a run; choose a new --out, or pass --overwrite to replace it")
-    from lare2.train.trainer import REFERENCE_BACKBONE_FILE, convert_reference
+    from lare2.train.reference import REFERENCE_BACKBONE_FILE, convert_reference
 
     with user_errors():
         config = convert_reference(checkpoint, out, lare_size=lare_size)
     backbone = out / REFERENCE_BACKBONE_FILE
     if json_out:
-        _echo_json({"run_dir": out, "calibrated": False, "threshold": config.threshold, "model": config.model.to_dict(),
+        from lare2.shared.jsonio import print_json
+
+        print_json({"run_dir": out, "calibrated": False, "threshold": config.threshold, "model": config.model.to_dict(),
                     "backbone": backbone if backbone.exists() else None})
 
 
 def calibrate_command(
     run_dir: Path = typer.Argument(..., help="Run directory (lare2 convert-reference or lare2 train)."),
-    val: str = typer.Option(..., help="Validation cache extracted with the run's backbone (and, for a trained run, its settings)."),
-    target_fpr: Optional[float] = typer.Option(None, help="FPR on validation reals for the threshold (default: the run's, else 0.05)."),
+    val: str = typer.Option(..., help="Validation cache extracted with the run's backbone (and, for a trained run, its "
+                                      "settings)."),
+    target_fpr: Optional[float] = typer.Option(None, help="FPR on validation reals for the threshold (default: the "
+                                                          "run's, else 0.05)."),
     allow_pending: bool = typer.Option(False, "--allow-pending", help="Use a val cache still being extracted."),
-    json_out: bool = JsonOpt,
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Set a run's decision threshold from a validation cache's reals; refuses a cache that does not fit the run."""
     from lare2.train.calibration import calibrate_run
@@ -208,7 +225,9 @@ def calibrate_command(
     with user_errors():
         config = calibrate_run(run_dir, val, target_fpr, allow_pending)
     if json_out:
-        _echo_json({"run_dir": run_dir, "val": val, "threshold": config.threshold, "target_fpr": config.target_fpr,
+        from lare2.shared.jsonio import print_json
+
+        print_json({"run_dir": run_dir, "val": val, "threshold": config.threshold, "target_fpr": config.target_fpr,
                     "val_metrics": config.val_metrics})
 
 
@@ -221,15 +240,4 @@ def register(app: typer.Typer) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one of this stage's commands, e.g. ``main(["train", "--preset", "debug", ...])``; returns the exit code."""
-    from typer.exceptions import TyperException
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False, no_args_is_help=True)
-    register(app)
-    try:
-        code = app(args=argv, standalone_mode=False)  # returns typer.Exit's code instead of exiting
-    except TyperException as err:  # bad usage (BadParameter, UsageError): typer's message, exit 2
-        if not hasattr(err, "show"):
-            raise
-        err.show()
-        return int(getattr(err, "exit_code", 2))
-    return int(code or 0)
+    return run_commands(register, argv)

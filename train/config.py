@@ -1,4 +1,4 @@
-"""Stage 2 configuration: one typed dataclass, presets as plain dicts of overrides.
+"""Stage 2 configuration: one typed dataclass, presets as plain functions returning one.
 
 Choices are ``Literal`` types; ``lare2.shared.settings`` checks every field's type and converts
 ``--set KEY=VALUE``; ranges are checked in ``__post_init__``.
@@ -6,12 +6,11 @@ Choices are ``Literal`` types; ``lare2.shared.settings`` checks every field's ty
 
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Callable, Literal, get_args
 
 from lare2.shared.devices import DEVICES, DeviceName
-from lare2.shared.settings import SettingsError, check_fields, check_range, make_config
+from lare2.shared.settings import SettingsError, check_fields, check_range, make_config, pick_preset
 from lare2.train.models import MODEL_KINDS, HeadSettings
 
 ModelKind = Literal[MODEL_KINDS]  # type: ignore[valid-type]  # ("egre", "linear", "lare-only")
@@ -24,7 +23,8 @@ __all__ = ["DEVICES", "MIXED_PRECISION", "PRESETS", "RESUME_FREE_KEYS", "SELECT_
 
 # Settings a resumed run may change without invalidating its saved state.
 RESUME_FREE_KEYS = ("out", "epochs", "stop_after_steps", "log_every", "device", "resume", "progress", "cpu_threads",
-                    "allow_pending", "allow_overlap", "clip", "read_workers", "read_ahead", "in_memory", "memory_budget_gb")
+                    "allow_pending", "allow_overlap", "clip", "read_workers", "read_ahead", "in_memory",
+                    "memory_budget_gb")
 
 
 @dataclass(kw_only=True)
@@ -132,26 +132,28 @@ class TrainConfig(HeadSettings):
         check_range(self, "stop_after_steps", min=1)
         check_range(self, "backbone_top_lr_scale", above=0.0)
         if self.train_backbone_top and self.model == "lare-only":
-            raise SettingsError("train_backbone_top: the lare-only model reads no backbone features; use --model egre or linear")
+            raise SettingsError("train_backbone_top: the lare-only model reads no backbone features; "
+                                "use --model egre or linear")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-# ---- presets ------------------------------------------------------------------------------------
-PRESETS: dict[str, dict[str, Any]] = {
-    # the reference recipe (docs/method.md §4.1): Adam 1e-4, batch 48, clip 5.0, plateau(0.5, 4) on validation AUC
-    "paper": {},
-    # tiny and fast on a CPU: a larger learning rate, few epochs, bitwise deterministic
-    "debug": {"epochs": 4, "batch_size": 16, "lr": 1e-3, "device": "cpu", "deterministic": True, "cpu_threads": 1,
-              "log_every": 10},
-}
+# ---- presets: plain functions returning a config ------------------------------------------------
+def paper(**overrides: Any) -> TrainConfig:
+    """The reference recipe (docs/method.md §4.1): Adam 1e-4, batch 48, clip 5.0, plateau(0.5, 4) on validation AUC."""
+    return make_config(TrainConfig, overrides)
 
 
-def preset(name: str, **overrides) -> TrainConfig:
-    """``PRESETS[name]`` with ``overrides``; ``SettingsError`` for an unknown preset or key."""
-    return make_config(TrainConfig, PRESETS, name, **overrides)
+def debug(**overrides: Any) -> TrainConfig:
+    """Tiny and fast on a CPU: a larger learning rate, few epochs, bitwise deterministic."""
+    return make_config(TrainConfig, {"epochs": 4, "batch_size": 16, "lr": 1e-3, "device": "cpu", "deterministic": True,
+                                     "cpu_threads": 1, "log_every": 10, **overrides})
 
 
-paper = functools.partial(preset, "paper")
-debug = functools.partial(preset, "debug")
+PRESETS: dict[str, Callable[..., TrainConfig]] = {"paper": paper, "debug": debug}
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """The preset called ``name`` with ``overrides``; ``SettingsError`` for an unknown preset or key."""
+    return pick_preset(PRESETS, name, **overrides)

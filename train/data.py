@@ -32,8 +32,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from lare2.shared.cache import STATUS_ERROR, STATUS_PENDING, VIEW_ARRAYS, CacheError, FeatureCache
+from lare2.shared.cache import STATUS_ERROR, STATUS_PENDING, VIEW_ARRAYS, CacheError, FeatureCache, nonfinite_rows
 from lare2.shared.config import identity_fingerprint
+from lare2.shared.errors import InputError
 from lare2.shared.logs import get_logger
 
 log = get_logger(__name__)
@@ -43,7 +44,8 @@ def extraction_fingerprint(cache: FeatureCache) -> str:
     """sha256 of the cache's extraction identity (sorted JSON): equal iff the features are comparable."""
     identity = cache.attrs.get("identity")
     if not isinstance(identity, dict):
-        raise CacheError(f"{cache.path}: the cache records no extraction identity (attrs['identity']); re-extract it with `lare2 extract`")
+        raise CacheError(f"{cache.path}: the cache records no extraction identity (attrs['identity']); "
+                         "re-extract it with `lare2 extract`")
     return identity_fingerprint(identity)
 
 
@@ -82,7 +84,8 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(pooled=move(self.pooled), fmap=move(self.fmap), lare=move(self.lare), label=move(self.label), index=self.index)
+        return Batch(pooled=move(self.pooled), fmap=move(self.fmap), lare=move(self.lare), label=move(self.label),
+                     index=self.index)
 
     def rows(self, lo: int, hi: int) -> "Batch":
         """Rows ``lo:hi`` as views (no copy)."""
@@ -123,7 +126,8 @@ class ReadSettings:
 
     def __post_init__(self) -> None:
         if self.workers < 0 or self.ahead < 1:
-            raise ValueError(f"read workers must be >= 0 and read-ahead >= 1 window, got {self.workers} and {self.ahead}")
+            raise InputError(f"read workers must be >= 0 and read-ahead >= 1 window, "
+                             f"got {self.workers} and {self.ahead}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -159,13 +163,6 @@ def _cut(windows: Iterator[Batch], batch_size: int, carry: bool, limit: int | No
                     return
     if pieces:
         yield _join(pieces)
-
-
-def _nonfinite_rows(values: np.ndarray) -> np.ndarray:
-    """Bool [n]: rows holding NaN or Inf."""
-    if values.dtype == np.float16:  # all exponent bits set: ~8x faster than np.isfinite on float16 here
-        return (values.view(np.uint16).reshape(len(values), -1) & 0x7C00).max(axis=1, initial=0) == 0x7C00
-    return ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
 
 
 class _Scratch(threading.local):
@@ -212,9 +209,9 @@ class CacheSplit:
         self.num_pending = int((status == STATUS_PENDING).sum())
         self.num_errors = int((status == STATUS_ERROR).sum())
         if self.num_pending and not allow_pending:
-            raise CacheError(f"{self.path}: {self.num_pending} of {len(status)} samples are still pending (extraction not "
-                             "finished); rerun the `lare2 extract` command to complete the cache, or pass --allow-pending "
-                             "to use the finished part")
+            raise CacheError(f"{self.path}: {self.num_pending} of {len(status)} samples are still pending "
+                             "(extraction not finished); rerun the `lare2 extract` command to complete the cache, "
+                             "or pass --allow-pending to use the finished part")
         if self.num_pending:  # an unfinished extraction: say so, the figures cover only part of the data
             log.warning("%s: %d of %d samples are still pending (extraction not finished) and are left out; "
                         "rerun the extraction to complete the cache", self.path, self.num_pending, len(status))
@@ -247,7 +244,7 @@ class CacheSplit:
         every = bool(keep.all())
         arrays = {n: a if every else a[keep] for n, a in self.cache.read(sl, self.read_names).items()}
         for name, values in arrays.items():  # an ok sample never holds NaN: the extractor records those as errors
-            bad = _nonfinite_rows(values)
+            bad = nonfinite_rows(values)
             if bad.any():
                 sample = self.cache.column("sample_id")[sl][keep][bad][0]
                 raise CacheError(f"{self.path}: block {block}: {name} holds NaN/Inf for {int(bad.sum())} samples whose "
@@ -260,9 +257,11 @@ class CacheSplit:
         return self._resident is not None
 
     def memory_bytes(self) -> int:
-        """Bytes the ok samples of ``read_names`` take in RAM at their storage dtypes (what ``hold_in_memory`` keeps)."""
+        """Bytes the ok samples of ``read_names`` take in RAM at their storage dtypes (what ``hold_in_memory``
+        keeps)."""
         layout = self.cache.layout
-        per_sample = sum(int(np.prod(layout.sample_shape(n))) * np.dtype(layout.dtype(n)).itemsize for n in self.read_names)
+        per_sample = sum(int(np.prod(layout.sample_shape(n))) * np.dtype(layout.dtype(n)).itemsize
+                         for n in self.read_names)
         return self.num_ok * per_sample
 
     def hold_in_memory(self) -> None:
@@ -278,13 +277,15 @@ class CacheSplit:
         its fill tasks: (block, first read row, rows the block's ok samples go to (None: in order), view draw)."""
         starts = np.cumsum([0] + [self.ok_per_block[b] for b in window.blocks])
         # the cache rows read_block returns, known without reading
-        index = np.concatenate([np.flatnonzero(self.ok[sl]) + sl.start for sl in map(self.cache.block_slice, window.blocks)])
+        index = np.concatenate([np.flatnonzero(self.ok[sl]) + sl.start
+                                for sl in map(self.cache.block_slice, window.blocks)])
         # where each read sample goes: position[j] = i such that order[i] = j
         position = None if window.order is None else np.argsort(window.order)
         if window.order is not None:
             index = index[window.order]
         pin = self.read.pin_device is not None
-        tensors = {name: torch.empty((len(index), *self.cache.layout.sample_shape(name)), dtype=torch.float32, pin_memory=pin)
+        tensors = {name: torch.empty((len(index), *self.cache.layout.sample_shape(name)), dtype=torch.float32,
+                                     pin_memory=pin)
                    for name in self.names}
         label = torch.from_numpy(self.labels[index])
         out = Batch(pooled=tensors.get("pooled"), fmap=tensors.get("fmap"), lare=tensors.get("lare"),
@@ -300,7 +301,8 @@ class CacheSplit:
         arrays, index = self.read_block(block)
         if draw is not None and self.view_names:
             picked = view_choice(*draw, self._keys[index], self.num_views)
-            arrays = arrays | {name: arrays[views][np.arange(len(index)), picked] for name, views in self.view_names.items()}
+            arrays = arrays | {name: arrays[views][np.arange(len(index)), picked]
+                               for name, views in self.view_names.items()}
         for name in self.names:
             values = arrays[name]
             part = torch.from_numpy(values)  # fp16 storage -> float32 compute, by torch: ~10x numpy's cast
@@ -361,7 +363,8 @@ class CacheSplit:
         size = shuffle_blocks if world_size == 1 else max(1, min(shuffle_blocks, len(blocks) // world_size))
         return rng, [blocks[s:s + size] for s in range(0, len(blocks), size)]
 
-    def num_batches(self, *, batch_size: int, shuffle_blocks: int, world_size: int = 1, epoch: int = 0, seed: int = 0) -> int:
+    def num_batches(self, *, batch_size: int, shuffle_blocks: int, world_size: int = 1, epoch: int = 0,
+                    seed: int = 0) -> int:
         """Batches each rank yields in one epoch: all of them (the last may be partial) on one rank; on
         several, as many full batches as the rank with the fewest samples has, so that all take the same steps."""
         windows = [] if world_size == 1 else self._epoch_windows(epoch, seed, shuffle_blocks, world_size)[1]
@@ -397,8 +400,8 @@ class CacheSplit:
         the ranks together read the split once per epoch. A window's last samples lead the next batch.
         Every rank takes ``num_batches`` steps.
         """
-        windows, steps = self.epoch_windows(epoch=epoch, seed=seed, batch_size=batch_size, shuffle_blocks=shuffle_blocks,
-                                            rank=rank, world_size=world_size)
+        windows, steps = self.epoch_windows(epoch=epoch, seed=seed, batch_size=batch_size,
+                                            shuffle_blocks=shuffle_blocks, rank=rank, world_size=world_size)
         return _cut(self._loaded(windows), batch_size, carry=True, limit=steps)
 
     def sequential_batches(self, batch_size: int) -> Iterator[Batch]:

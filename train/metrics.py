@@ -1,31 +1,15 @@
-"""Detection metrics on p(fake) scores (scikit-learn) and threshold calibration on validation reals.
+"""Detection metrics on p(fake) scores (scikit-learn) and the validation loss.
 
-Convention: label 1 = fake (positive), 0 = real; an image is called fake when ``p_fake > threshold``.
+Convention: label 1 = fake (positive), 0 = real; an image is called fake when ``p_fake > threshold``
+(the threshold itself is set in ``lare2.train.calibration``).
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from sklearn.metrics import accuracy_score, average_precision_score, balanced_accuracy_score, roc_auc_score, roc_curve
 
 TPR_AT_FPR = (0.01, 0.05)
-
-
-def calibrate_threshold(real_scores: np.ndarray, target_fpr: float) -> float:
-    """The smallest observed real score ``t`` with ``mean(real_scores > t) <= target_fpr``.
-
-    Chosen on validation reals only: the k-th smallest real score, k = ceil((1 - target_fpr) * n),
-    leaves at most ``n - k <= target_fpr * n`` reals above it (ties only lower the rate).
-    """
-    scores = np.sort(np.asarray(real_scores, dtype=np.float64))
-    if scores.size == 0:
-        raise ValueError("cannot calibrate a threshold: the validation split has no real images with status ok")
-    if not 0.0 < target_fpr < 1.0:
-        raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
-    k = max(1, math.ceil((1.0 - target_fpr) * scores.size - 1e-9))
-    return float(scores[k - 1])
 
 
 def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr_target: float) -> float:
@@ -74,3 +58,9 @@ def detection_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float |
     out["n_real"] = int((labels == 0).sum())
     out["n_fake"] = int((labels == 1).sum())
     return out
+
+
+def validation_loss(labels: np.ndarray, p_fake: np.ndarray) -> float:
+    """Mean cross-entropy of the scores (p clipped to [1e-7, 1 - 1e-7])."""
+    p = np.clip(p_fake, 1e-7, 1 - 1e-7)
+    return float(-np.mean(np.where(labels == 1, np.log(p), np.log1p(-p))))

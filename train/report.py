@@ -25,12 +25,15 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lare2.shared.logs import console, get_logger
+from lare2.shared.atomic import atomic_write
+from lare2.shared.errors import InputError
 from lare2.shared.jsonio import write_json
+from lare2.shared.logs import console, get_logger
 from lare2.shared.perturbations import chain_text, parse_chain
-from lare2.train.checkpoint import check_compatible, load_detector, score_split
+from lare2.train.checkpoint import check_compatible, load_detector
 from lare2.train.data import CacheSplit, ReadSettings
 from lare2.train.metrics import detection_metrics
+from lare2.train.scoring import score_split
 from lare2.train.split_safety import warn_test_overlap
 
 logger = get_logger(__name__)
@@ -93,16 +96,19 @@ def score_caches(run_dir: str | Path, test_paths: Sequence[str | Path], batch_si
         warn_test_overlap(split.cache, config.train_ids_digest, config.extra.get("train_cache"), allow_overlap)
         perturb = perturbation_of(split.cache.attrs, path)
         labels, scores, index = score_split(model, split, batch_size)
-        meta = {name: np.asarray(split.cache.column(name)[index], dtype=object) for name in ("generator", "sample_id", "path")}
+        meta = {name: np.asarray(split.cache.column(name)[index], dtype=object)
+                for name in ("generator", "sample_id", "path")}
         status = split.cache.column("status")
         scored.append(ScoredCache(path=Path(path), labels=labels, scores=scores, generators=meta["generator"],
                                   num_errors=int((status == "error").sum()), sample_ids=meta["sample_id"],
                                   paths=meta["path"], perturb=perturb))
-        logger.info(f"{path}: scored {len(labels)} ok samples ({scored[-1].num_errors} with extraction errors left out)")
+        logger.info(f"{path}: scored {len(labels)} ok samples "
+                    f"({scored[-1].num_errors} with extraction errors left out)")
     return model, config, scored
 
 
-def generator_rows(scored: Sequence[ScoredCache], threshold: float) -> tuple[list[dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
+def generator_rows(scored: Sequence[ScoredCache],
+                   threshold: float) -> tuple[list[dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Metric rows per (cache, generator) following GROUPING_RULE, and the (labels, scores) behind each."""
     all_real_scores = np.concatenate([c.scores[c.labels == 0] for c in scored]) if scored else np.empty(0)
     names = [str(g) for c in scored for g in dict.fromkeys(c.generators)]
@@ -119,7 +125,8 @@ def generator_rows(scored: Sequence[ScoredCache], threshold: float) -> tuple[lis
             name = _row_name(str(generator), cache.path, names, [c.path for c in scored])
             labels = np.concatenate([np.zeros(reals.size, np.int64), np.ones(fakes.size, np.int64)])
             scores = np.concatenate([reals, fakes])
-            row = {"generator": name, "cache": str(cache.path), "reals_from": reals_from if fakes.size else "reals only",
+            row = {"generator": name, "cache": str(cache.path),
+                   "reals_from": reals_from if fakes.size else "reals only",
                    **detection_metrics(labels, scores, threshold, balanced=reals_from != "generator")}
             rows.append(row)
             curves[name] = (labels, scores)
@@ -164,8 +171,8 @@ def print_table(rows: Sequence[dict], mean: dict, threshold: float) -> None:
         table.add_column(HEADERS[col], justify="left" if col in ("generator", "reals_from") else "right")
     for row in [*rows, mean]:
         # escaped: a row name such as "sd [test]" would otherwise be read as rich markup and lose its cache
-        table.add_row(*[escape(percent(row[c])) for c in ("generator", *TABLE_COLUMNS, "n_real", "n_fake", "reals_from")],
-                      end_section=row is rows[-1] if rows else False)
+        cells = [escape(percent(row[c])) for c in ("generator", *TABLE_COLUMNS, "n_real", "n_fake", "reals_from")]
+        table.add_row(*cells, end_section=row is rows[-1] if rows else False)
     # the table is the command's output: stdout, and not squeezed to 80 columns when piped
     Console(width=None if console.is_terminal else 140).print(table)
 
@@ -185,8 +192,8 @@ def write_plots(curves: dict[str, tuple[np.ndarray, np.ndarray]], rows: Sequence
             fpr, tpr, _ = roc_curve(labels, scores)
             ax.plot(fpr, tpr, label=f"{name} (AUC {100 * row['auc']:.1f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    ax.set(xlabel="false positive rate (reals called fake)", ylabel="true positive rate (fakes caught)", title="ROC per generator",
-           xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(xlabel="false positive rate (reals called fake)", ylabel="true positive rate (fakes caught)",
+           title="ROC per generator", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     fig.savefig(report_dir / "roc.png", dpi=120)
@@ -229,9 +236,8 @@ def write_predictions(scored: Sequence[ScoredCache], threshold: float, path: Pat
         "cache": strings(str(c.path) for c, n in zip(scored, lengths) for _ in range(n)),
         "perturb": strings(c.perturb for c, n in zip(scored, lengths) for _ in range(n)),
     })
-    tmp = path.with_suffix(path.suffix + ".tmp")  # renamed into place: a crash never leaves half a file
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:  # renamed into place: a crash never leaves half a file
+        pq.write_table(table, tmp)
     return path
 
 
@@ -260,7 +266,7 @@ def evaluate(run_dir: str | Path, test_paths: Sequence[str | Path], report_dir: 
     """Score every test cache, print the per-generator table, write metrics.json/.csv, predictions.parquet
     (+ plots); with ``robustness`` also the generator x perturbation table (``metric``: the figure it shows)."""
     if not test_paths:
-        raise ValueError("no test caches given (--test)")
+        raise InputError("no test caches given (--test)")
     report_dir = Path(report_dir) if report_dir else Path(run_dir) / "report"
     _, config, scored = score_caches(run_dir, test_paths, batch_size, device, allow_pending, allow_overlap)
     tabled, table_note = table_caches(scored)

@@ -38,6 +38,7 @@ from typing import Literal, Sequence, get_args
 
 import numpy as np
 
+from lare2.shared.errors import InputError
 from lare2.shared.jsonio import write_json
 from lare2.shared.logs import console, get_logger
 from lare2.shared.perturbations import parse_chain
@@ -229,7 +230,7 @@ def robustness_report(scored: Sequence[ScoredCache], threshold: float, report_di
                       plots: bool = True, run: str = "") -> dict:
     """Group ``scored`` by perturbation, print the table, write robustness.json/.csv (+ .png); the JSON document."""
     if metric not in METRICS:
-        raise ValueError(f"--metric {metric}: choose from {', '.join(METRICS)}")
+        raise InputError(f"--metric {metric}: choose from {', '.join(METRICS)}")
     groups = robustness_groups(scored, threshold)
     note = ""
     if all(g.kind == CLEAN for g in groups):
@@ -246,5 +247,6 @@ def robustness_report(scored: Sequence[ScoredCache], threshold: float, report_di
     write_robustness_csv(groups, report_dir / "robustness.csv")
     print_robustness(groups, metric, threshold)
     if plots and write_robustness_plot(groups, report_dir / "robustness.png") is None:
-        logger.info("robustness.png not written: no test cache has a single-step perturbation to plot (clean or chains only)")
+        logger.info("robustness.png not written: no test cache has a single-step perturbation to plot "
+                    "(clean or chains only)")
     return report

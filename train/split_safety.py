@@ -51,12 +51,15 @@ def check_train_val(train: FeatureCache, val: FeatureCache, allow_overlap: bool 
     shared = np.intersect1d(cache_ids(train), cache_ids(val))
     if len(shared):
         same = " (the same cache?)" if len(shared) == len(train) else ""
-        raise CacheError(f"{val.path}: shares {len(shared)} sample ids with the training cache {train.path}{same}, e.g. "
-                         f"{shared[0]}; validate on another split (extract --split val), or pass --allow-overlap if you mean it")
+        raise CacheError(f"{val.path}: shares {len(shared)} sample ids with the training cache {train.path}{same}, "
+                         f"e.g. {shared[0]}; validate on another split (extract --split val), or pass --allow-overlap "
+                         "if you mean it")
 
 
-def warn_test_overlap(test: FeatureCache, train_digest: str | None, train_path: str | None, allow_overlap: bool = False) -> int:
-    """Warn loudly when ``test`` shares sample ids with the run's training cache; returns how many (-1: all, by digest)."""
+def warn_test_overlap(test: FeatureCache, train_digest: str | None, train_path: str | None,
+                      allow_overlap: bool = False) -> int:
+    """Warn loudly when ``test`` shares sample ids with the run's training cache; returns how many
+    (-1: all, by digest)."""
     ids = cache_ids(test)
     shared = -1 if train_digest and ids_digest(ids) == train_digest else 0
     if shared == 0 and train_path and (Path(train_path) / "zarr.json").is_file():

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lare2.shared.cache.store import META_COLUMNS, FeatureCache, open_cache
+from lare2.shared.cache.schema import META_COLUMNS
+from lare2.shared.cache.store import FeatureCache, open_cache
 
 
 def _read_rows(cache: FeatureCache, indices: np.ndarray, name: str) -> np.ndarray:
@@ -83,7 +84,8 @@ def diff_caches(path_a: str | Path, path_b: str | Path, *, atol: float = 0.0) ->
         arrays[name] = {"comparable": True, "max_abs_diff": max_diff, "worst_sample": worst,
                         "samples_differing": differing, "nan_on_one_side": nan_one_side}
 
-    identity = {k: list(v) for k, v in diff_identity(a.attrs.get("identity") or {}, b.attrs.get("identity") or {}).items()}
+    differing = diff_identity(a.attrs.get("identity") or {}, b.attrs.get("identity") or {})
+    identity = {k: list(v) for k, v in differing.items()}
     agree = not (only_a or only_b or metadata) and all(
         r["comparable"] and not r["samples_differing"] and not r["nan_on_one_side"] for r in arrays.values())
     return {

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from lare2.shared.errors import UserError
 
-class CacheError(RuntimeError):
+
+class CacheError(UserError, RuntimeError):
     """A cache that cannot be created, opened or appended to; the message says why."""
 
 

@@ -76,7 +76,8 @@ def render_sample_png(cache: FeatureCache, index: int, out: str | Path,
         caption += f"  ({note})"
     fig.suptitle(caption, fontsize=8)
     fig.savefig(out, dpi=FIGURE_DPI)
-    return {"png": str(out), "pixels": list(show_figure_pixels(panels)), "image_shown": image is not None, "image_note": note}
+    return {"png": str(out), "pixels": list(show_figure_pixels(panels)), "image_shown": image is not None,
+            "image_note": note}
 
 
 def stats_figure_pixels() -> tuple[int, int]:

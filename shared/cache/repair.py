@@ -16,7 +16,8 @@ import numpy as np
 
 from lare2.shared.cache.errors import CacheError
 from lare2.shared.cache.presence import storing
-from lare2.shared.cache.store import MANIFEST_COLUMNS, STATUS_PENDING, FeatureCache, column_values
+from lare2.shared.cache.schema import BLOCK_DONE, MANIFEST_COLUMNS, STATUS_PENDING, column_values
+from lare2.shared.cache.store import FeatureCache
 from lare2.shared.cache.verify import verify_cache
 from lare2.shared.manifest import read_selection
 
@@ -32,7 +33,8 @@ def _manifest_rows(cache: FeatureCache, manifest: Path, damaged: list[int]) -> d
     rows = {c: table.column(c).to_pylist() for c in MANIFEST_COLUMNS}
     ids = rows["sample_id"]
     digest = (cache.attrs.get("manifest") or {}).get("digest")
-    same = len(ids) == len(cache) and (digest is None or hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16] == digest)
+    same = len(ids) == len(cache) and (digest is None
+                                       or hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16] == digest)
     if same and digest is None:  # no digest recorded: the undamaged blocks' ids must be the manifest's
         stored = cache.group["meta"]["sample_id"][:].astype(object)
         intact = np.ones(len(cache), dtype=bool)
@@ -48,14 +50,15 @@ def _manifest_rows(cache: FeatureCache, manifest: Path, damaged: list[int]) -> d
 def _reset_block(cache: FeatureCache, block: int, rows: dict[str, list]) -> None:
     sl = cache.block_slice(block)
     n = sl.stop - sl.start
-    storing(cache.group["block_done"])[block] = 0  # first: a kill part way leaves a block to recompute, not a done one
+    storing(cache.group[BLOCK_DONE])[block] = 0  # first: a kill part way leaves a block to recompute, not a done one
     meta = cache.group["meta"]
     for column in MANIFEST_COLUMNS:
         storing(meta[column])[sl] = column_values(column, rows[column][sl])
     storing(meta["seed"])[sl] = np.zeros(n, dtype=np.int64)
     storing(meta["error"])[sl] = column_values("error", [""] * n)
     for name in cache.layout.array_names:
-        storing(cache.group[name])[sl] = np.full((n, *cache.layout.sample_shape(name)), np.nan, cache.layout.dtype(name))
+        nan_rows = np.full((n, *cache.layout.sample_shape(name)), np.nan, cache.layout.dtype(name))
+        storing(cache.group[name])[sl] = nan_rows
     storing(meta["status"])[sl] = column_values("status", [STATUS_PENDING] * n)
 
 
@@ -66,7 +69,7 @@ def repair_cache(path: str | Path, *, manifest: str | Path | None = None, dry_ru
     ``manifest``: default the one recorded in the cache. Refuses a packed cache (read-only: repair its
     source and pack again) and a cache whose arrays themselves are missing (re-extract it)."""
     cache = FeatureCache.open(path)
-    if cache.shard_blocks > 1:
+    if cache.pack_blocks > 1:
         source = (cache.attrs.get("packed") or {}).get("source", "its source")
         raise CacheError(f"{cache.path}: a packed cache is read-only; repair {source} and pack it again")
     recorded = (cache.attrs.get("manifest") or {}).get("path")
@@ -88,7 +91,8 @@ def repair_cache(path: str | Path, *, manifest: str | Path | None = None, dry_ru
     if not damaged or dry_run:
         return summary
     if manifest_path is None:
-        raise CacheError(f"{cache.path}: records no manifest to restore its metadata columns from; pass it with --manifest")
+        raise CacheError(f"{cache.path}: records no manifest to restore its metadata columns from; "
+                         "pass it with --manifest")
     rows = _manifest_rows(cache, manifest_path, damaged)
     writable = FeatureCache.open(path, mode="r+")
     for block in damaged:

@@ -1,32 +1,14 @@
-"""The feature cache: one Zarr v3 group per split. The schema lives here and only here.
+"""The feature cache on disk: one Zarr v3 group per split, laid out as ``lare2.shared.cache.schema`` says.
 
-Layout of a cache at ``PATH`` (N samples, C = ``chunk_samples``)::
-
-    PATH/zarr.json            group attributes: format version, layout, extraction config,
-                              identity (the keys that must match to append), model fingerprints,
-                              provenance (versions, git SHA, time), counts (after finalise)
-    PATH/lare                 [N, 4, 32, 32]        float32, chunks [C, 4, 32, 32]
-    PATH/pooled               [N, D]                feature dtype (float16), chunks [C, D]
-    PATH/fmap                 [N, Cf, 14, 14]       feature dtype, chunks [C, Cf, 14, 14]
-    PATH/pooled_views         [N, K, D]             only with K = views > 0: feature dtype, chunks [C, K, D]
-    PATH/fmap_views           [N, K, Cf, 14, 14]    only with K > 0: feature dtype, chunks [C, K, Cf, 14, 14]
-    PATH/meta/<column>        [N]                   one array per metadata column, chunks [C]
-    PATH/block_done           [ceil(N / C)]         uint8, one chunk per block: 1 = block written
-
-Work is done in *blocks* of C consecutive samples: a block covers exactly one chunk of every
-array, so concurrent writers (ranks, array jobs) never touch the same chunk, and a block counts as
+Work is done in *blocks* of C = ``chunk_samples`` consecutive samples: a block covers exactly one chunk of
+every array, so concurrent writers (ranks, array jobs) never touch the same chunk, and a block counts as
 done only after all its chunks are written (Zarr's local store writes each chunk atomically via
 rename). A failed sample keeps NaN in every array (the fill value) and ``status == "error"``.
 Every chunk is stored, fill values included (``presence``): an absent chunk is damage, and reads refuse it.
 
-``pooled``/``fmap`` always hold the *evaluation view* (the centre crop, docs/method.md §2.2). A cache
-extracted with ``--views K`` (``layout.views``) also holds K augmented *training views* per sample
-(``lare2.extract.augment``), view k of sample i at ``pooled_views[i, k]`` / ``fmap_views[i, k]``; ``lare``
-stays one map per sample. Caches without views have no view arrays and read as before; training draws
-one view per sample per epoch (``lare2.train.data``), everything else reads the evaluation view.
-
-A packed cache (``lare2.shared.cache.pack``, K blocks per Zarr v3 shard) reads the same and is
-read-only for the extractor.
+Training draws one view per sample per epoch from a cache with views (``lare2.train.data``); everything
+else reads the evaluation view. A packed cache (``lare2.shared.cache.pack``, K blocks per Zarr shard
+file) reads the same and is read-only for the extractor.
 """
 
 from __future__ import annotations
@@ -36,7 +18,7 @@ import math
 import os
 import shutil
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -45,82 +27,29 @@ import pyarrow as pa
 import zarr
 
 from lare2.shared.cache.errors import CacheError, CacheExistsError
-from lare2.shared.cache.presence import EVERY_CHUNK_ATTR, ChunkPresence, storing
+from lare2.shared.cache.presence import ChunkPresence, storing
+from lare2.shared.cache.schema import (
+    ARRAY_NAMES,
+    BLOCK_DONE,
+    CACHE_FORMAT_VERSION,
+    EVERY_CHUNK_ATTR,
+    KNOWN_STATUSES,
+    MANIFEST_COLUMNS,
+    META_COLUMNS,
+    STATUS_OK,
+    STATUS_PENDING,
+    CacheLayout,
+    column_values,
+)
 from lare2.shared.jsonio import jsonable
-from lare2.shared.manifest.table import CACHE_COLUMNS, MANIFEST_SCHEMA
-
-CACHE_FORMAT_VERSION = 1
-ARRAY_NAMES = ("lare", "pooled", "fmap")
-"""The arrays every cache holds: the LaRE map and the evaluation view's features."""
-VIEW_ARRAYS = {"pooled": "pooled_views", "fmap": "fmap_views"}
-"""Evaluation-view array -> the array of its K augmented views (caches with ``layout.views`` > 0 only)."""
-
-STATUS_PENDING = "pending"
-STATUS_OK = "ok"
-STATUS_ERROR = "error"
-KNOWN_STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_PENDING)
-
-# Metadata columns and their dtypes. The first group comes from the manifest at creation (its schema
-# types them); the second is written per block by the extractor.
-MANIFEST_COLUMNS: dict[str, str] = {
-    c: "str" if pa.types.is_string(MANIFEST_SCHEMA.field(c).type) else str(MANIFEST_SCHEMA.field(c).type)
-    for c in CACHE_COLUMNS
-}
-RESULT_COLUMNS: dict[str, str] = {"seed": "int64", "status": "str", "error": "str"}
-META_COLUMNS: dict[str, str] = {**MANIFEST_COLUMNS, **RESULT_COLUMNS}
 
 
-@dataclass(frozen=True, kw_only=True)
-class CacheLayout:
-    """Shapes, dtypes and chunking of a cache; fixed at creation."""
-
-    lare_shape: tuple[int, ...] = (4, 32, 32)
-    """Shape of one LaRE map: latent channels x latent height x latent width."""
-    pooled_dim: int = 1024
-    """Length of the backbone's pooled embedding (CLIP RN50 attention pool: 1024)."""
-    fmap_shape: tuple[int, ...] = (1024, 14, 14)
-    """Shape of the backbone feature map (CLIP RN50 layer3 at 224 px: 1024 x 14 x 14)."""
-    feature_dtype: str = "float16"
-    """Storage dtype of ``pooled`` and ``fmap``."""
-    lare_dtype: str = "float32"
-    """Storage dtype of ``lare``."""
-    chunk_samples: int = 32
-    """Samples per chunk (and per work block). 32 x fmap float16 = 12.8 MB per chunk."""
-    views: int = field(default=0, compare=False)
-    """Augmented views per sample in ``pooled_views``/``fmap_views`` (0: no view arrays). Not part of equality:
-    the evaluation features, what detectors read and compare, have the same layout with or without views."""
-
-    def __post_init__(self) -> None:
-        for name in ("feature_dtype", "lare_dtype"):
-            value = getattr(self, name)
-            if value not in ("float16", "float32"):
-                raise ValueError(f"{name}={value!r}: choose float16 or float32")
-        if self.chunk_samples < 1:
-            raise ValueError(f"chunk_samples must be >= 1, got {self.chunk_samples}")
-        if self.views < 0:
-            raise ValueError(f"views must be >= 0, got {self.views}")
-
-    @property
-    def array_names(self) -> tuple[str, ...]:
-        """Every per-sample array of the cache: ``ARRAY_NAMES``, then the view arrays when ``views`` > 0."""
-        return ARRAY_NAMES + (tuple(VIEW_ARRAYS.values()) if self.views else ())
-
-    def sample_shape(self, name: str) -> tuple[int, ...]:
-        shapes = {"lare": tuple(self.lare_shape), "pooled": (self.pooled_dim,), "fmap": tuple(self.fmap_shape)}
-        if self.views:
-            shapes |= {views: (self.views, *shapes[name]) for name, views in VIEW_ARRAYS.items()}
-        return shapes[name]
-
-    def dtype(self, name: str) -> str:
-        return self.lare_dtype if name == "lare" else self.feature_dtype
-
-    def to_dict(self) -> dict:
-        """As stored in the attributes; ``views`` only when > 0 (caches made before views read the same)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k != "views" or v}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CacheLayout":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+def nonfinite_rows(values: np.ndarray) -> np.ndarray:
+    """Bool [n]: rows of ``values`` [n, ...] holding NaN or Inf (the project's one non-finite check)."""
+    flat = values.reshape(len(values), math.prod(values.shape[1:]))  # [n, rest]; also for n = 0
+    if values.dtype == np.float16:  # all exponent bits set: ~8x faster than np.isfinite on float16
+        return (flat.view(np.uint16) & 0x7C00).max(axis=1, initial=0) == 0x7C00
+    return ~np.isfinite(flat).all(axis=1)
 
 
 def _zarr_dtype(name: str):
@@ -135,28 +64,21 @@ def _fill_value(dtype: str):
     return 0
 
 
-def column_values(column: str, values: Sequence) -> np.ndarray:
-    """``values`` of a metadata column as the store keeps them (strings as ``StringDType``)."""
-    dtype = META_COLUMNS[column]
-    if dtype == "str":
-        return np.asarray(list(values), dtype=object).astype(np.dtypes.StringDType())
-    return np.asarray(list(values), dtype=dtype)
-
-
 def staging_path(path: Path) -> Path:
     """A hidden sibling folder where a store is built before it is renamed into place."""
     return path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
 
 
-def create_arrays(group: zarr.Group, n: int, layout: CacheLayout, shard_blocks: int = 1) -> None:
-    """Every array of a cache of ``n`` samples, empty; ``shard_blocks`` > 1 stores that many blocks per shard."""
+def create_arrays(group: zarr.Group, n: int, layout: CacheLayout, pack_blocks: int = 1) -> None:
+    """Every array of a cache of ``n`` samples, empty; ``pack_blocks`` > 1 stores that many blocks per Zarr
+    shard file."""
     c = layout.chunk_samples
 
     def storage(shape: tuple[int, ...], chunk: int) -> dict:
-        # one chunk per block along samples; a shard holds shard_blocks chunks
-        if shard_blocks == 1:
+        # one chunk per block along samples; a Zarr shard file holds pack_blocks chunks
+        if pack_blocks == 1:
             return {"chunks": (chunk, *shape)}
-        return {"chunks": (chunk, *shape), "shards": (chunk * shard_blocks, *shape)}
+        return {"chunks": (chunk, *shape), "shards": (chunk * pack_blocks, *shape)}
 
     for name in layout.array_names:
         shape = layout.sample_shape(name)
@@ -172,7 +94,7 @@ def create_arrays(group: zarr.Group, n: int, layout: CacheLayout, shard_blocks: 
     meta = group.create_group("meta")
     for col, dtype in META_COLUMNS.items():
         meta.create_array(col, shape=(n,), dtype=_zarr_dtype(dtype), fill_value=_fill_value(dtype), **storage((), c))
-    group.create_array("block_done", shape=(math.ceil(n / c),), dtype="uint8", fill_value=0, **storage((), 1))
+    group.create_array(BLOCK_DONE, shape=(math.ceil(n / c),), dtype="uint8", fill_value=0, **storage((), 1))
 
 
 @dataclass
@@ -225,8 +147,8 @@ class FeatureCache:
             if col in rows:
                 storing(meta[col])[:] = column_values(col, rows[col])
         storing(meta["status"])[:] = np.full(n, STATUS_PENDING, dtype=np.dtypes.StringDType())
-        group.attrs.update(jsonable({"lare2_cache_format": CACHE_FORMAT_VERSION, "num_samples": n, "layout": layout.to_dict(),
-                                     **(attrs or {}), EVERY_CHUNK_ATTR: True}))
+        group.attrs.update(jsonable({"lare2_cache_format": CACHE_FORMAT_VERSION, "num_samples": n,
+                                     "layout": layout.to_dict(), **(attrs or {}), EVERY_CHUNK_ATTR: True}))
         try:
             os.rename(staging, path)  # atomic; fails if another creator got there first
         except OSError:
@@ -270,15 +192,15 @@ class FeatureCache:
 
     def done_blocks(self) -> np.ndarray:
         """Bool [num_blocks]: blocks whose samples are all written (ok or error)."""
-        return self.group["block_done"][:].astype(bool)
+        return self.group[BLOCK_DONE][:].astype(bool)
 
     def pending_blocks(self) -> list[int]:
         return [int(b) for b in np.flatnonzero(~self.done_blocks())]
 
     @property
-    def shard_blocks(self) -> int:
-        """Blocks per stored shard: 1 for a cache as extracted, K for one packed by :func:`pack_cache`."""
-        return int(self.group.attrs.get("packed", {}).get("shard_blocks", 1))
+    def pack_blocks(self) -> int:
+        """Blocks per stored file: 1 for a cache as extracted, K for one packed by :func:`pack_cache`."""
+        return int(self.group.attrs.get("packed", {}).get("shard_blocks", 1))  # the attribute's name on disk
 
     # ---- writing --------------------------------------------------------------------------
     def write_block(
@@ -299,27 +221,31 @@ class FeatureCache:
         Arrays hold one row per sample of the block; rows of failed samples must be NaN. The view arrays
         are required when ``layout.views`` > 0 and refused otherwise.
         """
-        if self.shard_blocks > 1:
-            raise CacheError(f"{self.path}: a packed cache is read-only (block {block}); extract into an unpacked cache")
+        if self.pack_blocks > 1:
+            raise CacheError(f"{self.path}: a packed cache is read-only (block {block}); "
+                             "extract into an unpacked cache")
         sl = self.block_slice(block)
         n = sl.stop - sl.start
         given = {"lare": lare, "pooled": pooled, "fmap": fmap, "pooled_views": pooled_views, "fmap_views": fmap_views}
         unexpected = [k for k, v in given.items() if v is not None and k not in self.layout.array_names]
         if unexpected:
-            raise CacheError(f"{self.path}: block {block}: the cache has no {', '.join(unexpected)} (made without views)")
+            raise CacheError(f"{self.path}: block {block}: the cache has no {', '.join(unexpected)} "
+                             "(made without views)")
         for name in self.layout.array_names:
             values = given[name]
             if values is None:
-                raise CacheError(f"{self.path}: block {block}: {name} missing (the cache holds {self.layout.views} views)")
+                raise CacheError(f"{self.path}: block {block}: {name} missing "
+                                 f"(the cache holds {self.layout.views} views)")
             expected = (n, *self.layout.sample_shape(name))
             if tuple(values.shape) != expected:
-                raise CacheError(f"{self.path}: block {block} {name} has shape {tuple(values.shape)}, expected {expected}")
+                raise CacheError(f"{self.path}: block {block} {name} has shape {tuple(values.shape)}, "
+                                 f"expected {expected}")
             storing(self.group[name])[sl] = np.asarray(values, dtype=self.layout.dtype(name))
         meta = self.group["meta"]
         storing(meta["seed"])[sl] = np.asarray(seed, dtype=np.int64)
         storing(meta["status"])[sl] = np.asarray(list(status), dtype=np.dtypes.StringDType())
         storing(meta["error"])[sl] = np.asarray(list(error), dtype=np.dtypes.StringDType())
-        storing(self.group["block_done"])[block] = 1
+        storing(self.group[BLOCK_DONE])[block] = 1
         self._meta_cache.clear()
         self._presence = None
 
@@ -346,7 +272,8 @@ class FeatureCache:
                                            bool(self.group.attrs.get(EVERY_CHUNK_ATTR)))
         return self._presence
 
-    def read(self, index: slice | Sequence[int] | np.ndarray, names: Iterable[str] = ARRAY_NAMES) -> dict[str, np.ndarray]:
+    def read(self, index: slice | Sequence[int] | np.ndarray,
+             names: Iterable[str] = ARRAY_NAMES) -> dict[str, np.ndarray]:
         """Arrays for ``index`` (a slice or sorted/unsorted integer indices), in the stored dtype.
 
         ``CacheError`` when a chunk that the rows' blocks must hold is missing (it would read as NaN)."""
@@ -380,7 +307,8 @@ class FeatureCache:
 
     def metadata(self, columns: Iterable[str] = tuple(META_COLUMNS)) -> pa.Table:
         """Per-sample metadata as a pyarrow table, one row per sample in store order."""
-        return pa.table({c: pa.array(list(self.column(c)) if META_COLUMNS[c] == "str" else self.column(c)) for c in columns})
+        return pa.table({c: pa.array(list(self.column(c)) if META_COLUMNS[c] == "str" else self.column(c))
+                         for c in columns})
 
     def ok_mask(self) -> np.ndarray:
         return self.column("status") == STATUS_OK

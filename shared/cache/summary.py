@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from lare2.shared.cache.chunks import folder_bytes, is_variable_string, iter_arrays
-from lare2.shared.cache.store import KNOWN_STATUSES, META_COLUMNS, FeatureCache
+from lare2.shared.cache.schema import KNOWN_STATUSES, META_COLUMNS
+from lare2.shared.cache.store import FeatureCache
+from lare2.shared.errors import InputError
 from lare2.shared.jsonio import jsonable
 from lare2.shared.logs import progress_bar
 
@@ -105,9 +107,9 @@ def list_samples(
 ) -> dict:
     """Metadata rows matching every given filter, in store order: ``{"matching": n, "rows": [...]}``."""
     if status is not None and status not in KNOWN_STATUSES:
-        raise ValueError(f"status={status!r}: choose from {list(KNOWN_STATUSES)}")
+        raise InputError(f"status={status!r}: choose from {list(KNOWN_STATUSES)}")
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise InputError(f"limit must be >= 0, got {limit}")
     keep = np.ones(len(cache), dtype=bool)
     for column, wanted in (("generator", generator), ("label", label), ("status", status), ("split", split)):
         if wanted is not None:
@@ -123,7 +125,7 @@ def sample_metadata(cache: FeatureCache, index: int) -> dict:
 
 
 def find_sample(cache: FeatureCache, sample_id: str) -> int:
-    """Index of ``sample_id``; a unique prefix is enough. ``KeyError`` naming the reason otherwise."""
+    """Index of ``sample_id``; a unique prefix is enough. ``InputError`` naming the reason otherwise."""
     ids = cache.column("sample_id")
     exact = np.flatnonzero(ids == sample_id)
     if len(exact):
@@ -132,8 +134,8 @@ def find_sample(cache: FeatureCache, sample_id: str) -> int:
     if len(prefixed) == 1:
         return prefixed[0]
     if not prefixed:
-        raise KeyError(f"{cache.path}: no sample with id {sample_id!r}")
-    raise KeyError(f"{cache.path}: id prefix {sample_id!r} matches {len(prefixed)} samples; give more characters")
+        raise InputError(f"{cache.path}: no sample with id {sample_id!r}")
+    raise InputError(f"{cache.path}: id prefix {sample_id!r} matches {len(prefixed)} samples; give more characters")
 
 
 def sample_summary(cache: FeatureCache, index: int) -> dict:

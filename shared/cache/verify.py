@@ -14,16 +14,18 @@ import numpy as np
 
 from lare2.shared.cache.chunks import iter_arrays
 from lare2.shared.cache.errors import CacheError, RecomputeUnavailable
-from lare2.shared.cache.presence import EVERY_CHUNK_ATTR, ChunkPresence
-from lare2.shared.cache.store import (
+from lare2.shared.cache.presence import ChunkPresence, block_file
+from lare2.shared.cache.schema import (
+    BLOCK_DONE,
+    EVERY_CHUNK_ATTR,
     KNOWN_STATUSES,
     MANIFEST_COLUMNS,
     META_COLUMNS,
     STATUS_OK,
     STATUS_PENDING,
-    FeatureCache,
-    open_cache,
 )
+from lare2.shared.cache.store import FeatureCache, nonfinite_rows, open_cache
+from lare2.shared.errors import InputError
 from lare2.shared.jsonio import jsonable
 from lare2.shared.logs import progress_bar
 from lare2.shared.manifest import read_selection
@@ -99,6 +101,56 @@ RecomputeFn = Callable[..., Mapping[str, np.ndarray]]
 as ``lare2.extract.run.recompute_samples`` (shared/ never imports the extractor: callers pass it)."""
 
 
+def _read_whole(name: str, arr, chunk_samples: int, report: VerifyReport,
+                unreadable: list[str]) -> tuple[np.ndarray, int]:
+    """A small array (a metadata column, the block markers) read whole, or chunk by chunk when a chunk cannot
+    be decoded: fill values there, each bad chunk named in ``unreadable``. Returns the values and chunks read."""
+    try:
+        return arr[:], arr.nchunks
+    except Exception:  # a decode error somewhere: read chunk by chunk below to name the bad ones
+        pass
+    values = np.full(arr.shape, arr.fill_value, dtype=arr.dtype)
+    chunk = arr.chunks[0]  # a block per chunk (block_done: one marker per chunk)
+    blocks = -(-arr.shape[0] // chunk)
+    for b in range(blocks):
+        sl = slice(b * chunk, min((b + 1) * chunk, arr.shape[0]))
+        try:
+            values[sl] = arr[sl]
+        except Exception as err:
+            unreadable.append(f"{name}/{block_file(arr, b)[0]} ({err})")
+            report.damage(b * chunk // chunk_samples, name)
+    return values, blocks
+
+
+def _scan_values(cache: FeatureCache, arrays: dict, presence: ChunkPresence, ok: np.ndarray, report: VerifyReport,
+                 unreadable: list[str], progress: bool) -> tuple[dict[str, list[int]], int]:
+    """Read every chunk of the per-sample arrays, block by block: unreadable chunks go to ``unreadable``; returns
+    the ok samples holding NaN/Inf per array ({name: [sample index]}) and the chunks read."""
+    nonfinite: dict[str, list[int]] = {name: [] for name in cache.layout.array_names}
+    chunks_read = 0
+    with progress_bar(unit="block", disable=not progress) as bar:
+        task = bar.add_task("verify", total=cache.num_blocks, rate="")
+        for block in range(cache.num_blocks):
+            sl = cache.block_slice(block)
+            for name in cache.layout.array_names:
+                arr = arrays.get(name)
+                if arr is None:
+                    continue
+                chunks_read += 1
+                try:
+                    values = arr[sl]
+                except Exception as err:  # zarr raises the codec's own error type on a bad chunk
+                    unreadable.append(f"{presence.chunk_key(name, block)} ({err})")
+                    report.damage(block, name)
+                    continue
+                bad = [sl.start + int(i) for i in np.flatnonzero(ok[sl] & nonfinite_rows(values))]
+                nonfinite[name] += bad
+                if bad:
+                    report.damage(block, "values")
+            bar.advance(task)
+    return nonfinite, chunks_read
+
+
 def _check_chunks_and_values(
     cache: FeatureCache, report: VerifyReport, progress: bool
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -111,70 +163,29 @@ def _check_chunks_and_values(
     group = cache.group
     arrays = dict(iter_arrays(group))
     unreadable: list[str] = []
-    missing: list[str] = []
     chunks_read = 0
-
-    # metadata + block markers: read each array whole (small); on failure locate the bad chunks
-    small: dict[str, np.ndarray] = {}
+    small: dict[str, np.ndarray] = {}  # metadata + block markers
     for name, arr in arrays.items():
-        if name in cache.layout.array_names:
-            continue
-        try:
-            small[name] = arr[:]
-            chunks_read += arr.nchunks
-            continue
-        except Exception:  # a decode error somewhere: read chunk by chunk below to name the bad ones
-            pass
-        values = np.full(arr.shape, arr.fill_value, dtype=arr.dtype)
-        chunk = arr.chunks[0]  # a block per chunk (block_done: one marker per chunk)
-        for b in range(-(-arr.shape[0] // chunk)):
-            sl = slice(b * chunk, min((b + 1) * chunk, arr.shape[0]))
-            try:
-                values[sl] = arr[sl]
-            except Exception as err:
-                per_file = (arr.shards or arr.chunks)[0] // chunk
-                unreadable.append(f"{name}/{arr.metadata.encode_chunk_key((b // per_file,))} ({err})")
-                report.damage(b * chunk // cache.layout.chunk_samples, name)
-            chunks_read += 1
-        small[name] = values
+        if name not in cache.layout.array_names:
+            small[name], read = _read_whole(name, arr, cache.layout.chunk_samples, report, unreadable)
+            chunks_read += read
 
     columns = {c: small[f"meta/{c}"].astype(object if dtype == "str" else small[f"meta/{c}"].dtype)
                for c, dtype in META_COLUMNS.items()}
     status, ids = columns["status"], columns["sample_id"]
-    done = small["block_done"].astype(bool)
+    done = small[BLOCK_DONE].astype(bool)
     # an absent chunk reads as fill values (label 0, NaN): every chunk a block must hold has to be stored
     presence = ChunkPresence(cache.path, group, cache.layout.chunk_samples, len(cache),
                              bool(cache.attrs.get(EVERY_CHUNK_ATTR)), status=status)
+    missing: list[str] = []
     for block in range(cache.num_blocks):
         for name in presence.missing(block):
-            missing.append(presence.chunk_key(name, block))  # a missing shard file: once for its blocks
+            missing.append(presence.chunk_key(name, block))  # a missing Zarr shard file: once for its blocks
             report.damage(block, name)
     missing = list(dict.fromkeys(missing))
-
-    nonfinite: dict[str, list[int]] = {name: [] for name in cache.layout.array_names}
     ok = status == STATUS_OK
-    with progress_bar(unit="block", disable=not progress) as bar:
-        task = bar.add_task("verify", total=cache.num_blocks, rate="")
-        for block in range(cache.num_blocks):
-            sl = cache.block_slice(block)
-            block_ok = ok[sl]
-            for name in cache.layout.array_names:
-                arr = arrays.get(name)
-                if arr is None:
-                    continue
-                chunks_read += 1
-                try:
-                    values = arr[sl]
-                except Exception as err:  # zarr raises the codec's own error type on a bad chunk
-                    unreadable.append(f"{presence.chunk_key(name, block)} ({err})")
-                    report.damage(block, name)
-                    continue
-                rows_finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
-                bad = [sl.start + int(i) for i in np.flatnonzero(block_ok & ~rows_finite)]
-                nonfinite[name] += bad
-                if bad:
-                    report.damage(block, "values")
-            bar.advance(task)
+    nonfinite, read = _scan_values(cache, arrays, presence, ok, report, unreadable, progress)
+    chunks_read += read
 
     if missing:
         blocks = sorted({b for b, what in report.damaged.items() if what - {"values"}})
@@ -201,13 +212,14 @@ def _check_structure(cache: FeatureCache, report: VerifyReport) -> bool:
     whole = True
     expected = {name: (n, *cache.layout.sample_shape(name)) for name in cache.layout.array_names}
     expected |= {f"meta/{c}": (n,) for c in META_COLUMNS}
-    expected["block_done"] = (cache.num_blocks,)
+    expected[BLOCK_DONE] = (cache.num_blocks,)
     for name, shape in expected.items():
         if name not in arrays:
             report.add("structure", "error", f"array {name} is missing", [name])
             whole = False
         elif tuple(arrays[name].shape) != shape:
-            report.add("structure", "error", f"array {name} has shape {tuple(arrays[name].shape)}, expected {shape}", [name])
+            report.add("structure", "error", f"array {name} has shape {tuple(arrays[name].shape)}, expected {shape}",
+                       [name])
             whole = False
     return whole
 
@@ -222,7 +234,8 @@ def _check_status(cache: FeatureCache, report: VerifyReport, status: np.ndarray,
     pending_blocks = [int(b) for b in np.flatnonzero(~done)]
     if pending_blocks:
         pending_samples = sum(cache.block_slice(b).stop - cache.block_slice(b).start for b in pending_blocks)
-        message = f"incomplete: {len(pending_blocks)} of {cache.num_blocks} blocks ({pending_samples} samples) not extracted yet"
+        message = (f"incomplete: {len(pending_blocks)} of {cache.num_blocks} blocks ({pending_samples} samples) "
+                   "not extracted yet")
         if allow_pending:
             report.add("status", "warning", message, pending_blocks)
         else:
@@ -238,7 +251,8 @@ def _check_status(cache: FeatureCache, report: VerifyReport, status: np.ndarray,
         actual = {s: int((status == s).sum()) for s in KNOWN_STATUSES}
         differing = {k: (recorded.get(k), v) for k, v in actual.items() if recorded.get(k, 0) != v}
         if differing:
-            report.add("counts", "error", f"recorded counts differ from the status column (recorded, actual): {differing}",
+            report.add("counts", "error",
+                       f"recorded counts differ from the status column (recorded, actual): {differing}",
                        sorted(differing))
 
 
@@ -289,7 +303,8 @@ def _check_manifest(cache: FeatureCache, report: VerifyReport, manifest: Path, c
                 mismatched.setdefault(column, []).append(sample_id)
                 report.damage(i // cache.layout.chunk_samples, f"meta/{column}")
     for column, sample_ids in mismatched.items():
-        report.add("manifest", "error", f"column {column!r} differs from the manifest for {len(sample_ids)} samples", sample_ids)
+        report.add("manifest", "error", f"column {column!r} differs from the manifest for {len(sample_ids)} samples",
+                   sample_ids)
 
 
 def _check_fingerprints(cache: FeatureCache, report: VerifyReport) -> None:
@@ -364,8 +379,8 @@ def _check_recompute(cache: FeatureCache, report: VerifyReport, k: int, seed: in
     report.checked["recomputed_samples"] = len(indices)
     for name, r in result.items():
         if r["mismatched"]:
-            report.add("recompute", "error", f"{name}: {len(r['mismatched'])} of {len(indices)} recomputed samples differ "
-                       f"(max abs diff {r['max_abs_diff']:.3g})", r["mismatched"])
+            report.add("recompute", "error", f"{name}: {len(r['mismatched'])} of {len(indices)} recomputed samples "
+                       f"differ (max abs diff {r['max_abs_diff']:.3g})", r["mismatched"])
 
 
 def verify_cache(
@@ -416,6 +431,7 @@ def verify_cache(
     _check_fingerprints(cache, report)
     if recompute > 0:
         if tolerance < 0:
-            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-        _check_recompute(cache, report, recompute, seed, recompute_fn, sd_model, backbone, device, compute_dtype, tolerance)
+            raise InputError(f"tolerance must be >= 0, got {tolerance}")
+        _check_recompute(cache, report, recompute, seed, recompute_fn, sd_model, backbone, device, compute_dtype,
+                         tolerance)
     return report

@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
+from lare2.shared.errors import InputError
 from lare2.shared.logs import console
 from lare2.shared.manifest.built import map_with_progress
 from lare2.shared.manifest.sources import read_image_bytes, split_tar_path
@@ -281,7 +282,7 @@ def metadata_shortcut(metas: Sequence[ImageMeta], *, bound: float = SHORTCUT_AUC
     metadata, then each feature group alone. ``shortcut`` when the CV AUC exceeds ``bound``; the named
     features are the groups whose own AUC does too, or the strongest one when only their combination does."""
     if not 0.5 < bound < 1.0:
-        raise ValueError(f"shortcut bound must be in (0.5, 1), got {bound}")
+        raise InputError(f"shortcut bound must be in (0.5, 1), got {bound}")
     ok = [m for m in metas if not m.error]
     y = np.array([m.label for m in ok], dtype=np.int64)
     n_fake, n_real = int(y.sum()), int(len(y) - y.sum())
@@ -342,9 +343,9 @@ def audit_manifest(path: Path | str, *, split: str | None = None, bound: float =
                    workers: int = 8, progress: bool = True) -> AuditReport:
     """Read every selected image's header, group the metadata and cross-validate the shortcut classifier."""
     if not 0.5 < bound < 1.0:
-        raise ValueError(f"--bound {bound}: the shortcut bound must be in (0.5, 1)")
+        raise InputError(f"--bound {bound}: the shortcut bound must be in (0.5, 1)")
     if workers < 1:
-        raise ValueError(f"--workers {workers}: need at least 1 thread")
+        raise InputError(f"--workers {workers}: need at least 1 thread")
     table, root = read_manifest(path)
     present = sorted(set(table["split"].to_pylist()), key=lambda s: (SPLITS.index(s) if s in SPLITS else 9, s))
     if split is not None and split in SPLITS and split not in present:

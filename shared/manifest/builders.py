@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from lare2.shared.classnames import class_name_from_filename
+from lare2.shared.errors import InputError
 from lare2.shared.logs import get_logger, progress_bar
 from lare2.shared.manifest.built import (
     BuiltManifest,
@@ -289,5 +290,5 @@ BUILDERS: dict[str, Callable[..., BuiltManifest]] = {
 def build_manifest(kind: str, src: Path | str, **options) -> BuiltManifest:
     """Build with the named builder (``genimage``, ``folders``, ``list``, ``webdataset``)."""
     if kind not in BUILDERS:
-        raise ValueError(f"unknown manifest builder {kind!r}; choose from {sorted(BUILDERS)}")
+        raise InputError(f"unknown manifest builder {kind!r}; choose from {sorted(BUILDERS)}")
     return BUILDERS[kind](src, **options)

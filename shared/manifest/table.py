@@ -33,13 +33,15 @@ The cache store imports this module, so it stays free of Pillow and of the build
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from lare2.shared.atomic import atomic_write
+from lare2.shared.errors import InputError, UserError
 
 __all__ = [
     "CACHE_COLUMNS", "COLUMNS", "LABEL_FAKE", "LABEL_REAL", "LABEL_WORDS", "MANIFEST_FORMAT_VERSION", "MANIFEST_SCHEMA",
@@ -78,7 +80,7 @@ CACHE_COLUMNS = ("sample_id", "path", "label", "generator", "split", "class_name
 """The manifest columns every cache copies per sample (the header columns stay in the manifest)."""
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A manifest that cannot be built or read; the message names the file and the reason."""
 
 
@@ -114,9 +116,8 @@ def write_manifest(path: Path | str, rows: pa.Table | Mapping[str, Sequence], *,
     }
     table = table.replace_schema_metadata(metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.writing")
-    pq.write_table(table, staging)
-    os.replace(staging, path)
+    with atomic_write(path) as staging:
+        pq.write_table(table, staging)
     return path
 
 
@@ -165,14 +166,14 @@ def select_rows(table: pa.Table, split: str | None = None, generators: Sequence[
                 limit: int | None = None) -> pa.Table:
     """Rows of one split (None = all) and of the given generators (empty = all), first ``limit``."""
     if split is not None and split not in SPLITS:
-        raise ValueError(f"split {split!r}: choose from {SPLITS}")
+        raise InputError(f"split {split!r}: choose from {SPLITS}")
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise InputError(f"limit must be >= 0, got {limit}")
     if generators:
         present = set(pc.unique(table["generator"]).to_pylist())
         unknown = sorted(set(generators) - present)
         if unknown:
-            raise ValueError(f"generators {unknown} are not in the manifest; it has {sorted(present)}")
+            raise InputError(f"generators {unknown} are not in the manifest; it has {sorted(present)}")
         table = table.filter(pc.is_in(table["generator"], value_set=pa.array(list(generators), pa.string())))
     if split is not None:
         table = table.filter(pc.equal(table["split"], split))

@@ -17,7 +17,8 @@ from tests.helpers.bad_images import GALLERY
 
 
 def _config(manifest: Path, out: Path, **overrides):
-    return debug(**{"manifest": str(manifest), "out": str(out), "device": "cpu", "chunk_samples": 4, "batch_size": 3, **overrides})
+    return debug(**{"manifest": str(manifest), "out": str(out), "device": "cpu", "chunk_samples": 4, "batch_size": 3,
+                    **overrides})
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
@@ -119,13 +120,26 @@ def test_cli_extract_prints_a_summary(image_manifest, tmp_path):
     from lare2.cli import app
 
     out = tmp_path / "cli_cache"
-    result = CliRunner().invoke(app, ["extract", "--manifest", str(image_manifest), "--out", str(out), "--preset", "debug",
-                                      "--device", "cpu", "--limit", "5", "--set", "ensemble=2", "--json"])
+    result = CliRunner().invoke(app, ["extract", "--manifest", str(image_manifest), "--out", str(out),
+                                      "--preset", "debug", "--device", "cpu", "--limit", "5", "--set", "ensemble=2",
+                                      "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["samples"] == 5 and summary["computed"] == 5
     assert FeatureCache.open(out).attrs["extract_config"]["ensemble"] == 2
 
-    bad = CliRunner().invoke(app, ["extract", "--manifest", str(tmp_path / "missing.parquet"), "--out", str(out), "--preset", "debug"])
+    bad = CliRunner().invoke(app, ["extract", "--manifest", str(tmp_path / "missing.parquet"), "--out", str(out),
+                                   "--preset", "debug"])
     assert bad.exit_code == 2 and "missing.parquet" in bad.output
     assert f"error: {tmp_path / 'missing.parquet'}: no such manifest file" in bad.output.splitlines()
+
+
+def test_scoring_never_imports_the_extraction_job():
+    """Scoring new images needs stage 1's features (``lare2.extract.features``), not its Accelerate job."""
+    from tests.top.test_import_boundaries import imported_names
+
+    repo = Path(__file__).resolve().parents[2]
+    for module in ("lare2/detect.py", "lare2/heatmaps.py"):
+        names = imported_names(repo / module)
+        assert "lare2.extract.run" not in names, module
+    assert "lare2.extract.features" in imported_names(repo / "lare2/detect.py")

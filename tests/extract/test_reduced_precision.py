@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lare2.extract.run import compute_images, load_models
+from lare2.extract.features import compute_images, load_models
 from lare2.shared.config import debug
 
 CPU = torch.device("cpu")

@@ -340,7 +340,7 @@ def test_views_survive_verify_recompute_pack_and_show_in_cache_info(world, tmp_p
     stored = cache.read(ok_rows, cache.layout.array_names)
     for name in cache.layout.array_names:
         assert recomputed[name].tobytes() == stored[name].tobytes(), name
-    packed = pack_cache(path, tmp_path / "packed", shard_blocks=2, progress=False)
+    packed = pack_cache(path, tmp_path / "packed", pack_blocks=2, progress=False)
     for name, values in _everything(path).items():
         assert packed.read(slice(None), packed.layout.array_names)[name].tobytes() == values.tobytes(), name
 
@@ -464,7 +464,7 @@ def test_a_detector_trains_on_views_and_validates_on_a_plain_cache(world, tmp_pa
 
     # the detector trained on views scores new images through their evaluation view, as the cache holds it
     from lare2 import Detector
-    from lare2.train.checkpoint import score_features
+    from lare2.train.scoring import score_features
 
     tmp, _, _ = world
     detector = Detector.from_run(tmp_path / "run-True", device="cpu", num_workers=0)

@@ -1,4 +1,4 @@
-"""`lare2 cache pack`: a finished cache copied into Zarr shards of several blocks; every value, column
+"""`lare2 cache pack`: a finished cache copied into Zarr shard files of several blocks; every value, column
 and attribute kept, far fewer files, verify and training read it as before, damage still caught."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from lare2.train.data import CacheSplit
 from tests.helpers.tiny_caches import CHUNK, NUM_SAMPLES, PENDING_BLOCK, build_tiny_cache
 
 runner = CliRunner()
-SHARD_BLOCKS = 4  # 6 blocks of 4 samples -> 2 shards per array, the second one partial
+PACK_BLOCKS = 4  # 6 blocks of 4 samples -> 2 Zarr shard files per array, the second one partial
 
 
 def cache_cli(*args) -> tuple[int, str]:
@@ -29,7 +29,7 @@ def packed(tmp_path_factory):
     """(source, packed) paths: a complete tiny cache and its packed copy made through the CLI."""
     tmp = tmp_path_factory.mktemp("pack")
     source = build_tiny_cache(tmp, complete=True).path
-    code, out = cache_cli("pack", source, tmp / "packed", "--shard-blocks", SHARD_BLOCKS, "--json")
+    code, out = cache_cli("pack", source, tmp / "packed", "--shard-blocks", PACK_BLOCKS, "--json")
     assert code == 0, out
     summary = json.loads(out)
     assert summary["samples"] == NUM_SAMPLES
@@ -40,17 +40,17 @@ def test_pack_keeps_every_value_column_and_attribute_in_fewer_files(packed):
     source, out, summary = packed
     assert summary["files_after"] < summary["files_before"] / 2, summary
     src, dst = FeatureCache.open(source), FeatureCache.open(out)
-    assert dst.shard_blocks == SHARD_BLOCKS and src.shard_blocks == 1
-    assert dst.group["fmap"].shards[0] == SHARD_BLOCKS * CHUNK and dst.group["fmap"].chunks[0] == CHUNK
+    assert dst.pack_blocks == PACK_BLOCKS and src.pack_blocks == 1
+    assert dst.group["fmap"].shards[0] == PACK_BLOCKS * CHUNK and dst.group["fmap"].chunks[0] == CHUNK
     for name in ARRAY_NAMES:
         np.testing.assert_array_equal(dst.read(slice(None), [name])[name], src.read(slice(None), [name])[name])
     for column in META_COLUMNS:
         assert list(dst.column(column)) == list(src.column(column)), column
     np.testing.assert_array_equal(dst.done_blocks(), src.done_blocks())
     assert {k: v for k, v in dst.attrs.items() if k != "packed"} == src.attrs
-    assert dst.attrs["packed"] == {"shard_blocks": SHARD_BLOCKS, "source": str(source)}
+    assert dst.attrs["packed"] == {"shard_blocks": PACK_BLOCKS, "source": str(source)}
     code, info = cache_cli("info", out)
-    assert code == 0 and f"in shards of {SHARD_BLOCKS * CHUNK}" in info
+    assert code == 0 and f"in shards of {PACK_BLOCKS * CHUNK}" in info
     # random access (as `cache show` and scoring do) reads the right rows
     rows = [21, 2, 13]
     np.testing.assert_array_equal(dst.read(rows, ["lare"])["lare"], src.read(rows, ["lare"])["lare"])
@@ -92,7 +92,7 @@ def test_a_packed_cache_refuses_writes(packed):
         cache.write_block(0, lare=np.zeros((CHUNK, 4, 32, 32)), pooled=np.zeros((CHUNK, 16)),
                           fmap=np.zeros((CHUNK, 16, 14, 14)), seed=[0] * CHUNK, status=["ok"] * CHUNK, error=[""] * CHUNK)
     with pytest.raises(CacheError, match="already packed"):
-        pack_cache(out, out.parent / "twice", shard_blocks=2, progress=False)
+        pack_cache(out, out.parent / "twice", pack_blocks=2, progress=False)
 
 
 def test_pack_refuses_an_unfinished_cache_and_an_existing_folder(tmp_path, packed):

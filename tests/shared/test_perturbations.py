@@ -282,7 +282,7 @@ def test_a_run_scores_new_images_with_its_normalisation_never_a_perturbation(wor
     from lare2 import Detector
     from lare2.extract.run import run_extraction
     from lare2.shared.cache import FeatureCache
-    from lare2.train.checkpoint import score_features
+    from lare2.train.scoring import score_features
     from lare2.train.config import debug as train_debug
     from lare2.train.trainer import run_training
 

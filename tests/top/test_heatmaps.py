@@ -54,3 +54,41 @@ def test_attention_is_placed_over_the_backbones_crop() -> None:
     assert small.shape == (80, 100) and np.isfinite(small).all()
     lare = lare_over_image(np.ones((4, 8, 8)) * np.arange(4).reshape(4, 1, 1), (30, 20))
     assert lare.shape == (20, 30) and np.allclose(lare, 1.5)
+
+
+TINY_DIMS = dict(pooled_dim=16, fmap_shape=(16, 8, 8), lare_shape=(4, 16, 16), head_dim=8)
+TOP_DIMS = dict(train_backbone_top=True, backbone_top_depth=1, backbone_top_heads=4)
+
+
+@pytest.mark.parametrize("kind, top", [("egre", False), ("egre", True), ("linear", False), ("linear", True),
+                                       ("lare-only", False)])
+def test_predict_is_forwards_logits_and_the_attention_from_one_pass(kind: str, top: bool) -> None:
+    from lare2.train.models import build_model, predict_features
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind=kind, **TINY_DIMS, **(TOP_DIMS if top else {}))).eval()
+    pooled, fmap, lare = torch.randn(3, 16), torch.randn(3, 16, 8, 8), torch.rand(3, 4, 16, 16)
+    egre_passes: list[int] = []
+    if kind == "egre":  # the attention pool runs once per EGRE forward pass
+        model.attn_pool.register_forward_hook(lambda *_: egre_passes.append(1))
+    with torch.no_grad():
+        output = model.predict(pooled, fmap, lare)
+        assert len(egre_passes) == (kind == "egre")
+        logits = model(pooled, fmap, lare)
+    torch.testing.assert_close(output.logits, logits, rtol=0, atol=0)
+    torch.testing.assert_close(output.p_fake, logits.double().softmax(-1)[:, 1], rtol=0, atol=0)
+    assert output.logits.shape == (3, 2) and output.p_fake.dtype == torch.float64
+    if kind == "egre":
+        with torch.no_grad():
+            torch.testing.assert_close(output.attention, model.spatial_attention(fmap, lare), rtol=0, atol=0)
+        assert output.attention.shape == (3, 8, 8)
+    else:
+        assert output.attention is None
+    # cached-style inputs: float16 numpy arrays, scored in eval mode, the model left in the mode it was in
+    model.train()
+    egre_passes.clear()
+    cached = predict_features(model, pooled.half().numpy(), fmap.half().numpy(), lare.numpy())
+    assert model.training and len(egre_passes) == (kind == "egre")
+    with torch.no_grad():
+        expected = model.eval()(pooled.half().float(), fmap.half().float(), lare)
+    torch.testing.assert_close(cached.logits, expected, rtol=0, atol=0)

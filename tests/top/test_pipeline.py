@@ -26,7 +26,8 @@ def image_seed(split: str, index: int) -> int:
 
 def scored_test_cache(root: Path) -> tuple[FeatureCache, np.ndarray, float]:
     """The stage-1 test cache, the trained detector's p(fake) of each of its samples, and its threshold."""
-    from lare2.train.checkpoint import load_detector, score_features
+    from lare2.train.checkpoint import load_detector
+    from lare2.train.scoring import score_features
 
     cache = FeatureCache.open(root / "cache/test")
     model, detector = load_detector(root / "run")
@@ -49,7 +50,8 @@ def pipeline(tmp_path_factory):
         for i in range(count):
             folder = images / "gen-x" / split / ("0_real" if i % 2 == 0 else "1_fake")
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{i % 5 + 1}_{split}_{i}.png").write_bytes(good_rgb(seed=image_seed(split, i), size=(32 + i, 40)))
+            image = good_rgb(seed=image_seed(split, i), size=(32 + i, 40))
+            (folder / f"{i % 5 + 1}_{split}_{i}.png").write_bytes(image)
     manifest = write_built(root / "manifest.parquet", build_folders(images, progress=False))
     for split in ("train", "val", "test"):
         run_extraction(debug(manifest=str(manifest), out=str(root / "cache" / split), split=split, sd_model=str(sd),
@@ -94,7 +96,8 @@ def test_a_folder_of_good_and_bad_files_scores_like_the_cache(pipeline, tmp_path
         rows = list(csv.DictReader(f))
     good = cached_scores(root)
     from lare2.shared.manifest.sources import files_under
-    assert [r["path"] for r in rows] == [str(p) for p in files_under(folder) if p.suffix in (".png", ".jpg")]  # input order
+    # input order
+    assert [r["path"] for r in rows] == [str(p) for p in files_under(folder) if p.suffix in (".png", ".jpg")]
     assert len(rows) == len(good) + len(bad)
     threshold = scored_test_cache(root)[2]
     for r in rows:
@@ -104,7 +107,8 @@ def test_a_folder_of_good_and_bad_files_scores_like_the_cache(pipeline, tmp_path
         else:
             assert r["status"] == "ok" and r["error"] == "" and r["prompt"].startswith("a photo of a ")
             assert float(r["p_fake"]) == pytest.approx(good[name], abs=1e-5)
-            assert r["is_fake"] == str(float(r["p_fake"]) > threshold) and float(r["threshold"]) == pytest.approx(threshold)
+            assert r["is_fake"] == str(float(r["p_fake"]) > threshold)
+            assert float(r["threshold"]) == pytest.approx(threshold)
     assert "scored 4 of 8 images" in result.stderr and "4 errors" in result.stderr
     assert "skipped 1 files without an image name" in result.stderr and "notes.txt" in result.stderr
     from PIL import Image
@@ -150,7 +154,7 @@ def test_class_prompts_need_a_class_unless_auto(pipeline, tmp_path):
     from lare2.extract.clip_text import load_text_tower, tokenize, zero_shot_input
     from lare2.extract.images import decode_rgb
     from lare2.shared.classnames import class_name
-    from tests.test_clip_text import write_two_tower_clip
+    from tests.extract.test_clip_text import write_two_tower_clip
 
     root, _ = pipeline
     nameless = tmp_path / "holiday.png"
@@ -159,7 +163,8 @@ def test_class_prompts_need_a_class_unless_auto(pipeline, tmp_path):
     assert refused.exit_code == 1
     (row,) = json.loads(refused.stdout)
     assert row["status"] == "error" and "'holiday.png' is not a GenImage-style file name" in row["error"]
-    no_tower = CliRunner().invoke(app, ["score", str(root / "run"), str(nameless), "--device", "cpu", "--class-name", "auto"])
+    no_tower = CliRunner().invoke(app, ["score", str(root / "run"), str(nameless), "--device", "cpu",
+                                        "--class-name", "auto"])
     assert no_tower.exit_code == 2 and "text tower" in no_tower.stderr
 
     clip = write_two_tower_clip(tmp_path / "clip.pt", seed=2)  # the same image tower as the run's ``tiny``
@@ -204,13 +209,58 @@ def test_attention_and_heatmap(pipeline, detector, tmp_path):
         assert im.size == show_figure_pixels(1 + 4 + 1)  # image, 4 LaRE channels, attention
 
 
+def test_one_egre_pass_per_batch_gives_the_plain_forwards_p_fake_and_attention(pipeline, detector):
+    """Scoring runs EGRE once per batch, and its p(fake) and attention equal the model's plain forward and
+    ``spatial_attention`` on the same features (the two passes scoring made before), to 1e-6."""
+    import torch
+
+    from lare2 import Detector
+    from lare2.detect import ScoreInputs, collate_scored
+    from lare2.extract.features import compute_images
+    from lare2.shared.seeding import sample_seed
+    from lare2.train.scoring import score_features
+
+    root, _ = pipeline
+    paths = sorted((root / "images/gen-x/test").rglob("*.png"))
+    model, extraction, models = detector.model, detector.extraction, detector.models
+    batch_size = 3  # the 4 test images in two batches
+    scorer = Detector(model, detector.config, extraction, models, detector.device, batch_size=batch_size,
+                      num_workers=0)
+    passes: list[int] = []
+    hook = model.attn_pool.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        results = scorer.score(paths)
+    finally:
+        hook.remove()
+    assert len(passes) == -(-len(paths) // batch_size) == 2
+    assert all(r.status == "ok" for r in results)
+
+    # the same features, batch by batch, through the model's plain forward and its attention method
+    dataset = ScoreInputs(paths, extraction.image_size, extraction.max_image_pixels, False,
+                          steps=extraction.normalize_steps(), run_seed=extraction.seed)
+    for start in range(0, len(paths), batch_size):
+        rows = range(start, min(start + batch_size, len(paths)))
+        batch, _ = collate_scored([dataset[i] for i in rows])
+        arrays = compute_images(models, batch.lare_images, batch.backbone_images, [results[i].prompt for i in rows],
+                                [sample_seed(extraction.seed, key) for key in batch.keys], detector.device)
+        stored = {name: a.astype(models.layout.dtype(name)).astype(np.float32) for name, a in arrays.items()}
+        p_fake = score_features(model, stored["pooled"], stored["fmap"], stored["lare"]).numpy()
+        with torch.no_grad():
+            attention = model.spatial_attention(torch.from_numpy(stored["fmap"]), torch.from_numpy(stored["lare"]))
+        for k, i in enumerate(rows):
+            assert results[i].p_fake == pytest.approx(float(p_fake[k]), abs=1e-6)
+            np.testing.assert_allclose(results[i].attention, attention[k].numpy(), rtol=0, atol=1e-6)
+            np.testing.assert_array_equal(results[i].lare, stored["lare"][k])
+
+
 def test_score_refuses_other_models_and_bad_usage(pipeline, tmp_path):
     from lare2.extract.models import load_latent_diffusion
     from lare2.extract.tiny_models import save_tiny_sd
 
     root, _ = pipeline
     other_sd = save_tiny_sd(tmp_path / "other-sd", seed=1)
-    refused = CliRunner().invoke(app, ["score", str(root / "run"), str(root / "images/gen-x/test"), "--sd", str(other_sd)])
+    refused = CliRunner().invoke(app, ["score", str(root / "run"), str(root / "images/gen-x/test"),
+                                       "--sd", str(other_sd)])
     assert refused.exit_code == 2 and "not those the detector was trained on" in refused.output
     # the one error line names the run, the weights at hand and the ones the run expects
     error = [line for line in refused.output.splitlines() if line.startswith("error: ")]
@@ -251,7 +301,8 @@ def test_training_on_class_prompts_warns():
 
 def test_eval_reads_the_test_cache_made_by_stage_1(pipeline, tmp_path):
     root, _ = pipeline
-    result = CliRunner().invoke(app, ["eval", str(root / "run"), "--test", str(root / "cache/test"), "--report", str(tmp_path / "report")])
+    result = CliRunner().invoke(app, ["eval", str(root / "run"), "--test", str(root / "cache/test"),
+                                      "--report", str(tmp_path / "report")])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "report/metrics.json").read_text())
     text = json.dumps(metrics)
@@ -266,4 +317,5 @@ def test_eval_reads_the_test_cache_made_by_stage_1(pipeline, tmp_path):
     expected = detection_metrics(labels, scores, threshold)
     for key in ("acc", "ap", "auc", "acc@thr"):
         assert row[key] == pytest.approx(expected[key], abs=1e-6), key
-    assert metrics["threshold"] == pytest.approx(threshold) and metrics["extraction_errors"] == {str(root / "cache/test"): 0}
+    assert metrics["threshold"] == pytest.approx(threshold)
+    assert metrics["extraction_errors"] == {str(root / "cache/test"): 0}

@@ -1,4 +1,5 @@
-"""``lare2 train --train-backbone-top`` (docs/method.md §2.4): the tower's layer4 + attention pool as part of the detector.
+"""``lare2 train --train-backbone-top`` (docs/method.md §2.4): the tower's layer4 + attention pool as part of
+the detector.
 
 Caches are made by real extraction with the debug preset (tiny SD, the seeded ``tiny`` tower), so
 they record a real backbone fingerprint.
@@ -145,7 +146,8 @@ def test_a_top_run_scores_new_images_as_eval_scores_their_cache(caches, run, tmp
     assert isinstance(model.backbone_top, BackboneTop)  # rebuilt from the run's config and weights
 
     out = tmp_path / "rows.csv"
-    result = CliRunner().invoke(app, ["score", str(run), str(caches / "images/gen-x/test"), "--device", "cpu", "-o", str(out)])
+    result = CliRunner().invoke(app, ["score", str(run), str(caches / "images/gen-x/test"), "--device", "cpu",
+                                      "-o", str(out)])
     assert result.exit_code == 0, result.output
     with open(out, newline="") as f:
         scored = {Path(r["path"]).name: float(r["p_fake"]) for r in csv.DictReader(f)}
@@ -159,7 +161,7 @@ def test_a_top_run_scores_new_images_as_eval_scores_their_cache(caches, run, tmp
         assert p == pytest.approx(evaluated[name], abs=1e-5), name
 
     # and neither path read the frozen pooled: replacing it changes nothing
-    from lare2.train.checkpoint import score_features
+    from lare2.train.scoring import score_features
 
     arrays = FeatureCache.open(caches / "cache/test").read(slice(None))
     with_pooled = score_features(model, arrays["pooled"], arrays["fmap"], arrays["lare"])

@@ -15,11 +15,12 @@ import pytest
 from PIL import Image
 
 from lare2.shared.cache import CacheLayout, FeatureCache
-from lare2.train.checkpoint import load_detector, score_split
+from lare2.train.checkpoint import load_detector
 from lare2.train.cli import main
 from lare2.train.data import CacheSplit
 from lare2.train.report import PREDICTION_COLUMNS, ScoredCache, evaluate, percent
 from lare2.train.robustness import METRICS, group_by_perturbation
+from lare2.train.scoring import score_split
 from tests.helpers.rich_tables import table_rows
 from tests.helpers.synthetic_caches import write_synthetic_cache
 
@@ -32,10 +33,12 @@ TEST_CACHES = (
     ("test-glide-jpeg75", ("glide",), 13, 0.6, "jpeg:75"),
     ("test-blur1", ("sd", "glide"), 14, 0.3, "blur:1.0"),  # one cache holding both generators; non-canonical spelling
 )
-GROUPS = {"clean": ["test-sd", "test-glide"], "jpeg:75": ["test-sd-jpeg75", "test-glide-jpeg75"], "blur:1": ["test-blur1"]}
+GROUPS = {"clean": ["test-sd", "test-glide"], "jpeg:75": ["test-sd-jpeg75", "test-glide-jpeg75"],
+          "blur:1": ["test-blur1"]}
 
 
-def write_test_cache(path: Path, generators, seed: int, lare_shift: float, perturb: str | None, **kwargs) -> FeatureCache:
+def write_test_cache(path: Path, generators, seed: int, lare_shift: float, perturb: str | None,
+                     **kwargs) -> FeatureCache:
     cache = write_synthetic_cache(path, num_samples=40, signal="lare", seed=seed, layout=LAYOUT, generators=generators,
                                   lare_shift=lare_shift, **kwargs)
     if perturb is not None:  # the extraction fingerprint ignores perturb: the identity stays the training caches'
@@ -49,11 +52,13 @@ def setup(tmp_path_factory):
     write_synthetic_cache(root / "train", num_samples=96, signal="lare", seed=1, layout=LAYOUT)
     write_synthetic_cache(root / "val", num_samples=64, signal="lare", seed=2, layout=LAYOUT)
     run = root / "run"
-    assert main(["train", "--preset", "debug", "--model", "egre", "--train", str(root / "train"), "--val", str(root / "val"),
-                 "--out", str(run), "--epochs", "2", "--batch-size", "16", "--set", "progress=false", "--set", "head_dim=8"]) == 0
+    assert main(["train", "--preset", "debug", "--model", "egre", "--train", str(root / "train"),
+                 "--val", str(root / "val"), "--out", str(run), "--epochs", "2", "--batch-size", "16",
+                 "--set", "progress=false", "--set", "head_dim=8"]) == 0
     for folder, generators, seed, shift, perturb in TEST_CACHES:
         # an extraction error in the first cache: left out of the table and of the predictions
-        write_test_cache(root / folder, generators, seed, shift, perturb, error_rows=(3,) if folder == "test-sd" else ())
+        write_test_cache(root / folder, generators, seed, shift, perturb,
+                         error_rows=(3,) if folder == "test-sd" else ())
     tests = [str(root / folder) for folder, *_ in TEST_CACHES]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -93,7 +98,8 @@ def test_each_column_equals_a_plain_eval_of_its_caches(setup, tmp_path) -> None:
     root, run, _, report, _ = setup
     for group in report["robustness"]["perturbations"]:
         with contextlib.redirect_stdout(io.StringIO()):
-            alone = evaluate(run, [root / f for f in GROUPS[group["perturb"]]], tmp_path / group["perturb"], plots=False)
+            alone = evaluate(run, [root / f for f in GROUPS[group["perturb"]]], tmp_path / group["perturb"],
+                             plots=False)
         assert [r["generator"] for r in alone["rows"]] == [r["generator"] for r in group["rows"]]
         for mine, plain in zip([*group["rows"], group["mean"]], [*alone["rows"], alone["mean"]]):
             for key in (*METRICS, "n_real", "n_fake", "reals_from"):
@@ -157,7 +163,8 @@ def test_robustness_on_clean_caches_only_says_so(setup, tmp_path, capsys, caplog
     finally:
         lare2_logger.removeHandler(caplog.handler)
     robustness = json.loads((tmp_path / "r" / "robustness.json").read_text())
-    assert [g["perturb"] for g in robustness["perturbations"]] == ["clean"] and "every test cache is clean" in robustness["note"]
+    assert [g["perturb"] for g in robustness["perturbations"]] == ["clean"]
+    assert "every test cache is clean" in robustness["note"]
     assert any("every test cache is clean" in r.getMessage() for r in caplog.records)
     rows = table_rows(capsys.readouterr().out, cells=2)
     assert [r[0] for r in rows] == ["sd", "glide", "mean"] and rows[0][1].startswith("AP ")
@@ -184,13 +191,14 @@ def test_columns_run_clean_then_kinds_mild_to_strong_then_chains() -> None:
     empty = np.empty(0)
     caches = [ScoredCache(path=Path(p), labels=empty, scores=empty, generators=empty, num_errors=0, sample_ids=empty,
                           paths=empty, perturb=p)
-              for p in ("jpeg:50", "jpeg:75+resize:0.5", "clean", "noise:5", "jpeg:90", "blur:2", "blur:0.5", "resize:0.5",
-                        "crop:0.8", "jpeg:50")]
+              for p in ("jpeg:50", "jpeg:75+resize:0.5", "clean", "noise:5", "jpeg:90", "blur:2", "blur:0.5",
+                        "resize:0.5", "crop:0.8", "jpeg:50")]
     groups = group_by_perturbation(caches)
-    assert [g.perturb for g in groups] == ["clean", "jpeg:90", "jpeg:50", "blur:0.5", "blur:2", "resize:0.5", "crop:0.8",
-                                           "noise:5", "jpeg:75+resize:0.5"]
+    assert [g.perturb for g in groups] == ["clean", "jpeg:90", "jpeg:50", "blur:0.5", "blur:2", "resize:0.5",
+                                           "crop:0.8", "noise:5", "jpeg:75+resize:0.5"]
     assert [len(g.caches) for g in groups][2] == 2
-    assert (groups[-1].kind, groups[-1].strength) == ("chain", None) and (groups[1].kind, groups[1].strength) == ("jpeg", 90)
+    assert (groups[-1].kind, groups[-1].strength) == ("chain", None)
+    assert (groups[1].kind, groups[1].strength) == ("jpeg", 90)
 
 
 def test_the_per_generator_table_never_mixes_perturbations(setup, tmp_path) -> None:

@@ -38,8 +38,8 @@ def caches(tmp_path_factory):
     root = tmp_path_factory.mktemp("splits")
     write_synthetic_cache(root / "train", num_samples=64, signal="lare", seed=1, layout=LAYOUT)
     write_synthetic_cache(root / "val", num_samples=48, signal="lare", seed=2, layout=LAYOUT)
-    result = invoke("train", "--preset", "debug", "--train", root / "train", "--val", root / "val", "--out", root / "run",
-                    "--epochs", "1", "--set", "progress=false", "--set", "head_dim=8")
+    result = invoke("train", "--preset", "debug", "--train", root / "train", "--val", root / "val",
+                    "--out", root / "run", "--epochs", "1", "--set", "progress=false", "--set", "head_dim=8")
     assert result.exit_code == 0, result.output
     return root
 
@@ -62,7 +62,8 @@ def test_the_run_records_its_training_ids(caches):
 def test_train_refuses_the_training_cache_as_val(caches, tmp_path):
     result = train(caches, caches / "train", tmp_path / "run")
     line = error_line(result)
-    assert result.exit_code == 2 and "shares 64 sample ids with the training cache" in line and "(the same cache?)" in line
+    assert result.exit_code == 2
+    assert "shares 64 sample ids with the training cache" in line and "(the same cache?)" in line
     assert "--allow-overlap" in line and not (tmp_path / "run" / "config.json").exists()
     assert train(caches, caches / "train", tmp_path / "run", "--allow-overlap").exit_code == 0  # for those who mean it
 

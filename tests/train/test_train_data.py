@@ -50,13 +50,15 @@ def test_one_rank_sees_every_ok_sample_once_in_a_seeded_order(split):
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_read_disjoint_blocks_and_take_the_same_full_steps(split, world_size):
-    runs = [batches_of(split, epoch=2, seed=5, shuffle_blocks=4, rank=r, world_size=world_size) for r in range(world_size)]
+    runs = [batches_of(split, epoch=2, seed=5, shuffle_blocks=4, rank=r, world_size=world_size)
+            for r in range(world_size)]
     steps = split.num_batches(batch_size=BATCH, shuffle_blocks=4, world_size=world_size, epoch=2, seed=5)
     assert steps >= split.num_ok // BATCH // world_size - 2  # little is dropped to keep the ranks in step
     read_by_rank = [set(read) for _, read in runs]
     union = set().union(*read_by_rank)
     assert sum(len(r) for r in read_by_rank) == len(union)  # no block read by two ranks
-    assert union <= set(split.ok_blocks) and len(union) >= len(split.ok_blocks) - world_size  # a rank stops once in step
+    # a rank stops once in step
+    assert union <= set(split.ok_blocks) and len(union) >= len(split.ok_blocks) - world_size
     seen = [np.concatenate(indices) for indices, _ in runs]
     for indices, _ in runs:
         assert len(indices) == steps and all(len(b) == BATCH for b in indices)

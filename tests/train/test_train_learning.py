@@ -26,8 +26,8 @@ def caches(tmp_path_factory):
 
 def val_acc(root, signal: str, kind: str) -> float:
     run = root / f"run-{kind}"
-    code = main(["train", "--preset", "debug", "--model", kind, "--train", str(root / "train"), "--val", str(root / "val"),
-                 "--out", str(run), "--epochs", "4", "--set", "progress=false"])
+    code = main(["train", "--preset", "debug", "--model", kind, "--train", str(root / "train"),
+                 "--val", str(root / "val"), "--out", str(run), "--epochs", "4", "--set", "progress=false"])
     assert code == 0
     return json.loads((run / "config.json").read_text())["val_metrics"]["acc"]
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
-from lare2.train.metrics import calibrate_threshold, detection_metrics, tpr_at_fpr
+from lare2.train.calibration import calibrate_threshold
+from lare2.train.metrics import detection_metrics, tpr_at_fpr
 
 
 def test_metrics_equal_sklearn_and_hand_counts() -> None:

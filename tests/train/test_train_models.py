@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from lare2.shared.cache import CacheLayout
-from lare2.train.checkpoint import load_detector, score_features, split_reference_state
+from lare2.train.checkpoint import load_detector
 from lare2.train.models import EGREClassifier, ModelConfig, build_model, egre_config_from_state_dict
+from lare2.train.reference import split_reference_state
+from lare2.train.scoring import score_features
 from tests.helpers.synthetic_caches import write_synthetic_cache
 
 # docs/method.md §3.5: the head keys of a reference CLipClassifierWMapV6 checkpoint.
@@ -27,7 +29,8 @@ def spec_egre_logits(sd: dict, pooled, fmap, lare, num_heads: int) -> torch.Tens
     """docs/method.md §3 written out as plain tensor code (eval mode: no dropout)."""
     B, C, H, W = fmap.shape
     lare_small = F.adaptive_avg_pool2d(lare, (H, W))
-    bias = torch.einsum("blhw,nl->bnhw", lare_small, sd["conv.weight"][:, :, 0, 0]) + sd["conv.bias"][None, :, None, None]
+    bias = (torch.einsum("blhw,nl->bnhw", lare_small, sd["conv.weight"][:, :, 0, 0])
+            + sd["conv.bias"][None, :, None, None])
     bias = bias.reshape(B, num_heads, H * W)
     bias = torch.cat([bias.mean(2, keepdim=True), bias], 2)  # [B, N, 197]
     tokens = fmap.reshape(B, C, H * W).permute(0, 2, 1)
@@ -39,8 +42,10 @@ def spec_egre_logits(sd: dict, pooled, fmap, lare, num_heads: int) -> torch.Tens
     d_k = q.shape[-1]
     att = (torch.einsum("bnk,btnk->bnt", q, k) / math.sqrt(d_k) + bias).softmax(-1)
     out = torch.einsum("bnt,btnk->bnk", att, v).reshape(B, -1) @ sd[a + "fc_o.weight"].T + sd[a + "fc_o.bias"]
-    spatial = F.layer_norm(tokens[:, 0] + out, (C,), sd["attn_pool.layer_norm.weight"], sd["attn_pool.layer_norm.bias"], eps=1e-5)
-    gate = torch.sigmoid(torch.relu(lare.mean((2, 3)) @ sd["channel_align.fc.0.weight"].T) @ sd["channel_align.fc.2.weight"].T)
+    spatial = F.layer_norm(tokens[:, 0] + out, (C,), sd["attn_pool.layer_norm.weight"], sd["attn_pool.layer_norm.bias"],
+                           eps=1e-5)
+    hidden = torch.relu(lare.mean((2, 3)) @ sd["channel_align.fc.0.weight"].T)
+    gate = torch.sigmoid(hidden @ sd["channel_align.fc.2.weight"].T)
     channel = fmap.mean((2, 3)) * gate
     return torch.cat([pooled, spatial, channel], 1) @ sd["fc.weight"].T + sd["fc.bias"]
 
@@ -73,10 +78,11 @@ def test_egre_matches_spec_recomputation(batch: int) -> None:
 
 def test_reference_state_dict_loads_strictly_and_converts(tmp_path) -> None:
     from lare2.train.calibration import calibrate_run
-    from lare2.train.trainer import convert_reference
+    from lare2.train.reference import convert_reference
 
     layout = CacheLayout(pooled_dim=16, fmap_shape=(24, 6, 6), lare_shape=(4, 16, 16), chunk_samples=16)
-    config = ModelConfig(pooled_dim=16, fmap_shape=(24, 6, 6), lare_shape=(4, 16, 16), num_heads=8, head_dim=4, channel_hidden=12)
+    config = ModelConfig(pooled_dim=16, fmap_shape=(24, 6, 6), lare_shape=(4, 16, 16), num_heads=8, head_dim=4,
+                         channel_hidden=12)
     head = randomised(EGREClassifier(config), seed=3)
     assert set(head.state_dict()) == REFERENCE_HEAD_KEYS
     # a reference checkpoint: head keys + clip_model.*, saved as {"state_dict": ...} by DataParallel
@@ -89,7 +95,8 @@ def test_reference_state_dict_loads_strictly_and_converts(tmp_path) -> None:
     head_sd, backbone_sd = split_reference_state(torch.load(ckpt, weights_only=True))
     assert set(backbone_sd) == {"visual.conv1.weight", "logit_scale"}
     inferred = egre_config_from_state_dict(head_sd, (16, 16))
-    assert (inferred.pooled_dim, inferred.fmap_shape, inferred.num_heads, inferred.head_dim, inferred.channel_hidden) == (16, (24, 6, 6), 8, 4, 12)
+    dims = (inferred.pooled_dim, inferred.fmap_shape, inferred.num_heads, inferred.head_dim, inferred.channel_hidden)
+    assert dims == (16, (24, 6, 6), 8, 4, 12)
     EGREClassifier(inferred).load_state_dict(head_sd, strict=True)
 
     write_synthetic_cache(tmp_path / "val", num_samples=40, signal="lare", seed=1, layout=layout)
@@ -108,7 +115,7 @@ def test_reference_state_dict_loads_strictly_and_converts(tmp_path) -> None:
 def test_a_head_of_other_dims_is_refused(tmp_path) -> None:
     from lare2.train.calibration import calibrate_run
     from lare2.train.checkpoint import CheckpointError
-    from lare2.train.trainer import convert_reference
+    from lare2.train.reference import convert_reference
 
     layout = CacheLayout(pooled_dim=16, fmap_shape=(24, 6, 6), lare_shape=(4, 16, 16), chunk_samples=16)
     write_synthetic_cache(tmp_path / "val", num_samples=20, signal="lare", seed=1, layout=layout)
@@ -149,7 +156,8 @@ def test_unknown_kind_names_the_choices() -> None:
 def test_zero_lare_ablation_ignores_the_map_and_nothing_else() -> None:
     torch.manual_seed(0)
     config = ModelConfig(pooled_dim=16, fmap_shape=(16, 7, 7), lare_shape=(4, 16, 16), head_dim=8)
-    full, ablated = EGREClassifier(config).eval(), EGREClassifier(ModelConfig(**{**config.to_dict(), "zero_lare": True})).eval()
+    full = EGREClassifier(config).eval()
+    ablated = EGREClassifier(ModelConfig(**{**config.to_dict(), "zero_lare": True})).eval()
     ablated.load_state_dict(full.state_dict())  # same weights: only the guiding map differs
     pooled, fmap = torch.randn(3, 16), torch.randn(3, 16, 7, 7)
     lare_a, lare_b = torch.rand(3, 4, 16, 16), 5 * torch.rand(3, 4, 16, 16)

@@ -114,7 +114,8 @@ def test_batches_equal_the_synchronous_reference(cache_path, mode, world_size):
                                                  world_size=world_size, epoch=epoch, seed=seed)
             assert_same_batches(got, list(reference_epoch_batches(reference, **kwargs)))
     for batch_size in (3, 8, 64):
-        assert_same_batches(list(split.sequential_batches(batch_size)), list(reference_sequential_batches(reference, batch_size)))
+        assert_same_batches(list(split.sequential_batches(batch_size)),
+                            list(reference_sequential_batches(reference, batch_size)))
 
 
 def test_read_ahead_is_bounded_and_stops_with_the_consumer(cache_path):
@@ -214,7 +215,8 @@ def test_training_gives_the_same_weights_however_it_reads(tmp_path):
     write_synthetic_cache(tmp_path / "train", num_samples=96, signal="lare", seed=1, layout=layout)
     write_synthetic_cache(tmp_path / "val", num_samples=64, signal="lare", seed=2, layout=layout)
     weights = {}
-    for name, reading in (("inline", ["read_workers=0", "in_memory=off"]), ("ahead", ["read_workers=2", "in_memory=off"]),
+    for name, reading in (("inline", ["read_workers=0", "in_memory=off"]),
+                          ("ahead", ["read_workers=2", "in_memory=off"]),
                           ("memory", ["read_workers=1", "in_memory=on"])):
         args = ["train", "--preset", "debug", "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
                 "--out", str(tmp_path / name), "--epochs", "2", "--set", "progress=false", "--set", "head_dim=8",

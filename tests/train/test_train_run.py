@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from lare2.shared.cache import CacheLayout
-from lare2.train.checkpoint import CheckpointError, load_detector, score_features
+from lare2.train.checkpoint import CheckpointError, load_detector
 from lare2.train.cli import main
 from lare2.train.metrics import detection_metrics
 from lare2.train.report import evaluate
+from lare2.train.scoring import score_features
 from tests.helpers.synthetic_caches import write_synthetic_cache
 
 LAYOUT = CacheLayout(pooled_dim=16, fmap_shape=(16, 7, 7), lare_shape=(4, 16, 16), chunk_samples=16)
@@ -30,7 +31,8 @@ def data(tmp_path_factory):
 
 def train_args(data, out, *extra: str) -> list[str]:
     return ["train", "--preset", "debug", "--model", "egre", "--train", str(data / "train"), "--val", str(data / "val"),
-            "--out", str(out), "--epochs", "3", "--batch-size", "16", "--set", "progress=false", "--set", "head_dim=8", *extra]
+            "--out", str(out), "--epochs", "3", "--batch-size", "16", "--set", "progress=false", "--set", "head_dim=8",
+            *extra]
 
 
 def test_resume_after_a_kill_gives_the_same_weights(data, tmp_path) -> None:
@@ -58,7 +60,8 @@ def test_resume_restores_the_best_weights_it_recorded(data, tmp_path) -> None:
     run = tmp_path / "run"
     assert main(train_args(data, run, "--epochs", "2")) == 0
     best = {k: v.clone() for k, v in load_file(run / "model.safetensors").items()}  # not a view of the file
-    assert all(torch.equal(best[k], v) for k, v in torch.load(run / "resume.pt", weights_only=True)["best_model"].items())
+    saved_best = torch.load(run / "resume.pt", weights_only=True)["best_model"]
+    assert all(torch.equal(best[k], v) for k, v in saved_best.items())
     (run / "model.safetensors").write_bytes(b"")  # as if the weights of another epoch had been half-written there
     assert main(train_args(data, run, "--epochs", "2")) == 0  # resumes after the last epoch: straight to calibration
     restored = load_file(run / "model.safetensors")
@@ -76,10 +79,12 @@ def test_changed_settings_refuse_to_resume(data, tmp_path, capsys) -> None:
 
 
 def test_caches_from_other_extractions_are_refused(data, tmp_path, capsys) -> None:
-    other = write_synthetic_cache(tmp_path / "other", num_samples=32, signal="lare", seed=5, layout=LAYOUT, identity={"timestep": 280})
+    other = write_synthetic_cache(tmp_path / "other", num_samples=32, signal="lare", seed=5, layout=LAYOUT,
+                                  identity={"timestep": 280})
     capsys.readouterr()
     # a user error: one `error:` line and exit 2 (the CacheError used to escape as a traceback)
-    assert main(["train", "--preset", "debug", "--train", str(data / "train"), "--val", str(other.path), "--out", str(tmp_path / "r")]) == 2
+    assert main(["train", "--preset", "debug", "--train", str(data / "train"), "--val", str(other.path),
+                 "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "fingerprint" in err and str(other.path) in err
 
@@ -89,8 +94,8 @@ def test_evaluation_report_per_generator(data, tmp_path) -> None:
     assert main(train_args(data, run, "--epochs", "2")) == 0
     mixed = write_synthetic_cache(tmp_path / "test_mixed", num_samples=48, signal="lare", seed=3, layout=LAYOUT,
                                   generators=("sd", "glide"), error_rows=(5,))
-    fake_only = write_synthetic_cache(tmp_path / "test_mj", num_samples=16, signal="lare", seed=4, layout=LAYOUT,
-                                      generators=("midjourney",), fake_fraction=1.0)
+    write_synthetic_cache(tmp_path / "test_mj", num_samples=16, signal="lare", seed=4, layout=LAYOUT,
+                          generators=("midjourney",), fake_fraction=1.0)  # a fake-only generator
     assert main(["eval", str(run), "--test", str(tmp_path / "test_*"), "--report", str(tmp_path / "report")]) == 0
     report = json.loads((tmp_path / "report" / "metrics.json").read_text())
     rows = {r["generator"]: r for r in report["rows"]}
@@ -124,7 +129,8 @@ def test_evaluation_report_per_generator(data, tmp_path) -> None:
     for png in ("roc.png", "acc_ap.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
 
-    stranger = write_synthetic_cache(tmp_path / "stranger", num_samples=16, signal="lare", seed=6, layout=LAYOUT, identity={"seed": 9})
+    stranger = write_synthetic_cache(tmp_path / "stranger", num_samples=16, signal="lare", seed=6, layout=LAYOUT,
+                                     identity={"seed": 9})
     with pytest.raises(CheckpointError, match="fingerprint"):
         evaluate(run, [stranger.path], tmp_path / "r2")
 

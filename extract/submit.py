@@ -1,0 +1,327 @@
+"""``lare2 extract ... --submit slurm --array N``: the whole array job from one command.
+
+It creates the store once (as ``--create-only``: the tasks then never race to build it), writes a
+readable job script into ``<cache>.slurm/`` beside the cache, and submits it with
+``sbatch --parsable``. The script holds the exact extract command the user typed, with
+``--shard-index auto --num-shards N`` (``lare2.extract.array_env``), and asks for
+``--array``, ``--requeue``, per-task logs (``logs/%A_%a.out``, appended across requeues) and a
+``USR1`` to its shell 120 s before the time limit. The shell runs the extraction in the background,
+so it can pass that on: the extractor gets ``TERM`` (which stops it after the blocks in flight; a
+kill loses at most those, as the rerun guarantee says), and the task requeues itself to finish its
+shard. A task cancelled or preempted gets ``TERM`` from SLURM; ``--requeue`` lets SLURM bring a
+preempted one back. Every rerun skips the blocks already done. ``--only-missing`` submits only the
+shards that still hold pending blocks, as one array of those indices (``--array=1,4-6``).
+``--dry-run`` prints the script and writes and submits nothing.
+
+Plain ``sbatch`` rather than submitit. submitit (what much ML code uses for SLURM arrays) pickles a
+Python callable and its arguments into a folder that the nodes must share, and its job script runs
+``python -m submitit.core._submit FOLDER``: what ran is a pickle, not a command one can read, copy,
+edit or rerun by hand; a pickle also binds the job to the exact objects and versions that wrote it.
+Its requeue-on-preemption (``checkpoint()``) and per-task logs are what this script does in a few
+lines of shell (``--signal``, ``scontrol requeue``, ``%A_%a``), and the extractor's resume needs no
+pickled state: the cache's done marks are the checkpoint. ``accelerate launch`` inside a task (one
+process per GPU of the node) is one line here, and would be a subprocess inside submitit's callable.
+So the script kept beside the cache is the command that ran, and ``sbatch`` it again works.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+from lare2.shared.errors import InputError
+
+SIGNAL_BEFORE_LIMIT_S = 120
+"""The task's shell gets USR1 this many seconds before the time limit: time to finish the block in flight."""
+SUBMIT_FLAGS = {"array": "--array", "sbatch_arg": "--sbatch-arg", "gpus_per_task": "--gpus-per-task",
+                "only_missing": "--only-missing", "dry_run": "--dry-run"}
+"""``lare2 extract`` options that only mean something with ``--submit``."""
+SUBMIT_ONLY_OPTIONS = {"submit", *SUBMIT_FLAGS, "shard_index", "num_shards", "create_only", "resume", "json_out",
+                       "manifest", "out", "all_splits"}
+"""``lare2 extract`` options not passed on to the tasks (``--manifest`` and ``--out`` go as absolute paths; the
+tasks always resume)."""
+
+
+class SubmitError(InputError):
+    """The array cannot be submitted as asked: bad options, no sbatch, sbatch refused it, nothing extracted yet."""
+
+
+@dataclass
+class Submission:
+    """What ``--submit slurm`` did."""
+
+    cache: str
+    num_shards: int
+    shards: list[int]
+    array: str
+    """The ``--array=`` value submitted ("" when nothing was left to submit)."""
+    script: str
+    """The job script's path ("" for a dry run)."""
+    text: str
+    """The job script."""
+    job_id: str = ""
+    progress_command: str = ""
+
+
+def job_folder(out: Path) -> Path:
+    """Where the job scripts, the submit record and the task logs of the cache at ``out`` live: ``<out>.slurm``."""
+    out = Path(out).absolute()
+    return out.parent / f"{out.name}.slurm"
+
+
+def parse_array(value: str) -> tuple[int, int | None]:
+    """``--array N`` or ``N%K``: N shards, one task each, at most K at once -> (N, K or None)."""
+    count, _, throttle = value.partition("%")
+    try:
+        numbers = int(count), int(throttle) if throttle else None
+    except ValueError:
+        raise SubmitError(f"--array {value!r}: expected the number of shards N (tasks 0..N-1), optionally N%K "
+                          "to run at most K at once") from None
+    if numbers[0] < 1 or (numbers[1] is not None and numbers[1] < 1):
+        raise SubmitError(f"--array {value!r}: N and K must be >= 1")
+    return numbers
+
+
+def recorded_num_shards(out: Path) -> int | None:
+    """The number of shards of the last submission for the cache at ``out`` (its submit record), if any."""
+    record = job_folder(out) / "submissions.jsonl"
+    if not record.is_file():
+        return None
+    lines = [line for line in record.read_text().splitlines() if line.strip()]
+    return int(json.loads(lines[-1])["num_shards"]) if lines else None
+
+
+def given_options(ctx: typer.Context, leave_out: set[str] = SUBMIT_ONLY_OPTIONS) -> list[str]:
+    """The options the user gave on the command line (not their defaults), as arguments again."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        if param.param_type_name != "option" or param.name in leave_out or not _given(ctx, param.name):
+            continue
+        value = ctx.params[param.name]
+        flag = next(opt for opt in param.opts if opt.startswith("--"))
+        if param.is_flag:
+            if value or param.secondary_opts:
+                args.append(flag if value else param.secondary_opts[0])
+        elif param.multiple:
+            args += [item for v in value for item in (flag, str(v))]
+        elif value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def extract_command(manifest: str, out: Path, options: list[str], num_shards: int, gpus_per_task: int) -> list[str]:
+    """The extraction each task runs: this Python's ``lare2.extract`` (under ``accelerate launch`` with
+    one process per GPU when ``gpus_per_task`` > 1), the user's options, ``--shard-index auto``."""
+    python = Path(sys.executable)
+    if gpus_per_task > 1:
+        launcher = python.parent / "accelerate"
+        start = ([str(launcher), "launch"] if launcher.exists() else [str(python), "-m", "accelerate.commands.launch"])
+        start += ["--multi_gpu", "--num_processes", str(gpus_per_task)]
+    else:
+        start = [str(python)]
+    return [*start, "-m", "lare2.extract", "--manifest", str(Path(manifest).absolute()), "--out", str(out),
+            *options, "--num-shards", str(num_shards), "--shard-index", "auto"]
+
+
+def shell_lines(command: list[str], indent: str = "    ") -> str:
+    """A command quoted for bash, one option per line (``--name value``), joined with backslashes."""
+    words = [shlex.quote(word) for word in command]
+    lines, current = [], []
+    for word in words:
+        if word.startswith("--") and current:
+            lines.append(" ".join(current))
+            current = []
+        current.append(word)
+    lines.append(" ".join(current))
+    return (" \\\n" + indent).join(lines)
+
+
+def job_script(*, out: Path, command: list[str], array: str, num_shards: int, throttle: int | None,
+               sbatch_args: list[str], gpus_per_task: int, logs: Path) -> str:
+    """The job script: ``#SBATCH`` lines, then the extraction run so that signals reach it (see the module doc)."""
+    made = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    directives = [f"--job-name=lare2-extract-{out.name}", f"--array={array}" + (f"%{throttle}" if throttle else ""),
+                  f"--output={logs}/%A_%a.out", "--open-mode=append", "--requeue",
+                  f"--signal=B:USR1@{SIGNAL_BEFORE_LIMIT_S}", f"--chdir={Path.cwd()}"]
+    if gpus_per_task:
+        directives.append(f"--gres=gpu:{gpus_per_task}")
+    directives += sbatch_args
+    sbatch_lines = "\n".join(f"#SBATCH {shlex.quote(d)}" for d in directives)
+    return f"""#!/bin/bash
+{sbatch_lines}
+#
+# lare2 extract as a SLURM array: task i extracts shard i of {num_shards} (the cache blocks b with
+# b % {num_shards} == i) into {out}. Written by `lare2 extract --submit slurm` on {made}.
+# Every (re)run skips the blocks already done, so submitting this file again is safe: sbatch {{this file}}
+# Progress: lare2 cache progress {shlex.quote(str(out))} --num-shards {num_shards}
+#
+# The extraction runs in the background so that this shell can pass signals on:
+#   USR1 (from SLURM, {SIGNAL_BEFORE_LIMIT_S} s before the time limit): TERM to the extraction, which stops after
+#        the blocks in flight; then this task requeues itself to finish its shard.
+#   TERM (scancel, preemption): passed on once; SLURM requeues a preempted task (--requeue).
+set -u
+run=$(( ${{SLURM_RESTART_COUNT:-0}} + 1 ))
+echo "lare2: task ${{SLURM_ARRAY_TASK_ID}} of array ${{SLURM_ARRAY_JOB_ID}}, run $run, on $(hostname) at $(date -Is)"
+time_limit=0
+stopping=0
+stop_extraction() {{
+    [ "$stopping" = 1 ] || kill -TERM "$extraction" 2>/dev/null
+    stopping=1
+}}
+
+{shell_lines(command)} &
+extraction=$!
+trap 'time_limit=1; stop_extraction' USR1
+trap 'stop_extraction' TERM
+while :; do
+    wait "$extraction"
+    status=$?
+    kill -0 "$extraction" 2>/dev/null || break  # a signal ends `wait` early: wait again
+done
+echo "lare2: extraction exited with status $status at $(date -Is)"
+if [ "$time_limit" = 1 ] && [ "$status" != 0 ]; then
+    echo "lare2: stopped before the time limit; requeueing this task to finish its shard"
+    scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
+fi
+exit "$status"
+"""
+
+
+def write_script(folder: Path, text: str) -> Path:
+    """The job script as ``folder/extract-<UTC time>.sbatch`` (never overwriting an earlier one); returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path, number = folder / f"extract-{stamp}.sbatch", 1
+    while path.exists():
+        number += 1
+        path = folder / f"extract-{stamp}-{number}.sbatch"
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def run_sbatch(script: Path) -> str:
+    """Submit ``script`` with ``sbatch --parsable``; the job id."""
+    try:
+        done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=300)
+    except FileNotFoundError:
+        raise SubmitError(f"{script}: sbatch is not installed here; submit from a SLURM login node "
+                          "(the script is written; --dry-run only prints it)") from None
+    if done.returncode != 0:
+        reason = " ".join((done.stderr or done.stdout).split()) or f"exit status {done.returncode}"
+        raise SubmitError(f"{script}: sbatch refused it ({reason}); change the #SBATCH lines with --sbatch-arg, "
+                          f"or edit the script and run sbatch {script}")
+    return done.stdout.strip().split(";")[0]  # "jobid" or "jobid;cluster"
+
+
+def pending_shards(out: Path, num_shards: int) -> list[int]:
+    """Shards of the cache at ``out`` that still hold pending blocks (``--only-missing``)."""
+    from lare2.shared.cache import FeatureCache
+    from lare2.shared.cache.progress import missing_shards
+
+    return missing_shards(FeatureCache.open(out).done_blocks(), num_shards)
+
+
+def submit_slurm(ctx: typer.Context, cfg, *, array: str | None, sbatch_args: list[str], gpus_per_task: int,
+                 dry_run: bool, only_missing: bool) -> Submission:
+    """Create the store (unless ``dry_run``), write the job script for the shards to run, submit it.
+
+    ``cfg``: the ``ExtractConfig`` of the command line. The shards: all of ``--array N``, or with
+    ``only_missing`` those with pending blocks (N from ``--array`` or the last submission's record).
+    """
+    import dataclasses
+
+    from lare2.shared.cache.progress import array_spec
+
+    out = Path(cfg.out).absolute()
+    if array is not None:
+        num_shards, throttle = parse_array(array)
+    elif only_missing and recorded_num_shards(out):
+        num_shards, throttle = recorded_num_shards(out), None
+    else:
+        raise SubmitError("--submit slurm: give --array N, the number of shards (one array task each)"
+                          + ("" if not only_missing else f"; {job_folder(out)} records no earlier submission"))
+    if only_missing and not (out / "zarr.json").exists():
+        raise SubmitError(f"{out}: no cache there yet, so no shard is known to be missing; submit the whole array "
+                          "(drop --only-missing)")
+    if not dry_run:  # once, before the tasks: they then never race to build the store
+        from lare2.extract.run import run_extraction
+
+        run_extraction(dataclasses.replace(cfg, num_shards=num_shards, shard_index=0), create_only=True)
+    shards = pending_shards(out, num_shards) if only_missing else list(range(num_shards))
+    progress_command = f"lare2 cache progress {shlex.quote(str(out))} --num-shards {num_shards}"
+    submission = Submission(cache=str(out), num_shards=num_shards, shards=shards, array=array_spec(shards),
+                            script="", text="", progress_command=progress_command)
+    if not shards:
+        return submission
+    folder = job_folder(out)
+    command = extract_command(cfg.manifest, out, given_options(ctx), num_shards, gpus_per_task)
+    submission.text = job_script(out=out, command=command, array=submission.array, num_shards=num_shards,
+                                 throttle=throttle, sbatch_args=list(sbatch_args), gpus_per_task=gpus_per_task,
+                                 logs=folder / "logs")
+    if dry_run:
+        return submission
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    script = write_script(folder, submission.text)
+    submission.script, submission.job_id = str(script), run_sbatch(script)
+    record = {"job_id": submission.job_id, "array": submission.array, "num_shards": num_shards,
+              "script": str(script), "submitted": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    with open(folder / "submissions.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return submission
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option ``name`` (typer bundles its own click: its enums are compared by name)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def refuse_submit_options(ctx: typer.Context) -> None:
+    """``--array``, ``--dry-run`` and the like without ``--submit``: refused rather than silently ignored."""
+    given = [flag for name, flag in SUBMIT_FLAGS.items() if _given(ctx, name)]
+    if given:
+        raise SubmitError(f"{', '.join(given)}: only with --submit slurm (submit an array job); drop "
+                          f"{'it' if len(given) == 1 else 'them'} to extract here")
+
+
+def submit_from_cli(ctx: typer.Context, cfg, *, scheduler: str, array: str | None, sbatch_args: list[str],
+                    gpus_per_task: int, only_missing: bool, dry_run: bool, all_splits: bool, json_out: bool) -> None:
+    """``lare2 extract ... --submit slurm``: check the options, submit, and say what was done."""
+    import dataclasses
+
+    from lare2.shared.cli_errors import user_errors
+
+    with user_errors():
+        if scheduler != "slurm":
+            raise SubmitError(f"--submit {scheduler!r}: the one scheduler supported is slurm")
+        if all_splits:
+            raise SubmitError("--submit with --all-splits: submit one array per split (--split SPLIT)")
+        clashing = [flag for name, flag in (("shard_index", "--shard-index"), ("num_shards", "--num-shards"),
+                                            ("create_only", "--create-only")) if _given(ctx, name)]
+        if clashing:
+            raise SubmitError(f"{', '.join(clashing)} with --submit: the job script creates the cache first and gives "
+                              "each task --shard-index auto --num-shards N (N from --array); drop them")
+        submission = submit_slurm(ctx, cfg, array=array, sbatch_args=sbatch_args, gpus_per_task=gpus_per_task,
+                                  dry_run=dry_run, only_missing=only_missing)
+    if json_out:
+        from lare2.shared.jsonio import print_json
+
+        print_json(dataclasses.asdict(submission))
+    elif not submission.shards:
+        typer.echo(f"{submission.cache}: every block is done; nothing to submit")
+    elif dry_run:
+        typer.echo(submission.text, nl=False)
+    else:
+        typer.echo(f"submitted array job {submission.job_id}: --array={submission.array} of {submission.num_shards} "
+                   f"shards, cache {submission.cache}")
+        typer.echo(f"job script: {submission.script}")
+        typer.echo(f"task logs: {job_folder(Path(submission.cache)) / 'logs'}/{submission.job_id}_<task>.out")
+        typer.echo(f"progress: {submission.progress_command}")

@@ -1,0 +1,150 @@
+"""``lare2 extract --submit slurm`` against a real scheduler (a private single-node SLURM).
+
+The array of 2 shards is submitted as a user would; while it runs, one task is requeued by the
+scheduler (as a preemption does) and the other gets the time-limit warning (``USR1`` to its shell,
+as ``--signal=B:USR1@120`` sends it), on which the job script stops the extraction and requeues the
+task itself. Both come back and finish their shards without redoing their done blocks, and the
+cache equals a one-process extraction bit for bit and verifies. Then one block is damaged and
+``cache repair`` resets it: ``--only-missing`` submits exactly that block's shard, and the cache
+is whole again.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lare2.cli import app
+from lare2.extract.run import run_extraction
+from lare2.extract.submit import job_folder
+from lare2.shared.cache import ARRAY_NAMES, FeatureCache
+from lare2.shared.cache.progress import cache_progress
+from lare2.shared.config import debug
+from tests.helpers.slurm import Slurm, private_slurm  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.slow
+
+NUM_IMAGES, SHARDS = 32, 2  # one sample per block: 16 blocks per shard, so a task is caught mid-run
+SETTINGS = {"chunk_samples": 1, "batch_size": 1, "image_size": 64, "ensemble": 2, "num_workers": 0}
+TASK_TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    from tests.conftest import build_manifest, write_image_tree
+
+    folder = tmp_path_factory.mktemp("slurm")
+    return build_manifest(write_image_tree(folder / "images", n_good=NUM_IMAGES, with_bad=False),
+                          folder / "manifest.parquet")
+
+
+def _contents(path: Path) -> dict:
+    cache = FeatureCache.open(path)
+    return {"arrays": cache.read(slice(None)), "meta": cache.metadata().to_pylist(), "done": cache.done_blocks()}
+
+
+@pytest.fixture(scope="module")
+def reference(manifest) -> dict:
+    """One uninterrupted one-process extraction, one thread (as each task runs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = manifest.parent / "reference"
+        run_extraction(debug(manifest=str(manifest), out=str(out), device="cpu", **SETTINGS))
+    finally:
+        torch.set_num_threads(before)
+    return _contents(out)
+
+
+def _assert_equals_reference(out: Path, reference: dict) -> None:
+    got = _contents(out)
+    assert got["done"].all()
+    assert got["meta"] == reference["meta"]
+    for name in ARRAY_NAMES:
+        np.testing.assert_array_equal(got["arrays"][name], reference["arrays"][name], err_msg=name)
+    verified = CliRunner().invoke(app, ["cache", "verify", str(out)])
+    assert verified.exit_code == 0, verified.output
+
+
+def _submit(manifest: Path, out: Path, *args: str) -> tuple[str, str]:
+    sets = [arg for key, value in SETTINGS.items() for arg in ("--set", f"{key}={value}")]
+    result = CliRunner().invoke(app, ["extract", "--manifest", str(manifest), "--out", str(out), "--preset", "debug",
+                                      "--device", "cpu", *sets, "--submit", "slurm", *args])
+    assert result.exit_code == 0, result.output
+    found = re.search(r"submitted array job (\d+): --array=(\S+) of", result.output)
+    assert found, result.output
+    assert f"lare2 cache progress {out} --num-shards {SHARDS}" in result.output
+    return found.group(1), found.group(2)
+
+
+def _wait_mid_run(out: Path, shards: set[int], slurm: Slurm, job: str) -> dict[int, int]:
+    """Wait until each of ``shards`` has done a block and not all; then {shard: blocks done}, read as the array runs."""
+    deadline = time.monotonic() + TASK_TIMEOUT_S
+    while True:
+        progress = cache_progress(out)
+        caught = {s: progress.shards[s].blocks_done for s in shards}
+        if all(0 < caught[s] < progress.shards[s].blocks for s in shards):
+            return caught
+        assert all(progress.shards[s].blocks_done < progress.shards[s].blocks for s in shards), \
+            f"a task finished before it could be interrupted: {progress.shards}"
+        assert time.monotonic() < deadline, f"no progress: {slurm.tasks(job)}\n{slurm.logs()}"
+        time.sleep(0.05)
+
+
+def _runs(log: Path) -> list[tuple[int, int]]:
+    """(images computed, blocks already done) of each run a task log records."""
+    text = log.read_text()
+    return [(int(a), int(b)) for a, b in re.findall(r"computed (\d+) images.*?(\d+)\s+blocks\s+were\s+already\s+done",
+                                                  text, flags=re.DOTALL)]
+
+
+def test_submit_requeue_only_missing(private_slurm, manifest, reference, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", private_slurm.env["SLURM_CONF"])
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # sbatch passes the environment on: one thread per task
+        monkeypatch.setenv(name, "1")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "cache" / "train"
+
+    job, array = _submit(manifest, out, "--array", str(SHARDS))
+    assert array == "0-1" and (out / "zarr.json").exists()
+    scripts = list(job_folder(out).glob("extract-*.sbatch"))
+    assert len(scripts) == 1 and "#SBATCH --array=0-1\n" in scripts[0].read_text()  # kept beside the cache
+
+    caught = _wait_mid_run(out, {0, 1}, private_slurm, job)
+    private_slurm.requeue(f"{job}_1")  # the scheduler takes the task back, as a preemption does
+    private_slurm.run("scancel", "--batch", "--signal=USR1", f"{job}_0")  # the time-limit warning
+    private_slurm.release(f"{job}_0")  # the script requeued its own task
+    states = private_slurm.wait_until_done(job, TASK_TIMEOUT_S)
+    assert states == {f"{job}_0": "COMPLETED", f"{job}_1": "COMPLETED"}, private_slurm.logs()
+
+    per_shard = len(reference["done"]) // SHARDS
+    for shard in (0, 1):
+        log = job_folder(out) / "logs" / f"{job}_{shard}.out"
+        text = log.read_text()
+        assert "run 2," in text, text  # requeued: a second run of the same task, appended to its log
+        last_computed, already_done = _runs(log)[-1]
+        assert already_done >= caught[shard] and 0 < last_computed < per_shard, text  # it did not start over
+    assert "requeueing this task" in (job_folder(out) / "logs" / f"{job}_0.out").read_text()
+    _assert_equals_reference(out, reference)
+
+    # damage one block of shard 1; repair marks it for re-extraction; only that shard is submitted again
+    damaged = 3
+    chunk = next((out / "fmap" / "c" / str(damaged)).rglob("*"))
+    while chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    chunk.unlink()
+    repaired = CliRunner().invoke(app, ["cache", "repair", str(out)])
+    assert repaired.exit_code == 0 and f"block {damaged}" in repaired.output, repaired.output
+    assert cache_progress(out).missing_shards == [damaged % SHARDS]
+    again, array = _submit(manifest, out, "--only-missing")  # the shard count from the submit record
+    assert array == str(damaged % SHARDS)
+    states = private_slurm.wait_until_done(again, TASK_TIMEOUT_S)
+    assert states == {f"{again}_{damaged % SHARDS}": "COMPLETED"}, private_slurm.logs()
+    assert _runs(job_folder(out) / "logs" / f"{again}_{damaged % SHARDS}.out") == [(1, per_shard - 1)]
+    _assert_equals_reference(out, reference)

@@ -1,0 +1,175 @@
+"""``lare2 extract --submit slurm``: the job script, the options it passes on, what it refuses.
+
+The scheduler itself is exercised in ``test_slurm.py``; here the script is checked as text, by
+``bash -n``, and its signal handling by running it under bash with a stand-in extraction.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from lare2.cli import app
+from lare2.extract.submit import job_folder, job_script, parse_array, shell_lines
+from lare2.shared.cache import CacheLayout, FeatureCache
+
+TINY = ["--preset", "debug", "--device", "cpu", "--set", "chunk_samples=2", "--set", "image_size=64",
+        "--set", "num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    from tests.conftest import build_manifest, write_image_tree
+
+    folder = tmp_path_factory.mktemp("submit")
+    return build_manifest(write_image_tree(folder / "images", n_good=8, with_bad=False), folder / "manifest.parquet")
+
+
+def _extract(*args: str):
+    return CliRunner().invoke(app, ["extract", *args])
+
+
+def _task_command(script: str) -> list[str]:
+    """The extraction command of a job script, as argv."""
+    body = script.split("\n\n", 1)[1].split(" &\n", 1)[0]
+    return shlex.split(body.replace("\\\n", " "))
+
+
+def test_dry_run_prints_the_script_and_touches_nothing(manifest, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "cache" / "train"
+    result = _extract("--manifest", str(manifest), "--out", "cache/train", *TINY, "--generator", "gen-x",
+                      "--no-resume", "--submit", "slurm", "--array", "3%2", "--sbatch-arg=--time=1:00:00",
+                      "--sbatch-arg", "--partition=gpu", "--dry-run")
+    assert result.exit_code == 0, result.output
+    script = result.output
+    assert not out.exists() and not job_folder(out).exists()  # nothing created, written or submitted
+    for line in ("#SBATCH --array=0-2%2", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120",
+                 "#SBATCH --open-mode=append",
+                 f"#SBATCH --output={job_folder(out)}/logs/%A_%a.out", f"#SBATCH --chdir={tmp_path}",
+                 "#SBATCH --time=1:00:00", "#SBATCH --partition=gpu", "lare2 cache progress"):
+        assert line in script
+    command = _task_command(script)
+    assert command[:3] == [sys.executable, "-m", "lare2.extract"]
+    # the user's options, paths made absolute, shards from the array; --no-resume and the submit options stay behind
+    assert command[3:] == ["--manifest", str(manifest), "--out", str(out), "--generator", "gen-x", *TINY,
+                           "--num-shards", "3", "--shard-index", "auto"]
+    checked = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_accelerate_launch_per_node_gpus(manifest, tmp_path):
+    result = _extract("--manifest", str(manifest), "--out", str(tmp_path / "c"), *TINY, "--submit", "slurm",
+                      "--array", "4", "--gpus-per-task", "8", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "#SBATCH --gres=gpu:8" in result.output
+    command = _task_command(result.output)
+    assert command[command.index("--multi_gpu") + 1:][:2] == ["--num_processes", "8"]
+    assert command[command.index("-m") + 1] == "lare2.extract"
+
+
+def test_only_missing_submits_the_shards_with_pending_blocks(manifest, tmp_path):
+    out = tmp_path / "partial"
+    n = 8  # 4 blocks of 2; shards of 3: {0, 3}, {1}, {2}
+    rows = {"sample_id": [f"s{i}" for i in range(n)], "path": [f"{i}.png" for i in range(n)], "label": [0] * n,
+            "generator": ["g"] * n, "split": ["train"] * n, "class_name": [""] * n}
+    layout = CacheLayout(lare_shape=(4, 2, 2), pooled_dim=3, fmap_shape=(2, 14, 14), chunk_samples=2)
+    cache = FeatureCache.create(out, rows, layout)
+    for block in (0, 1, 3):
+        cache.write_block(block, lare=np.zeros((2, 4, 2, 2)), pooled=np.zeros((2, 3)), fmap=np.zeros((2, 2, 14, 14)),
+                          seed=[1, 2], status=["ok"] * 2, error=[""] * 2)
+    result = _extract("--manifest", str(manifest), "--out", str(out), *TINY, "--submit", "slurm", "--array", "3",
+                      "--only-missing", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "#SBATCH --array=2\n" in result.output and "--num-shards 3" in result.output
+    cache.write_block(2, lare=np.zeros((2, 4, 2, 2)), pooled=np.zeros((2, 3)), fmap=np.zeros((2, 2, 14, 14)),
+                      seed=[1, 2], status=["ok"] * 2, error=[""] * 2)
+    whole = _extract("--manifest", str(manifest), "--out", str(out), *TINY, "--submit", "slurm", "--array", "3",
+                     "--only-missing", "--dry-run")
+    assert whole.exit_code == 0 and "every block is done; nothing to submit" in whole.output
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--array", "3"], ["--array", "only with --submit slurm"]),
+    (["--dry-run", "--only-missing"], ["--only-missing, --dry-run", "only with --submit"]),
+    (["--submit", "pbs", "--array", "2"], ["--submit 'pbs'", "slurm"]),
+    (["--submit", "slurm"], ["--array N"]),
+    (["--submit", "slurm", "--array", "2", "--shard-index", "1"], ["--shard-index", "--shard-index auto"]),
+    (["--submit", "slurm", "--array", "x"], ["--array 'x'", "N%K"]),
+    (["--submit", "slurm", "--array", "2%0"], ["N and K must be >= 1"]),
+    (["--submit", "slurm", "--array", "2", "--only-missing"], ["no cache there yet", "drop --only-missing"]),
+    (["--submit", "slurm", "--array", "2", "--all-splits"], ["--all-splits", "--split SPLIT"]),
+])
+def test_refused_in_one_line(manifest, tmp_path, args, words):
+    result = _extract("--manifest", str(manifest), "--out", str(tmp_path / "c"), *TINY, *args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for word in words:
+        assert word in lines[0]
+
+
+def test_without_sbatch_the_store_is_made_and_the_error_names_the_script(manifest, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-programs"))
+    out = tmp_path / "made"
+    result = _extract("--manifest", str(manifest), "--out", str(out), *TINY, "--submit", "slurm", "--array", "2")
+    assert result.exit_code == 2, result.output
+    assert "sbatch is not installed here" in result.output
+    assert (out / "zarr.json").exists()  # created once, before any task
+    assert FeatureCache.open(out).attrs["extract_config"]["num_shards"] == 2  # what `cache progress` reads
+    scripts = list(job_folder(out).glob("extract-*.sbatch"))
+    assert len(scripts) == 1 and str(scripts[0]) in result.output
+
+
+def test_parse_array_and_shell_lines():
+    assert parse_array("64") == (64, None) and parse_array("64%8") == (64, 8)
+    assert shell_lines(["python", "-m", "x", "--a", "1", "--flag", "--b", "two words"], indent="") == (
+        "python -m x \\\n--a 1 \\\n--flag \\\n--b 'two words'")
+
+
+# ---- the script's signal handling, run under bash with a stand-in for the extraction ------------------
+STAND_IN = ("import signal, sys, time; "
+            "signal.signal(signal.SIGTERM, lambda *_: (print('extraction: TERM', flush=True), sys.exit(3))); "
+            "print('extraction: ready', flush=True); time.sleep(120)")
+
+
+def _run_script(tmp_path: Path, send: signal.Signals) -> tuple[int, str]:
+    """Run a job script whose extraction is ``STAND_IN`` under bash, send the shell ``send`` once it runs."""
+    text = job_script(out=tmp_path / "c", command=[sys.executable, "-c", STAND_IN], array="0-1", num_shards=2,
+                      throttle=None, sbatch_args=[], gpus_per_task=0, logs=tmp_path / "logs")
+    programs = tmp_path / "bin"  # the script's helpers, but no scontrol: no scheduler may be touched from here
+    programs.mkdir()
+    for name in ("hostname", "date"):
+        (programs / name).symlink_to(shutil.which(name))
+    env = {**os.environ, "SLURM_ARRAY_JOB_ID": "41", "SLURM_ARRAY_TASK_ID": "1", "PATH": str(programs)}
+    shell = subprocess.Popen([shutil.which("bash"), "-c", text], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in shell.stdout:
+        lines.append(line)
+        if "extraction: ready" in line:
+            shell.send_signal(send)
+    shell.wait(timeout=60)
+    return shell.returncode, "".join(lines)
+
+
+def test_usr1_before_the_time_limit_stops_the_extraction_and_requeues_the_task(tmp_path):
+    status, output = _run_script(tmp_path, signal.SIGUSR1)
+    assert "extraction: TERM" in output  # passed on as TERM
+    assert "extraction exited with status 3" in output
+    assert "requeueing this task" in output and "scontrol" in output  # not found here; test_slurm.py runs it for real
+
+
+def test_term_is_passed_on_and_the_task_does_not_requeue_itself(tmp_path):
+    status, output = _run_script(tmp_path, signal.SIGTERM)
+    assert "extraction: TERM" in output and status == 3
+    assert "requeueing" not in output
