@@ -1,4 +1,5 @@
-"""A DIRE-style feature with the LaRE model's VAE and UNet, for the cost comparison of ``make bench`` (never for detection).
+"""A DIRE-style feature with the LaRE model's VAE and UNet, for the cost comparison of ``make bench``
+(never for detection).
 
 DIRE (Wang et al., ICCV 2023) inverts an image to noise with DDIM, reconstructs it with DDIM and
 takes the reconstruction error. In latent-diffusion form, per image:
@@ -34,7 +35,8 @@ DDIM_STEPS = 20
 
 
 def ddim_scheduler(model: LatentDiffusion, steps: int = DDIM_STEPS) -> DDIMScheduler:
-    """A ``DDIMScheduler`` on the model's training noise schedule, set to ``steps`` steps; no sample clipping (latents)."""
+    """A ``DDIMScheduler`` on the model's training noise schedule, set to ``steps`` steps; no sample clipping
+    (latents)."""
     from diffusers import DDIMScheduler
 
     if model.prediction_type != "epsilon":
@@ -45,7 +47,8 @@ def ddim_scheduler(model: LatentDiffusion, steps: int = DDIM_STEPS) -> DDIMSched
 
 
 def predict_noise(model: LatentDiffusion, z_BChw: Tensor, t: Tensor, text_BLD: Tensor) -> Tensor:
-    """One UNet call: the noise prediction at timestep ``t`` for every latent, float32 (computed in ``text_BLD``'s dtype)."""
+    """One UNet call: the noise prediction at timestep ``t`` for every latent, float32 (computed in
+    ``text_BLD``'s dtype)."""
     t_B = torch.full((z_BChw.shape[0],), int(t), dtype=torch.long, device=z_BChw.device)
     return model.unet(z_BChw.to(text_BLD.dtype), t_B, encoder_hidden_states=text_BLD).sample.float()
 

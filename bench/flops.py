@@ -68,6 +68,7 @@ def stage1_flops(size: Size = "full", *, ensemble: int = 4, image_size: int = 25
                         f"dire_style_{dire_steps}_steps": round(dire / GIGA, 2),
                         "dire_style_over_lare": round(dire / (encoder + unet_e), 2),
                         "dire_style_over_lare_plus_backbone": round(dire / total, 2)},
-        "flops_per_image": {"vae_encoder": encoder, "unet": unet_e, "backbone": rn, "total": total, "unet_one_call": unet_1},
+        "flops_per_image": {"vae_encoder": encoder, "unet": unet_e, "backbone": rn, "total": total,
+                            "unet_one_call": unet_1},
         "method": "torch.utils.flop_counter.FlopCounterMode on meta tensors, 2 FLOPs per multiply-add",
     }

@@ -122,7 +122,8 @@ class Stage1:
     channels_last: bool = False
 
     def set(self, dtype: torch.dtype, channels_last: bool) -> None:
-        """Cast the weights and set their memory format in place (random weights: the round trips cost no accuracy that matters)."""
+        """Cast the weights and set their memory format in place (random weights: the round trips cost no
+        accuracy that matters)."""
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         for module in (self.diffusion.vae, self.diffusion.unet, self.diffusion.text_encoder, self.backbone):
             if next(module.parameters()).dtype != dtype:
@@ -168,7 +169,8 @@ def step_fn(stage1: Stage1, batch_size: int, compiled: bool, compile_backend: st
     seeds = list(range(batch_size))
 
     def step() -> None:
-        compute_images(models, lare_images, backbone_images, prompts, seeds, stage1.device)  # ends in .cpu(): synchronous
+        # ends in .cpu(): synchronous
+        compute_images(models, lare_images, backbone_images, prompts, seeds, stage1.device)
 
     @torch.no_grad()
     def reference_step() -> None:
@@ -184,7 +186,8 @@ def step_fn(stage1: Stage1, batch_size: int, compiled: bool, compile_backend: st
 
 
 def time_case(step, case_seconds: float, min_iterations: int = 3, max_iterations: int = 200) -> list[float]:
-    """Seconds per call of ``step``, after one untimed warm-up call: at least ``min_iterations``, then until ``case_seconds``."""
+    """Seconds per call of ``step``, after one untimed warm-up call: at least ``min_iterations``, then until
+    ``case_seconds``."""
     step()
     times: list[float] = []
     started = time.perf_counter()
@@ -238,14 +241,15 @@ def markdown(results: dict) -> str:
              f"(VAE encoder {results['flops']['gflop_per_image']['vae_encoder']}, "
              f"{results['flops']['ensemble']} UNet calls {results['flops']['gflop_per_image']['unet']}, "
              f"RN50 {results['flops']['gflop_per_image']['backbone']}); peaks: {results['peak_source']}", "",
-             "| batch | dtype | channels_last | compile | images/s | s/batch | peak memory GiB | TFLOP/s | of peak | status |",
+             "| batch | dtype | channels_last | compile | images/s | s/batch | peak memory GiB | TFLOP/s | of peak "
+             "| status |",
              "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for c in results["cases"]:
         batch = f"{c['batch_size']} (reference-style loop)" if c.get("reference") else (c["batch_size"] or "-")
         lines.append(f"| {batch} | {c['dtype']} | {'yes' if c['channels_last'] else 'no'} | "
-                     f"{'yes' if c['compile'] else 'no'} | {_cell(c, 'images_per_s')} | {_cell(c, 'seconds_per_batch')} | "
-                     f"{_cell(c, 'peak_memory_gib')} | {_cell(c, 'achieved_tflops')} | {_cell(c, 'peak_fraction', '{:.1%}')} | "
-                     f"{c['status']} |")
+                     f"{'yes' if c['compile'] else 'no'} | {_cell(c, 'images_per_s')} | "
+                     f"{_cell(c, 'seconds_per_batch')} | {_cell(c, 'peak_memory_gib')} | "
+                     f"{_cell(c, 'achieved_tflops')} | {_cell(c, 'peak_fraction', '{:.1%}')} | {c['status']} |")
     best = results.get("best")
     if best:
         lines += ["", f"Best: {best['images_per_s']} images/s ({best['dtype']}, batch {best['batch_size']}, "
@@ -333,8 +337,8 @@ def results_header(settings: Settings, dry_run: bool, budget_seconds: float, pea
                    f"CUDA {torch.version.cuda}",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv[0] else "gpu_bench.run",
-        "models": ("full: SD v1.5-shaped VAE + UNet + text encoder, CLIP RN50, random weights" if settings.size == "full"
-                   else "tiny SD + tiny backbone (dry run)"),
+        "models": ("full: SD v1.5-shaped VAE + UNet + text encoder, CLIP RN50, random weights"
+                   if settings.size == "full" else "tiny SD + tiny backbone (dry run)"),
         "budget_s": budget_seconds, "case_s": settings.case_seconds, "flops": stage1_flops(settings.size),
         "peak_tflops_dense": peaks,
         "peak_source": "--peak-tflops" if peak_tflops_given else
@@ -391,9 +395,11 @@ def run(
     dtypes: str = typer.Option("bf16,fp16,fp32", help="Compute dtypes, the first one measured first and most."),
     budget_seconds: float = typer.Option(240.0, help="Time for all configurations (model building not counted)."),
     case_seconds: float = typer.Option(6.0, help="Timed seconds per configuration, after one warm-up batch."),
-    peak_tflops_given: float | None = typer.Option(None, "--peak-tflops", help="Dense peak TFLOP/s to divide by, for every dtype (default: by device name)."),
+    peak_tflops_given: float | None = typer.Option(None, "--peak-tflops", help="Dense peak TFLOP/s to divide by, "
+                                                   "for every dtype (default: by device name)."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Skip the torch.compile configurations."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="CPU smoke mode: tiny models, batches 1 and 2, fp32/bf16, one iteration each, compile with the eager backend."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="CPU smoke mode: tiny models, batches 1 and 2, fp32/bf16, "
+                                 "one iteration each, compile with the eager backend."),
 ) -> None:
     """Measure stage 1's models on one GPU and write the figures."""
     from diffusers.utils import logging as diffusers_logging
@@ -401,8 +407,9 @@ def run(
 
     diffusers_logging.set_verbosity_error()  # casting random weights warns on every dtype change
     if not dry_run and not torch.cuda.is_available():
-        console.print(f"bench/gpu_bench.py: no CUDA device (torch {torch.__version__}, CUDA build {torch.version.cuda}); "
-                      "run it on a GPU machine (bench/gpu.sh), or pass --dry-run for the CPU smoke mode",
+        console.print(f"bench/gpu_bench.py: no CUDA device (torch {torch.__version__}, "
+                      f"CUDA build {torch.version.cuda}); run it on a GPU machine (bench/gpu.sh), "
+                      "or pass --dry-run for the CPU smoke mode",
                       markup=False, soft_wrap=True)
         raise typer.Exit(2)
     started = time.perf_counter()
@@ -421,8 +428,8 @@ def run(
     results["elapsed_s"] = round(time.perf_counter() - started, 1)
     write(results, out)
     best = results["best"]
-    console.log(f"wrote {out / 'gpu.json'} and {out / 'gpu.md'} in {results['elapsed_s']} s"
-                + (f"; best {best['images_per_s']} images/s ({best['dtype']}, batch {best['batch_size']})" if best else ""))
+    best_text = f"; best {best['images_per_s']} images/s ({best['dtype']}, batch {best['batch_size']})" if best else ""
+    console.log(f"wrote {out / 'gpu.json'} and {out / 'gpu.md'} in {results['elapsed_s']} s{best_text}")
 
 
 def main(argv: list[str] | None = None) -> int | None:

@@ -50,7 +50,8 @@ def imagenet_like_jpegs(count: int, size: tuple[int, int] = IMAGENET_LIKE_SIZE, 
 
 
 def worker_steps(image_size: int = 256) -> dict[str, Callable[[bytes], object]]:
-    """What a loader worker does per file, cumulatively: decode; decode + each input; decode + both (a worker's sample)."""
+    """What a loader worker does per file, cumulatively: decode; decode + each input; decode + both
+    (a worker's sample)."""
     from lare2.extract.images import backbone_input, decode_rgb, lare_input
 
     def both(image) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,8 @@ def component_configs(size: Size) -> dict[str, dict]:
 
 
 def toy_tokenizer():
-    """The toy CLIP tokenizer (77 tokens, letter by letter): the text encoder's cost does not depend on the vocabulary."""
+    """The toy CLIP tokenizer (77 tokens, letter by letter): the text encoder's cost does not depend on the
+    vocabulary."""
     from lare2.extract.tiny_models import write_toy_tokenizer
     from transformers import CLIPTokenizer
 
@@ -43,7 +44,8 @@ def toy_tokenizer():
         return CLIPTokenizer.from_pretrained(str(write_toy_tokenizer(tmp)))
 
 
-def build_latent_diffusion(size: Size = "full", *, device: str | torch.device = "cpu", seed: int = 0) -> LatentDiffusion:
+def build_latent_diffusion(size: Size = "full", *, device: str | torch.device = "cpu",
+                           seed: int = 0) -> LatentDiffusion:
     """VAE + UNet + text encoder of ``size``, frozen and in eval mode, on ``device`` (``meta``: shapes only)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel

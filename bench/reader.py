@@ -80,7 +80,8 @@ def reader_rate(path: Path, workers: int, seed: int = 0) -> float:
     return seen / (time.perf_counter() - started)
 
 
-def train_rate(path: Path, *, in_memory: bool, workers: int = 2, seed: int = 0, steps: int | None = None) -> tuple[float, float]:
+def train_rate(path: Path, *, in_memory: bool, workers: int = 2, seed: int = 0,
+               steps: int | None = None) -> tuple[float, float]:
     """(samples/s of one EGRE training epoch on CPU, or of its first ``steps`` steps; seconds spent loading the
     split into memory first)."""
     import torch
@@ -152,5 +153,5 @@ def measure_reader(folder: Path, samples: int = 4096, seed: int = 0, *, train_sa
 if __name__ == "__main__":  # .venv/bin/python bench/reader.py [SAMPLES [TRAIN_SAMPLES]]
     with tempfile.TemporaryDirectory(prefix="lare2-reader-") as tmp:
         sizes = [int(a) for a in sys.argv[1:3]]
-        print(json.dumps(measure_reader(Path(tmp), *sizes[:1], **({"train_samples": sizes[1]} if len(sizes) > 1 else {})),
-                         indent=2))
+        train = {"train_samples": sizes[1]} if len(sizes) > 1 else {}
+        print(json.dumps(measure_reader(Path(tmp), *sizes[:1], **train), indent=2))

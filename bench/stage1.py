@@ -43,7 +43,8 @@ class Inputs:
 
 
 def decoded_inputs(manifest: Path, count: int | None = None) -> Inputs:
-    """The first ``count`` rows of ``manifest`` decoded as ``run_extraction`` decodes them (``debug`` preset settings)."""
+    """The first ``count`` rows of ``manifest`` decoded as ``run_extraction`` decodes them (``debug`` preset
+    settings)."""
     from lare2.extract.loader import ManifestImages
     from lare2.extract.run import selected_rows
     from lare2.shared.config import debug

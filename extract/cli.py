@@ -3,8 +3,13 @@
 through ``--set key=value`` (converted by the field's type).
 
 ``--resume`` (the default) continues a cache made with the same settings (a changed setting is
-refused, naming it); ``--no-resume`` refuses a cache already at ``--out``. Exit codes: see
-``lare2.shared.cli_errors`` (0 done, 2 bad usage or input with one ``error:`` line).
+refused, naming it); ``--no-resume`` refuses a cache already at ``--out``. ``--shard-index auto`` takes an
+array task's shard from its scheduler (``lare2.extract.array_env``); ``--submit slurm`` hands the same
+command to a SLURM array instead of running it (``lare2.extract.submit``). Settings, prompts, ``--out`` and an
+existing cache's identity are checked before torch or any model loads (``lare2.extract.plan``), and a rerun
+whose shard is done loads no model. Ctrl-C exits 130 saying which blocks were kept. Exit codes: see
+``lare2.shared.cli_errors`` (0 done, 2 bad usage or input with one ``error:`` line, 75 stopped by
+SIGTERM/SIGUSR1 with its finished blocks written: rerun to resume).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Optional
 
 import typer
 
-from lare2.shared.cli_errors import fail, run_commands, user_errors
+from lare2.shared.cli_errors import EXIT_PREEMPTED, fail, interrupted, run_commands, user_errors
 
 EXTRACT_HELP = ("Compute LaRE maps + backbone features for a manifest selection into a Zarr cache. "
                 "Reruns resume; --no-resume refuses an existing cache.")
@@ -45,12 +50,13 @@ def extract(
     num_workers: Optional[int] = typer.Option(None, help="Decoding workers."),
     device: Optional[str] = typer.Option(None, help="auto (CUDA when present, default) | cpu | cuda (each process of "
                                                     "accelerate launch takes its own GPU)."),
-    num_shards: Optional[str] = typer.Option(None, help="Independent array jobs sharing this cache (each may run "
-                                                        "several processes); default 1. auto: from the array job's "
-                                                        "variables."),
-    shard_index: Optional[str] = typer.Option(None, help="This array job's index in [0, num_shards); default 0. "
-                                                         "auto: SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX or "
-                                                         "AWS_BATCH_JOB_ARRAY_INDEX."),
+    num_shards: Optional[str] = typer.Option(None, metavar="N|auto",
+                                             help="Independent array jobs sharing this cache (each may run several "
+                                                  "processes); default 1. auto: from the array job's variables."),
+    shard_index: Optional[str] = typer.Option(None, metavar="I|auto",
+                                              help="This array job's index in [0, num_shards); default 0. auto: "
+                                                   "SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX or "
+                                                   "AWS_BATCH_JOB_ARRAY_INDEX."),
     limit: Optional[int] = typer.Option(None, help="Only the first N selected rows."),
     perturb: Optional[str] = typer.Option(None, "--perturb", metavar="SPEC",
                                           help="Test condition applied to every image of the split, for robustness "
@@ -106,13 +112,12 @@ def extract(
         named = dict(manifest=manifest, out=out, split=split, generators=list(generator) or None, sd_model=sd,
                      backbone=clip or backbone, timestep=timestep, ensemble=ensemble, prompt_mode=prompt_mode,
                      image_size=image_size, batch_size=batch_size, num_workers=num_workers, device=device,
-                     limit=limit, perturb=perturb,
-                     normalize=normalize, views=views)
-        # --set comes last and wins, as before (options such as --num-shards always carry a value)
+                     limit=limit, perturb=perturb, normalize=normalize, views=views)
+        # --set comes last and wins, as before
         sets = parse_overrides(set_, ExtractConfig)
         overrides = {k: v for k, v in named.items() if v is not None} | sets
         cfg = make_preset(preset, **overrides)
-        if submit is None:  # --shard-index/--num-shards, "auto" from the array job's variables (lare2.extract.array_env)
+        if submit is None:  # --shard-index/--num-shards; "auto" from the array job's variables (array_env)
             from lare2.extract.array_env import shard_settings
             from lare2.extract.submit import refuse_submit_options
 
@@ -134,6 +139,10 @@ def extract(
         if not resume and (Path(one.out) / "zarr.json").exists():
             fail(f"{one.out}: a cache already exists there and --no-resume was given; choose a new --out "
                  "(or drop --no-resume to continue it)")
+    with user_errors():  # prompts, --out and an existing cache's settings, before torch or any model loads
+        from lare2.extract.plan import plan_extraction
+
+        plans = [plan_extraction(one, quiet=True) for one in configs]
 
     if submit is not None:
         from lare2.extract.submit import submit_from_cli
@@ -145,18 +154,59 @@ def extract(
     from lare2.shared.logs import console
 
     summaries = []
-    for one in configs:
-        with user_errors():
-            summaries.append(run_extraction(one, create_only=create_only))
+    for one, plan in zip(configs, plans):
+        if plan.nothing_to_do and not create_only and single_process():  # a finished shard: no model to load
+            summaries.append(finished_summary(one, plan))
+        else:
+            with user_errors(), interrupted(one.out, lambda: kept_after_interrupt(one)):
+                summaries.append(run_extraction(one, create_only=create_only))
         if summaries[-1].rank == 0 and not json_out:  # under accelerate launch / torchrun, the main process speaks
             console.print(summaries[-1].line())
             last = summaries[-1]
             console.print(f"cache {last.cache}: {last.samples} samples, status counts {last.counts}")
+        if summaries[-1].stopped:  # SIGTERM/SIGUSR1: the next split would be stopped too
+            break
     if json_out and summaries[0].rank == 0:  # one document: a summary, or with --all-splits a list of them
         from lare2.shared.jsonio import print_json
 
         documents = [dataclasses.asdict(summary) for summary in summaries]
         print_json(documents if all_splits else documents[0])
+    if summaries[-1].stopped:  # finished blocks are written: a rerun (or requeued task) resumes
+        raise typer.Exit(EXIT_PREEMPTED)
+
+
+def single_process() -> bool:
+    """Not one of several processes of ``accelerate launch`` / ``torchrun`` (which decide together)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) == 1
+
+
+def finished_summary(cfg, plan):
+    """The ``Summary`` of a rerun whose shard is done, settings and models unchanged: nothing computed, no model
+    loaded."""
+    from lare2.extract.run import Summary
+    from lare2.shared.logs import get_logger
+    from lare2.shared.wording import counted
+
+    get_logger(__name__).info("%s: nothing to do: the %s of shard %d/%d are done, with these settings and models "
+                              "(no model loaded)", cfg.out, counted(len(plan.shard_blocks), "block"),
+                              cfg.shard_index, cfg.num_shards)
+    return Summary(cache=cfg.out, samples=len(plan.rows["sample_id"]), skipped_blocks=len(plan.shard_blocks),
+                   counts=plan.counts, shard=f"{cfg.shard_index}/{cfg.num_shards}")
+
+
+def kept_after_interrupt(cfg) -> str:
+    """What an interrupted extraction kept, and how to go on."""
+    from pathlib import Path
+
+    from lare2.shared.cache import FeatureCache
+
+    if not (Path(cfg.out) / "zarr.json").exists():
+        return "no cache was created; rerun the same command"
+    done = FeatureCache.open(cfg.out).done_blocks()
+    return (f"the {int(done.sum())} of {len(done)} blocks marked done are kept; rerun the same command to compute "
+            "the rest")
 
 
 def manifest_splits(manifest: str, generators: list[str]) -> list[str]:

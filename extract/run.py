@@ -11,6 +11,11 @@ jobs, one run or ten resumed ones give the same cache. The features of a batch c
 ``lare2.extract.features`` (the models and ``compute_images``), the batches from ``lare2.extract.loader``;
 ``recompute_samples`` recomputes chosen rows through the same batch path, for ``cache verify``.
 
+Finished blocks go to a background writer (``lare2.extract.block_writer``: compression and chunk files
+beside the model, same files and done-mark order). SIGTERM or SIGUSR1 (``lare2.extract.preemption``)
+stops a job after the batch in flight: every finished block is written, the unfinished one is dropped,
+and the summary says ``stopped`` (the command exits ``EXIT_PREEMPTED``); a rerun resumes.
+
 Rank 0 of a job creates the cache (atomically, see ``FeatureCache.create``), and finalises it
 (status counts in the attributes) after every rank of the job has finished.
 """
@@ -19,7 +24,6 @@ from __future__ import annotations
 
 import datetime
 import glob
-import hashlib
 import os
 import shutil
 import time
@@ -29,8 +33,18 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from lare2.extract.block_writer import BlockWriter
 from lare2.extract.features import Models, compute_images, load_models, stored_config
 from lare2.extract.loader import DecodedBatch, ManifestImages, block_batches, collate_decoded
+from lare2.extract.plan import (  # noqa: F401 - selected_rows, shard_blocks: imported from here too
+    SELECTION_KEY,
+    manifest_digest,
+    mismatch_error,
+    plan_extraction,
+    selected_rows,
+    shard_blocks,
+)
+from lare2.extract.preemption import StopRequest, ignore_stop_signals, stop_on_signals
 from lare2.shared.cache import (
     STATUS_ERROR,
     STATUS_OK,
@@ -44,11 +58,6 @@ from lare2.shared.cache.errors import RecomputeUnavailable
 from lare2.shared.config import ExtractConfig, diff_identity
 from lare2.shared.devices import resolve_device
 from lare2.shared.logs import get_logger, progress_bar, rate_text
-from lare2.shared.manifest import (
-    CACHE_COLUMNS,
-    read_manifest_metadata,
-    read_selection,
-)
 from lare2.shared.provenance import provenance
 from lare2.shared.seeding import sample_seed
 from torch.utils.data import DataLoader
@@ -57,10 +66,6 @@ log = get_logger(__name__)
 
 
 # ---- the cache: create, or reopen with the same identity ---------------------------------------
-def manifest_digest(sample_ids: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(sample_ids).encode()).hexdigest()[:16]
-
-
 def open_or_create_cache(cfg: ExtractConfig, rows: dict, root: Path, models: Models, create: bool) -> FeatureCache:
     identity = cfg.identity(models.fingerprints)
     digest = manifest_digest(rows["sample_id"])
@@ -83,12 +88,9 @@ def open_or_create_cache(cfg: ExtractConfig, rows: dict, root: Path, models: Mod
         differing = diff_identity(cache.attrs.get("identity", {}), identity)
         stored_digest = cache.attrs.get("manifest", {}).get("digest")
         if stored_digest != digest:
-            differing["manifest selection (sample ids)"] = (stored_digest, digest)
+            differing[SELECTION_KEY] = (stored_digest, digest)
         if differing:
-            lines = "; ".join(f"{key}: cache has {ours!r}, this run {theirs!r}"
-                              for key, (ours, theirs) in differing.items())
-            raise CacheError(f"{out}: refusing to extract into a cache made with another configuration ({lines}). "
-                             f"Use another --out, or the cache's own settings.")
+            raise mismatch_error(out, differing)
         return cache
     raise CacheError(f"{out}: expected the cache created by the main process")
 
@@ -148,25 +150,18 @@ class Summary:
     processes: int = 1
     rank: int = 0
     shard: str = "0/1"
+    stopped: bool = False
+    """A stop signal (SIGTERM/SIGUSR1) ended the job before its blocks were done (any rank): rerun to resume."""
+    discarded: int = 0
+    """Samples computed but dropped on a stop, with the unfinished block they belong to (all ranks)."""
 
     def line(self) -> str:
         where = f"shard {self.shard}, " if self.shard != "0/1" else ""
+        stopped = (f"; stopped by a signal ({self.discarded} computed samples of unfinished blocks dropped): "
+                   "rerun the same command to resume" if self.stopped else "")
         return (f"{self.cache}: computed {self.computed} images ({self.failed} failed) in {self.seconds:.1f} s "
                 f"({rate_text(self.computed, self.seconds)}; {where}{self.processes} processes); "
-                f"{self.skipped_blocks} blocks were already done")
-
-
-def selected_rows(cfg: ExtractConfig) -> tuple[dict, Path]:
-    table = read_selection(cfg.manifest, split=cfg.split, generators=cfg.generators, limit=cfg.limit)
-    if table.num_rows == 0:
-        raise CacheError(f"{cfg.manifest}: no rows for split={cfg.split!r} generators={cfg.generators or 'all'}")
-    root = read_manifest_metadata(cfg.manifest)["root"]
-    return {c: table.column(c).to_pylist() for c in CACHE_COLUMNS}, Path(root)
-
-
-def shard_blocks(num_blocks: int, num_shards: int, shard_index: int) -> list[int]:
-    """Blocks owned by one array-job shard: ``block % num_shards == shard_index``."""
-    return list(range(shard_index, num_blocks, num_shards))
+                f"{self.skipped_blocks} blocks were already done{stopped}")
 
 
 def rank_blocks(pending: Sequence[int], rank: int, world: int) -> list[int]:
@@ -198,13 +193,20 @@ def run_extraction(cfg: ExtractConfig, *, create_only: bool = False) -> Summary:
     Run once per process under ``accelerate launch``/``torchrun``; ``cfg.num_shards`` /
     ``cfg.shard_index`` split the work between independent jobs (each may have several processes).
     ``create_only``: create (or check) the cache and stop, e.g. once before an array of jobs, so
-    that they do not all build the same empty store at once.
+    that they do not all build the same empty store at once. SIGTERM/SIGUSR1 stop the job after the
+    batch in flight (``Summary.stopped``; module docstring).
     """
+    with stop_on_signals() as stop:
+        return _run_job(cfg, create_only, stop)
+
+
+def _run_job(cfg: ExtractConfig, create_only: bool, stop: StopRequest) -> Summary:
     accelerator = make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     out = Path(cfg.out)
 
-    rows, root = selected_rows(cfg)
+    plan = plan_extraction(cfg)  # prompts, --out and an existing cache's settings, before any model loads
+    rows, root = plan.rows, plan.root
     models = load_models(cfg, device)
     with accelerator.main_process_first():
         if accelerator.is_main_process:
@@ -221,7 +223,7 @@ def run_extraction(cfg: ExtractConfig, *, create_only: bool = False) -> Summary:
     summary = Summary(cache=str(cache.path), samples=len(cache), skipped_blocks=len(mine) - len(pending),
                       processes=world, rank=rank, shard=shard)
     started = time.perf_counter()
-    _extract_blocks(cfg, cache, models, root, rank_blocks(pending, rank, world), summary, device,
+    _extract_blocks(cfg, cache, models, root, rank_blocks(pending, rank, world), summary, device, stop,
                     show_progress=accelerator.is_local_main_process)
     summary.seconds = time.perf_counter() - started
     _finish(accelerator, cache, cfg, mine, summary)
@@ -258,8 +260,11 @@ def batch_features(models: Models, cfg: ExtractConfig, batch: DecodedBatch, clas
 
 
 def _extract_blocks(cfg: ExtractConfig, cache: FeatureCache, models: Models, root: Path, blocks: list[int],
-                    summary: Summary, device: torch.device, *, show_progress: bool) -> None:
-    """Compute and write ``blocks`` whole, each as soon as its last batch is in; counts go to ``summary``."""
+                    summary: Summary, device: torch.device, stop: StopRequest, *, show_progress: bool) -> None:
+    """Compute ``blocks`` and hand each to the writer as soon as its last batch is in; counts go to ``summary``.
+
+    On a ``stop`` request no further batch is taken: the finished blocks are written, the unfinished one
+    dropped (``summary.stopped``, ``summary.discarded``)."""
     paths, class_names, sample_ids = cache.column("path"), cache.column("class_name"), cache.column("sample_id")
     loader = DataLoader(
         ManifestImages(root, paths, cfg.image_size, cfg.max_image_pixels, steps=cfg.image_steps(),
@@ -268,22 +273,32 @@ def _extract_blocks(cfg: ExtractConfig, cache: FeatureCache, models: Models, roo
         num_workers=cfg.num_workers,
         collate_fn=collate_decoded,
         pin_memory=device.type == "cuda",
+        worker_init_fn=ignore_stop_signals if cfg.num_workers else None,
     )
     results: dict[int, dict] = {}  # block -> per-row results gathered so far
     started = time.perf_counter()
     total = sum(len(range(*cache.block_slice(b).indices(len(cache)))) for b in blocks)
-    with progress_bar(disable=not show_progress) as bar:
+    with progress_bar(disable=not show_progress) as bar, BlockWriter(cache) as writer:
         task = bar.add_task(f"extract {Path(cfg.out).name}", total=total, rate="")
         for batch in loader:
+            if stop.requested:
+                break
             outputs = batch_features(models, cfg, batch, class_names, sample_ids, device)
             for index, error in zip(batch.indices, batch.errors):
                 if error:
                     log.warning("%s: %s", paths[index], error)
             _gather(results, cache, batch, outputs, cfg.seed, sample_ids)
             for block in [b for b, acc in results.items() if len(acc["rows"]) == acc["size"]]:
-                _flush(cache, block, results.pop(block), summary)
+                writer.put(block, _block_values(cache, block, results.pop(block), summary))
+            writer.check()
             progressed = summary.computed + sum(len(a["rows"]) for a in results.values())
             bar.update(task, completed=progressed, rate=rate_text(progressed, time.perf_counter() - started))
+        if stop.requested and summary.computed < total:
+            summary.stopped, summary.discarded = True, sum(len(a["rows"]) for a in results.values())
+            log.warning("%s received: writing the %d finished blocks not yet written, dropping %d computed samples "
+                        "of the unfinished block; rerun the same command to resume", stop.name,
+                        writer.pending, summary.discarded)
+            results.clear()
     if results:
         raise RuntimeError(f"internal: blocks {sorted(results)} incomplete at the end of the loader")
 
@@ -292,8 +307,10 @@ def _finish(accelerator, cache: FeatureCache, cfg: ExtractConfig, mine: list[int
     """After every rank of the job: the job's totals in ``summary``; rank 0 finalises the cache (status counts)."""
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:
-        totals = torch.tensor([summary.computed, summary.failed], dtype=torch.int64, device=accelerator.device)
-        summary.computed, summary.failed = (int(v) for v in accelerator.reduce(totals, reduction="sum").tolist())
+        totals = torch.tensor([summary.computed, summary.failed, summary.stopped, summary.discarded],
+                              dtype=torch.int64, device=accelerator.device)
+        computed, failed, stopped, discarded = (int(v) for v in accelerator.reduce(totals, reduction="sum").tolist())
+        summary.computed, summary.failed, summary.stopped, summary.discarded = computed, failed, stopped > 0, discarded
     if accelerator.is_main_process:
         summary.counts = cache.finalize()
         done = cache.done_blocks()
@@ -326,7 +343,9 @@ def _gather(results: dict, cache: FeatureCache, batch: DecodedBatch, outputs, ru
         acc["rows"][index] = (None if bad else arrays, seed, error)
 
 
-def _flush(cache: FeatureCache, block: int, acc: dict, summary: Summary) -> None:
+def _block_values(cache: FeatureCache, block: int, acc: dict, summary: Summary) -> dict:
+    """A finished block as ``FeatureCache.write_block``'s keyword arguments (float32 arrays, NaN rows for
+    failed samples); its samples are counted in ``summary``."""
     sl = cache.block_slice(block)
     n = sl.stop - sl.start
     layout = cache.layout
@@ -342,7 +361,7 @@ def _flush(cache: FeatureCache, block: int, acc: dict, summary: Summary) -> None
             for name, a in arrays.items():
                 out[name][i] = a
         summary.computed += 1
-    cache.write_block(block, **out, seed=seeds, status=status, error=errors)
+    return {**out, "seed": seeds, "status": status, "error": errors}
 
 
 # ---- re-computation for verification -----------------------------------------------------------

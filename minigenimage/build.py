@@ -7,8 +7,8 @@ Layout under ``<out>`` (GenImage's: each generator subset has its own real image
     manifest.parquet                 one row per image (columns ``lare2.shared.manifest.COLUMNS``)
     build.json                       the build config and the fingerprints of the zoo's weights
 
-Real images of a split are crops of that split's pool of photographs only (``SPLIT_POOL``). Every file is a PNG written with
-fixed settings and every draw is seeded, so a rebuild with the same config gives identical bytes.
+Real images of a split are crops of that split's pool of photographs only (``SPLIT_POOL``). Every file is a PNG
+written with fixed settings and every draw is seeded, so a rebuild with the same config gives identical bytes.
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ class _Writer:
     def __init__(self, root: Path) -> None:
         self.root, self.rows, self.ids = root, [], {}
 
-    def add(self, rel_path: str, pixels_HW3: np.ndarray, *, label: int, generator: str, split: str, class_name: str) -> None:
+    def add(self, rel_path: str, pixels_HW3: np.ndarray, *, label: int, generator: str, split: str,
+            class_name: str) -> None:
         data = png_bytes(pixels_HW3)
         sample_id = hashlib.sha256(data).hexdigest()[:32]
         if sample_id in self.ids:  # equal bytes would be one sample twice in a cache
@@ -149,8 +150,9 @@ def write_manifest(rows: list[dict], path: Path, root: Path, config: BuildConfig
     from lare2.shared.manifest import COLUMNS, write_manifest as write_parquet
 
     rows = sorted(rows, key=lambda r: r["path"])
+    builder_args = {k: v for k, v in asdict(config).items() if k not in ("out", "zoo")}
     write_parquet(path, {c: [r[c] for r in rows] for c in COLUMNS}, root=root, builder="minigenimage",
-                  builder_args={k: v for k, v in asdict(config).items() if k not in ("out", "zoo")}, record_provenance=False)
+                  builder_args=builder_args, record_provenance=False)
 
 
 def build(config: BuildConfig) -> Path:

@@ -72,7 +72,8 @@ class DemoConfig:
         if unknown:
             raise InputError(f"models {unknown}: choose from {MODELS}")
         if self.zoo and not (Path(self.zoo) / "ldm-a" / "unet").is_dir():
-            raise InputError(f"zoo={self.zoo!r}: no ldm-a/unet there; train one with `lare2 minigenimage zoo --zoo {self.zoo}`")
+            raise InputError(f"zoo={self.zoo!r}: no ldm-a/unet there; "
+                             f"train one with `lare2 minigenimage zoo --zoo {self.zoo}`")
 
     @property
     def zoo_dir(self) -> Path:
@@ -132,7 +133,8 @@ def comparison_rows(reports: dict) -> list[dict]:
     for generator in [*generators, "mean"]:
         row = {"generator": generator}
         for model, report in reports.items():
-            source = report["mean"] if generator == "mean" else next(r for r in report["rows"] if r["generator"] == generator)
+            source = (report["mean"] if generator == "mean"
+                      else next(r for r in report["rows"] if r["generator"] == generator))
             row[f"{model} ACC"] = source["acc"]
             row[f"{model} AP"] = source["ap"]
         rows.append(row)
@@ -147,6 +149,7 @@ def print_comparison(reports: dict) -> None:
     for column in rows[0]:
         table.add_column(column, justify="left" if column == "generator" else "right")
     for row in rows:
-        table.add_row(*[value if isinstance(value, str) else ("-" if value is None else f"{100 * value:.1f}") for value in row.values()],
-                      end_section=row is rows[-2])
+        cells = [value if isinstance(value, str) else ("-" if value is None else f"{100 * value:.1f}")
+                 for value in row.values()]
+        table.add_row(*cells, end_section=row is rows[-2])
     console.print(table)

@@ -13,7 +13,8 @@ name before the first ``_``:
 
 A name that fits none of these yields ``None`` / ``""`` and a debug log line, never an error:
 manifests of non-GenImage data simply carry no class name. Data: ``shared/data/`` (see its
-``ATTRIBUTION.md``).
+``ATTRIBUTION.md``). ``check_class_name`` checks a class given by hand (``lare2 score --class-name``)
+against the names prompts use, suggesting close ones.
 """
 
 from __future__ import annotations
@@ -119,3 +120,28 @@ def class_name_from_filename(name: str) -> str:
     """First synonym of the file's ImageNet class, ``""`` when no rule applies."""
     index = class_index_from_filename(name)
     return "" if index is None else class_name(index)
+
+
+@lru_cache(maxsize=1)
+def class_names() -> tuple[str, ...]:
+    """The 1,000 names prompts use: each class's first synonym, by class index."""
+    return tuple(class_name(index) for index in range(NUM_CLASSES))
+
+
+def check_class_name(value: str) -> str:
+    """``value`` when it is a class name prompts use (``class_names()``); else ``InputError`` naming it and the
+    closest names (difflib), among them the first synonym of a class that ``value`` is another synonym of."""
+    import difflib
+
+    from lare2.shared.errors import InputError
+
+    if value in class_names():
+        return value
+    lowered = value.strip().lower()
+    same_class = [class_name(i) for i, synonyms in _synonyms().items()
+                  if lowered in (s.strip().lower() for s in synonyms.split(","))]
+    close = same_class + difflib.get_close_matches(lowered, class_names(), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(repr(c) for c in dict.fromkeys(close))}? " if close else ""
+    raise InputError(f"class name {value!r}: not an ImageNet class name (the first synonym of one of the "
+                     f"{NUM_CLASSES} classes, as prompts use it); {hint}the names are in "
+                     "shared/data/idx_to_clsname.json; 'auto' asks CLIP's zero-shot classifier")

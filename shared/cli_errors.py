@@ -8,6 +8,11 @@ Exit codes
        the remedy, never a traceback; parser errors (an unknown option, a value out of range, a
        missing argument) too
     3  ``lare2 train`` stopped early on purpose (the hidden ``--stop-after-steps``)
+    75 ``lare2 extract`` stopped by SIGTERM or SIGUSR1 (a scheduler's cancel, pre-emption or time limit)
+       after writing every block it had finished: nothing is wrong, rerun or requeue the same command
+       and it resumes. 75 is sysexits' ``EX_TEMPFAIL`` ("try again later"), and unlike 143 (128 +
+       SIGTERM, what a shell reports for a process the signal killed) it says the stop was clean
+   130 interrupted (Ctrl-C): one ``error:`` line says what was kept and how to resume (``interrupted``)
 
 ``user_errors()`` is a context manager and a decorator: the exceptions that mean "bad input" become
 that line and exit 2. They are matched by type: the project's own ``UserError`` and its domain
@@ -34,6 +39,9 @@ from lare2.shared.errors import UserError
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, as shells report a command stopped by Ctrl-C."""
+EXIT_PREEMPTED = 75
 
 EXTRA_OF_PACKAGE = {"diffusers": "extract", "transformers": "extract", "skimage": "demo", "fastapi": "serve",
                     "uvicorn": "serve", "multipart": "serve", "prometheus_client": "serve"}
@@ -87,6 +95,15 @@ def check_device(device: str) -> str:
         return resolve_device(device).type
 
 
+@contextlib.contextmanager
+def interrupted(what: str, kept: Callable[[], str]) -> Iterator[None]:
+    """Ctrl-C -> ``error: <what>: interrupted (Ctrl-C); <kept()>`` and exit 130: what was kept, how to resume."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        fail(f"{what}: interrupted (Ctrl-C); {kept()}", EXIT_INTERRUPTED)
+
+
 # ---- parser errors ------------------------------------------------------------------------------
 def usage_message(err: Exception, command: str) -> str:
     """click's complaint as ``<command>: <reason>; see '<command> --help'`` (one line); ``command``
@@ -121,7 +138,10 @@ class OneLineUsageGroup(TyperGroup):
             return super().make_context(info_name, args, parent=parent, **extra)
 
     def invoke(self, ctx: typer.Context) -> Any:
-        with usage_in_one_line(ctx.command_path):
+        # a command that says what it keeps on Ctrl-C (``interrupted``) has exited already; the others, here
+        command = " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand)))
+        with usage_in_one_line(ctx.command_path), interrupted(command, lambda: "what it wrote before stays as it is; "
+                                                              "rerun it to finish"):
             return super().invoke(ctx)
 
 

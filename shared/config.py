@@ -9,6 +9,11 @@ that a test-condition ``perturb`` does not count (a detector trained on clean fe
 perturbed test caches; ``normalize``, the detector's own preprocessing, does count), nor do ``views``
 (a views cache's evaluation view is computed exactly as a plain cache's features, in its own backbone
 call, so the two are equal bit for bit; the views are extra training material).
+
+One prompt rule (``ExtractConfig.prompt_for``) serves extraction and scoring: with class prompts, an image
+without an ImageNet class is refused unless ``classless_prompt=empty`` says to give it the empty prompt. That
+field is part of the identity only when it changes a prompt (class prompts, ``empty``), so caches made before it
+existed keep their identity, and it travels with the extraction config into the run.
 """
 
 from __future__ import annotations
@@ -21,12 +26,17 @@ from lare2.shared.perturbations import Step, chain_text, parse_chain
 from lare2.shared.settings import SettingsError, check_fields, check_range, field_types, make_config, pick_preset
 
 PromptMode = Literal["class", "fixed", "empty"]
+ClasslessPrompt = Literal["refuse", "empty"]
 ComputeDtype = Literal["float32", "float16", "bfloat16"]
 StorageDtype = Literal["float16", "float32"]
 PROMPT_MODES: tuple[str, ...] = get_args(PromptMode)
 
 MAX_IMAGE_PIXELS = 89_478_485
 """Decompression-bomb guard: Pillow's default limit on the pixels an image may declare."""
+
+
+class ClasslessError(SettingsError):
+    """A class prompt is needed for an image that has no ImageNet class, and ``classless_prompt`` is ``refuse``."""
 
 
 @dataclass(kw_only=True)
@@ -64,6 +74,11 @@ class ExtractConfig:
     """Template for ``prompt_mode=class``."""
     prompt_text: str = ""
     """Prompt for ``prompt_mode=fixed``."""
+    classless_prompt: ClasslessPrompt = "refuse"
+    """``prompt_mode=class`` only: what a row without an ImageNet class gets. ``refuse`` (default): ``lare2
+    extract`` refuses a selection holding such rows before any model loads, and ``lare2 score`` / ``Detector``
+    make such an image an error row; ``empty``: the empty prompt, at extraction and (recorded in the run) at
+    scoring alike. Never a silent fallback: extraction logs how many rows got the empty prompt."""
     seed: int = 0
     """Run seed; each image's generator is seeded from (seed, sample_id)."""
 
@@ -163,6 +178,8 @@ class ExtractConfig:
         """What must match to append to an existing cache: settings + model fingerprints."""
         ident = {k: getattr(self, k) for k in self.IDENTITY_KEYS}
         ident.update({k: getattr(self, k) for k in self.IMAGE_KEYS if getattr(self, k)})
+        if self.prompt_mode == "class" and self.classless_prompt != "refuse":  # only when it changes a prompt
+            ident["classless_prompt"] = self.classless_prompt
         ident.update({f"fingerprint.{k}": v for k, v in sorted(fingerprints.items())})
         return ident
 
@@ -170,8 +187,16 @@ class ExtractConfig:
         return asdict(self)
 
     def prompt_for(self, class_name: str) -> str:
+        """The prompt of an image of ImageNet class ``class_name`` ("" for none): one rule for extraction and
+        scoring. With class prompts, a missing class gets the empty prompt only when ``classless_prompt`` is
+        ``empty``; otherwise ``ClasslessError``."""
         if self.prompt_mode == "class":
-            return self.prompt_template.format(class_name) if class_name else ""
+            if class_name:
+                return self.prompt_template.format(class_name)
+            if self.classless_prompt == "empty":
+                return ""
+            raise ClasslessError("prompt_mode=class: an image without an ImageNet class has no prompt; give its "
+                                 "class, or extract with --set classless_prompt=empty or --prompt-mode empty")
         return self.prompt_text if self.prompt_mode == "fixed" else ""
 
 
@@ -206,9 +231,14 @@ def paper(**overrides: Any) -> ExtractConfig:
 
 
 def debug(**overrides: Any) -> ExtractConfig:
-    """Tiny seeded random models: runs in seconds on a CPU."""
+    """Tiny seeded random models: runs in seconds on a CPU.
+
+    Class prompts as in ``paper`` (so the paper's prompt path is what a quick run exercises), with
+    ``classless_prompt=empty`` said explicitly: a quick run on any folder of images works, rows without a
+    GenImage-style name get the empty prompt (logged, recorded in the cache and the run), and ``lare2 score``
+    gives such images the same empty prompt."""
     return make_config(ExtractConfig, {"sd_model": "tiny", "backbone": "tiny", "batch_size": 4, "chunk_samples": 8,
-                                       "num_workers": 0, **overrides})
+                                       "num_workers": 0, "classless_prompt": "empty", **overrides})
 
 
 PRESETS: dict[str, Callable[..., ExtractConfig]] = {"paper": paper, "debug": debug}

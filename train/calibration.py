@@ -27,6 +27,7 @@ from lare2.train.data import CacheSplit
 from lare2.train.metrics import detection_metrics
 from lare2.train.models import ModelConfig
 from lare2.train.reference import REFERENCE_BACKBONE_FILE
+from lare2.train.report import SCORING_READ
 from lare2.train.scoring import score_split
 
 logger = get_logger(__name__)
@@ -83,7 +84,8 @@ def calibrate_run(run_dir: str | Path, val: str | Path, target_fpr: float | None
     (default: the run's own, else 0.05) on its reals and rewrite ``config.json``."""
     run_dir = Path(run_dir)
     model, config = load_detector(run_dir)
-    split = CacheSplit(val, type(model).input_names, allow_pending=allow_pending)
+    # read ahead as `lare2 eval` reads test caches: the next blocks load while a batch is scored
+    split = CacheSplit(val, type(model).input_names, allow_pending=allow_pending, read=SCORING_READ)
     # an uncalibrated conversion adopts the cache's extraction; anything else must match its own
     expected = (config if is_calibrated(config)
                 else dataclasses.replace(config, extraction_fingerprint=split.fingerprint))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -344,8 +344,7 @@ def finish(run: TrainingRun) -> TrainResult:
         extra={"best_epoch": best["epoch"] + 1, "select_metric": cfg.select_metric, "train_cache": str(cfg.train),
                "val_cache": str(cfg.val)},
     )
-    config.train = cfg.to_dict()
-    config.train_ids_digest = ids_digest(cache_ids(run.train_split.cache))
+    config = replace(config, train=cfg.to_dict(), train_ids_digest=ids_digest(cache_ids(run.train_split.cache)))
     threshold, val_metrics = config.threshold, config.val_metrics
     if run.is_main:
         save_detector(out, model, config)
@@ -377,6 +376,10 @@ def class_prompt_warning(extract_config: dict) -> str:
     """A warning when features were extracted with class prompts, which images in the wild can only approximate."""
     if extract_config.get("prompt_mode") != "class":
         return ""
+    if extract_config.get("classless_prompt") == "empty":
+        return ("this detector is trained on LaRE maps made with class prompts, and the empty prompt for images "
+                "without a GenImage-style class name (classless_prompt=empty); lare2 score does the same, so a "
+                "name decides an image's prompt; for images in the wild, extract with --prompt-mode empty")
     return ("this detector is trained on LaRE maps made with class prompts "
             f"({extract_config.get('prompt_template', 'a photo of a {}')!r} + the ImageNet class of a GenImage "
             "file name): "

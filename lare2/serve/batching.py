@@ -145,7 +145,8 @@ class BatchScorer:
 
     def _record(self, images: int, seconds: float, results: list[Result]) -> None:
         per_image = seconds / images
-        self.seconds_per_image = per_image if not self.seconds_per_image else 0.8 * self.seconds_per_image + 0.2 * per_image
+        previous = self.seconds_per_image or per_image
+        self.seconds_per_image = 0.8 * previous + 0.2 * per_image
         if self.metrics is not None:
             self.metrics.batch_images.observe(images)
             for result in results:

@@ -16,8 +16,9 @@ import typer
 
 from lare2.shared.cli_errors import check_device, run_commands, user_errors
 
-SERVE_HELP = ("Serve a trained detector over HTTP: POST /v1/score (multipart files -> lare2 score's rows), a web page "
-              "at /, /v1/info, /healthz, /readyz, /metrics, /docs. Binds to 127.0.0.1 unless --host says otherwise.")
+SERVE_HELP = ("Serve a trained detector over HTTP: POST /v1/score (multipart files -> lare2 score's rows), a web "
+              "page at /, /v1/info, /healthz, /readyz, /metrics, /docs. Binds to 127.0.0.1 unless --host says "
+              "otherwise.")
 DRAIN_SECONDS = 120
 """After SIGTERM, requests still unanswered this long are cancelled (a stuck client cannot hold the exit)."""
 CONNECTION_HEADROOM = 32
@@ -26,27 +27,34 @@ CONNECTION_HEADROOM = 32
 
 def serve(
     run_dir: Path = typer.Argument(..., help="A finished run (lare2 train --out)."),
-    sd: Optional[str] = typer.Option(None, "--sd", help="Latent diffusion weights, if not where the run recorded them."),
-    clip: Optional[str] = typer.Option(None, "--clip", "--backbone", help="CLIP weights, if not where the run recorded them."),
+    sd: Optional[str] = typer.Option(None, "--sd",
+                                     help="Latent diffusion weights, if not where the run recorded them."),
+    clip: Optional[str] = typer.Option(None, "--clip", "--backbone",
+                                       help="CLIP weights, if not where the run recorded them."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface; put TLS in front)."),
     port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on."),
-    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Decision threshold on p(fake) (default: the run's calibrated one)."),
+    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0,
+                                              help="Decision threshold on p(fake) (default: the run's calibrated "
+                                                   "one)."),
     device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda."),
-    workers: int = typer.Option(0, min=0, help="DataLoader workers decoding each batch's images (0: on the model thread; "
-                                               "workers start anew for every batch, which costs more than they save on "
-                                               "a batch of up to --max-batch images)."),
+    workers: int = typer.Option(0, min=0, help="DataLoader workers decoding each batch's images (0: on the model "
+                                               "thread; workers start anew for every batch, which costs more than "
+                                               "they save on a batch of up to --max-batch images)."),
     max_batch: int = typer.Option(16, min=1, help="Images scored together in one model call, at most."),
-    max_wait_ms: float = typer.Option(10.0, min=0.0, help="How long a batch waits for more images after its first, ms."),
-    max_queue: int = typer.Option(256, min=1, help="Images waiting for a batch, at most; beyond: 503 with Retry-After."),
+    max_wait_ms: float = typer.Option(10.0, min=0.0,
+                                      help="How long a batch waits for more images after its first, ms."),
+    max_queue: int = typer.Option(256, min=1,
+                                  help="Images waiting for a batch, at most; beyond: 503 with Retry-After."),
     max_upload_mb: float = typer.Option(20.0, min=0.0, help="Request body limit in MiB; beyond: 413, unread."),
-    token_file: Optional[Path] = typer.Option(None, help="File holding a bearer token every route but /healthz requires."),
+    token_file: Optional[Path] = typer.Option(None, help="File holding a bearer token that every route but /healthz "
+                                                         "requires."),
 ) -> None:
     device = check_device(device)
     with user_errors():  # without lare2[serve]: "this command needs fastapi ...: pip install 'lare2[serve]'"
         from lare2.serve.app import ServeSettings, build_app, load_detector
 
-        settings = ServeSettings(run=str(run_dir), sd=sd, clip=clip, device=device, threshold=threshold, workers=workers,
-                                 max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+        settings = ServeSettings(run=str(run_dir), sd=sd, clip=clip, device=device, threshold=threshold,
+                                 workers=workers, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                                  max_upload_mb=max_upload_mb, token=read_token(token_file) if token_file else None)
         listener = bind(host, port)  # before the models load: a port in use fails fast
         try:
@@ -61,7 +69,8 @@ def read_token(path: Path) -> str:
     from lare2.shared.errors import InputError, MissingInputError
 
     if not path.is_file():
-        raise MissingInputError(f"{path}: no such token file; write the token into it (e.g. openssl rand -hex 32 > {path})")
+        raise MissingInputError(f"{path}: no such token file; write the token into it "
+                                f"(e.g. openssl rand -hex 32 > {path})")
     token = path.read_text().strip()
     if not token or any(c.isspace() for c in token):
         raise InputError(f"{path}: the token file must hold one token, without spaces; write one into it")
@@ -78,7 +87,8 @@ def bind(host: str, port: int) -> socket.socket:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, port))
     except OSError as err:
-        raise InputError(f"{host}:{port}: cannot listen there ({err.strerror or err}); choose another --host/--port") from None
+        raise InputError(f"{host}:{port}: cannot listen there ({err.strerror or err}); "
+                         "choose another --host/--port") from None
     return listener
 
 

@@ -84,4 +84,5 @@ class UploadLimits:
         await self.app(scope, counted_receive, send)
 
     def too_large(self) -> str:
-        return f"the upload is over the limit of {self.max_bytes / 2**20:g} MiB (--max-upload-mb); send fewer or smaller files"
+        return (f"the upload is over the limit of {self.max_bytes / 2**20:g} MiB (--max-upload-mb); "
+                "send fewer or smaller files")

@@ -25,8 +25,8 @@ from lare2.shared.manifest import read_selection
 def _manifest_rows(cache: FeatureCache, manifest: Path, damaged: list[int]) -> dict[str, list]:
     """The manifest columns of every sample, from the selection the cache was made from; refuses another selection."""
     if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest}: the manifest {cache.path} was made from is not at hand (needed to restore "
-                                "its metadata columns); pass it with --manifest")
+        raise FileNotFoundError(f"{manifest}: the manifest {cache.path} was made from is not at hand "
+                                "(needed to restore its metadata columns); pass it with --manifest")
     cfg = cache.attrs.get("extract_config") or {}
     table = read_selection(manifest, split=cfg.get("split"), generators=list(cfg.get("generators") or []),
                            limit=cfg.get("limit"))

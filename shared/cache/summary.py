@@ -198,7 +198,7 @@ def lare_stats(cache: FeatureCache, *, progress: bool = False) -> dict:
     ok = cache.ok_mask() & np.isfinite(means)
     generators, labels = cache.column("generator"), cache.column("label")
     groups = []
-    for generator, label in sorted({(str(g), int(l)) for g, l in zip(generators[ok], labels[ok])}):
+    for generator, label in sorted({(str(g), int(y)) for g, y in zip(generators[ok], labels[ok])}):
         values = means[ok & (generators == generator) & (labels == label)]
         groups.append({
             "generator": generator, "label": label, "n": int(len(values)),

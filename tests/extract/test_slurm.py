@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ from tests.helpers.slurm import Slurm, private_slurm  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.slow
 
-NUM_IMAGES, SHARDS = 32, 2  # one sample per block: 16 blocks per shard, so a task is caught mid-run
+NUM_IMAGES, SHARDS = 64, 2  # one sample per block: 32 blocks per shard (a few seconds), so a task is caught mid-run
 SETTINGS = {"chunk_samples": 1, "batch_size": 1, "image_size": 64, "ensemble": 2, "num_workers": 0}
 TASK_TIMEOUT_S = 600
 
@@ -83,18 +84,23 @@ def _submit(manifest: Path, out: Path, *args: str) -> tuple[str, str]:
     return found.group(1), found.group(2)
 
 
-def _wait_mid_run(out: Path, shards: set[int], slurm: Slurm, job: str) -> dict[int, int]:
-    """Wait until each of ``shards`` has done a block and not all; then {shard: blocks done}, read as the array runs."""
+def _interrupt_mid_run(out: Path, interrupts: dict[int, Callable[[], object]], slurm: Slurm,
+                       job: str) -> dict[int, int]:
+    """Interrupt each shard's task as soon as it has done a block and not all, watching ``cache progress`` as the
+    array runs; {shard: its blocks done at that moment}."""
+    caught: dict[int, int] = {}
     deadline = time.monotonic() + TASK_TIMEOUT_S
-    while True:
+    while len(caught) < len(interrupts):
         progress = cache_progress(out)
-        caught = {s: progress.shards[s].blocks_done for s in shards}
-        if all(0 < caught[s] < progress.shards[s].blocks for s in shards):
-            return caught
-        assert all(progress.shards[s].blocks_done < progress.shards[s].blocks for s in shards), \
-            f"a task finished before it could be interrupted: {progress.shards}"
+        for shard, interrupt in interrupts.items():
+            done, blocks = progress.shards[shard].blocks_done, progress.shards[shard].blocks
+            if shard not in caught and 0 < done:
+                assert done < blocks, f"shard {shard} finished before it could be interrupted: {progress.shards}"
+                interrupt()
+                caught[shard] = done
         assert time.monotonic() < deadline, f"no progress: {slurm.tasks(job)}\n{slurm.logs()}"
         time.sleep(0.05)
+    return caught
 
 
 def _runs(log: Path) -> list[tuple[int, int]]:
@@ -116,10 +122,12 @@ def test_submit_requeue_only_missing(private_slurm, manifest, reference, tmp_pat
     scripts = list(job_folder(out).glob("extract-*.sbatch"))
     assert len(scripts) == 1 and "#SBATCH --array=0-1\n" in scripts[0].read_text()  # kept beside the cache
 
-    caught = _wait_mid_run(out, {0, 1}, private_slurm, job)
-    private_slurm.requeue(f"{job}_1")  # the scheduler takes the task back, as a preemption does
-    private_slurm.run("scancel", "--batch", "--signal=USR1", f"{job}_0")  # the time-limit warning
-    private_slurm.release(f"{job}_0")  # the script requeued its own task
+    caught = _interrupt_mid_run(out, {
+        0: lambda: private_slurm.run("scancel", "--batch", "--signal=USR1", f"{job}_0"),  # the time-limit warning
+        1: lambda: private_slurm.run("scontrol", "requeue", f"{job}_1"),  # taken back, as a preemption does
+    }, private_slurm, job)
+    for shard in (0, 1):  # task 0 requeued itself, task 1 was requeued: both wait 120 s unless released
+        private_slurm.release(f"{job}_{shard}")
     states = private_slurm.wait_until_done(job, TASK_TIMEOUT_S)
     assert states == {f"{job}_0": "COMPLETED", f"{job}_1": "COMPLETED"}, private_slurm.logs()
 

@@ -6,7 +6,8 @@ import logging
 
 
 class Logged:
-    """``with Logged(caplog) as logged: ...`` then ``logged.messages()`` (all records, or those at ``level`` and above)."""
+    """``with Logged(caplog) as logged: ...`` then ``logged.messages()`` (all records, or those at ``level``
+    and above)."""
 
     def __init__(self, caplog) -> None:
         self.caplog = caplog

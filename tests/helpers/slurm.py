@@ -122,11 +122,6 @@ class Slurm:
             time.sleep(0.5)
         return self.tasks(job_id)
 
-    def requeue(self, task: str) -> None:
-        """``scontrol requeue`` one array task (``<job>_<index>``), as a preemption would; it starts again now."""
-        self.run("scontrol", "requeue", task)
-        self.release(task)
-
     def release(self, task: str, timeout_s: float = 60.0) -> None:
         """Once a requeued task (``<job>_<index>``) is pending, let it start now rather than in 120 s."""
         deadline = time.monotonic() + timeout_s

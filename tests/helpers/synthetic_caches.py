@@ -58,7 +58,8 @@ def write_synthetic_cache(
         "split": ["synthetic"] * num_samples,
         "class_name": ["thing"] * num_samples,
     }
-    cache = FeatureCache.create(path, rows, layout, attrs={"identity": identity or {"synthetic": True, "pattern_seed": pattern_seed}})
+    identity = identity or {"synthetic": True, "pattern_seed": pattern_seed}
+    cache = FeatureCache.create(path, rows, layout, attrs={"identity": identity})
 
     pooled = rng.normal(size=(num_samples, layout.pooled_dim)).astype(np.float32)
     fmap = pattern_CHW[None] + 0.3 * rng.normal(size=(num_samples, C, H, W)).astype(np.float32)

@@ -59,7 +59,8 @@ def write_tiny_manifest(path: Path, rows: dict, root: Path) -> None:
     write_manifest(path, {**rows, **extra}, root=root, builder="folders")
 
 
-def build_tiny_cache(tmp: Path, name: str = "cache", *, seed: int = 0, images: bool = True, complete: bool = False) -> TinyCache:
+def build_tiny_cache(tmp: Path, name: str = "cache", *, seed: int = 0, images: bool = True,
+                     complete: bool = False) -> TinyCache:
     """Write images, a manifest and a cache under ``tmp``; arrays drawn from ``seed``.
 
     ``complete``: block ``PENDING_BLOCK`` is written too (all ok), so no block is pending."""

@@ -67,8 +67,8 @@ def world(tmp_path_factory):
                  if (status[cache.block_slice(b)] == "ok").any() and set(labels[cache.block_slice(b)]) == {0, 1})
     write_synthetic_cache(tmp / "val", num_samples=32, signal="lare", seed=5, layout=cache.layout,
                           identity=cache.attrs["identity"])
-    code, _, err = invoke("train", "--preset", "debug", "--train", tmp / "pristine", "--val", tmp / "val", "--out", tmp / "run",
-                          "--epochs", "1", "--set", "progress=false", "--set", "head_dim=8")
+    code, _, err = invoke("train", "--preset", "debug", "--train", tmp / "pristine", "--val", tmp / "val",
+                          "--out", tmp / "run", "--epochs", "1", "--set", "progress=false", "--set", "head_dim=8")
     assert code == 0, err
     return tmp, manifest, block
 
@@ -90,8 +90,8 @@ def test_a_deleted_chunk_is_named_refused_and_repaired_bit_for_bit(world, tmp_pa
         assert name in report["damaged_blocks"][str(block)]
 
     refusals = {
-        "train": invoke("train", "--preset", "debug", "--train", damaged, "--val", tmp / "val", "--out", tmp_path / "run",
-                        "--epochs", "1", "--set", "progress=false", "--set", "head_dim=8"),
+        "train": invoke("train", "--preset", "debug", "--train", damaged, "--val", tmp / "val",
+                        "--out", tmp_path / "run", "--epochs", "1", "--set", "progress=false", "--set", "head_dim=8"),
         "eval": invoke("eval", tmp / "run", "--test", damaged, "--report", tmp_path / "report", "--no-plots"),
         "export": invoke("cache", "export", damaged, "--out", tmp_path / "wds"),
         "pack": invoke("cache", "pack", damaged, tmp_path / "packed"),

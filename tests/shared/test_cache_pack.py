@@ -90,7 +90,8 @@ def test_a_packed_cache_refuses_writes(packed):
     cache = FeatureCache.open(out, mode="r+")
     with pytest.raises(CacheError, match="read-only"):
         cache.write_block(0, lare=np.zeros((CHUNK, 4, 32, 32)), pooled=np.zeros((CHUNK, 16)),
-                          fmap=np.zeros((CHUNK, 16, 14, 14)), seed=[0] * CHUNK, status=["ok"] * CHUNK, error=[""] * CHUNK)
+                          fmap=np.zeros((CHUNK, 16, 14, 14)), seed=[0] * CHUNK, status=["ok"] * CHUNK,
+                          error=[""] * CHUNK)
     with pytest.raises(CacheError, match="already packed"):
         pack_cache(out, out.parent / "twice", pack_blocks=2, progress=False)
 
@@ -115,7 +116,8 @@ def test_pack_refuses_an_unfinished_cache_and_an_existing_folder(tmp_path, packe
     assert code == 2 and "already exists" in out
     result = runner.invoke(app, ["cache", "pack", str(source), str(existing)])
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
-    assert result.stderr.splitlines() == [f"error: {existing}: already exists; choose a new folder for the packed cache"]
+    assert result.stderr.splitlines() == [
+        f"error: {existing}: already exists; choose a new folder for the packed cache"]
     with pytest.raises(CacheExistsError, match="already exists"):
         pack_cache(source, existing, progress=False)
     assert sorted(p.relative_to(existing) for p in existing.rglob("*")) == before  # left as it was

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import tarfile
 
-import numpy as np
 import pytest
 import webdataset as wds
 from typer.testing import CliRunner

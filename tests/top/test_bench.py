@@ -152,7 +152,8 @@ def test_peak_table_and_plan() -> None:
     cases = gpu_bench.plan([16, 32], ["bf16", "fp16"])
     assert cases[0] == gpu_bench.Case("fp32", False, False, 1, reference=True)
     assert cases[1:3] == [gpu_bench.Case("bf16", True, False, 16), gpu_bench.Case("bf16", True, False, 32)]
-    assert [c for c in cases if c.compile] == [gpu_bench.Case("bf16", True, True, None), gpu_bench.Case("fp16", True, True, None)]
+    assert [c for c in cases if c.compile] == [gpu_bench.Case("bf16", True, True, None),
+                                               gpu_bench.Case("fp16", True, True, None)]
     assert len(cases) == 1 + 2 + 2 + 1 + 2 + 1
 
 
@@ -191,7 +192,8 @@ def test_gpu_bench_smoke_mode_on_cpu(tmp_path) -> None:
 def test_gpu_bench_smoke_mode_with_torch_compile(tmp_path) -> None:
     assert gpu_bench.main(["--dry-run", "--peak-tflops", "1", "--out", str(tmp_path)]) == 0
     results = _check_smoke(tmp_path, compiled=True)
-    assert results["cases"][-1]["compile"] is True and results["cases"][-1]["batch_size"] in gpu_bench.DRY_RUN_BATCH_SIZES
+    last = results["cases"][-1]
+    assert last["compile"] is True and last["batch_size"] in gpu_bench.DRY_RUN_BATCH_SIZES
 
 
 @pytest.mark.slow

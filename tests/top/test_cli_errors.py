@@ -221,6 +221,11 @@ CASES = [
     ("minigenimage-views-zero", ["minigenimage", "views", "--out", "{tmp}", "--views", "0"], 2, "--views 0: expected >= 1"),
     ("minigenimage-views-not-a-demo", ["minigenimage", "views", "--out", "{tmp}"], 2, "run `lare2 minigenimage demo"),
     ("minigenimage-demo-missing-zoo", ["minigenimage", "demo", "--zoo", "{missing}", "--out", "{tmp}/demo"], 2, "{missing}"),
+    # serve (--port 0: any free port, so that no test depends on 8000 being free)
+    ("serve-missing-run", ["serve", "{missing}", "--port", "0"], 2, "{missing}"),
+    ("serve-missing-token-file", ["serve", "{run}", "--token-file", "{missing}", "--port", "0"], 2,
+     "{missing}: no such token file"),
+    ("serve-port-range", ["serve", "{run}", "--port", "70000"], 2, "Invalid value for '--port'"),
     # parser errors: one line naming the command, the option or argument, and where the help is
     ("parser-unknown-command", ["cahce", "info", "{cache}"], 2, "lare2: No such command 'cahce'"),
     ("parser-unknown-subcommand", ["cache", "inf", "{cache}"], 2, "lare2 cache: No such command 'inf'"),

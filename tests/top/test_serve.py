@@ -316,8 +316,8 @@ def test_sigterm_stops_accepting_finishes_the_queue_and_exits_0(tiny_run, tmp_pa
     run, images = tiny_run
     port = free_port()
     log = open(tmp_path / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "lare2.serve.cli", str(run), "--port", str(port), "--device", "cpu",
-                               "--workers", "0", "--max-batch", "64", "--max-wait-ms", "5000"],
+    server = subprocess.Popen([sys.executable, "-m", "lare2.serve.cli", str(run), "--port", str(port),
+                               "--device", "cpu", "--max-batch", "64", "--max-wait-ms", "5000"],
                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     try:

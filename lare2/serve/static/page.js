@@ -24,8 +24,9 @@ async function loadInfo() {
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     info = await response.json();
     const prompts = info.prompt_mode === "class" ? "class prompts" : `${info.prompt_mode} prompts`;
-    $("run-info").textContent =
-      `Run ${info.run}: fake when p(fake) > ${info.threshold.toFixed(3)} (${prompts}, ${info.model.kind ?? "detector"}).`;
+    const kind = info.model.kind ?? "detector";
+    const threshold = info.threshold.toFixed(3);
+    $("run-info").textContent = `Run ${info.run}: fake when p(fake) > ${threshold} (${prompts}, ${kind}).`;
     $("class-field").hidden = info.prompt_mode !== "class";
   } catch (err) {
     $("run-info").textContent = `Cannot read the run's settings (${err.message}); scoring may still work.`;
