@@ -262,7 +262,7 @@ def _measure_extraction(results: dict, work: Path, manifest: Path, repeats: int,
     from bench.stage1 import measure_pipeline
 
     results["pipeline_efficiency"] = {}
-    for name, settings in (("tiny", {}), ("tiny_sd_rn50", {"backbone": "random-rn50"})):
+    for name, settings in (("tiny", {}), ("tiny_sd_rn50", {"clip": "random-rn50"})):
         _log(f"extraction end to end and models only, {name}, {repeats} rounds")
         p = measure_pipeline(manifest, work / name, repeats=repeats, keep=work / f"{name}-cache",
                              chunk_samples=32, **settings)

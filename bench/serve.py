@@ -9,7 +9,7 @@ answer. Figures:
   (one call; the ratio is what serving keeps of the model's own speed, HTTP and batching included),
   side by side in rounds, the median of the per-round ratios;
 - latency p50/p95/p99 at 1, 8 and 32 clients;
-- 4x overload, twice: requests sent open loop at 4x the measured throughput: the share answered 503
+- 4x overload, in rounds: requests sent open loop at 4x the measured throughput: the share answered 503
   (with and without Retry-After), every other status counted (no other 5xx is the goal), the
   server's RSS before any load, after the closed-loop phases and after each overload round, and
   ``/healthz`` after.
@@ -165,7 +165,7 @@ def start_server(run: Path, max_queue: int, log: Path) -> tuple[subprocess.Popen
 
 
 def measure(run: Path, images: list[bytes], work: Path, max_queue: int, requests_per_client: int,
-            phase_seconds: float, overload_seconds: float, rounds: int) -> dict:
+            phase_seconds: float, overload_seconds: float, rounds: int, overload_rounds: int) -> dict:
     import httpx
 
     from lare2 import Detector
@@ -194,7 +194,7 @@ def measure(run: Path, images: list[bytes], work: Path, max_queue: int, requests
         results["rss_mib"]["after_closed_loop"] = round(rss_mib(server.pid), 1)
         capacity = float(np.median([r["served_images_per_s"] for r in results["ratio_rounds"]]))
         results["overload"] = []
-        for _ in range(2):  # twice: RSS after each shows whether it keeps growing
+        for _ in range(overload_rounds):  # RSS after each round shows whether it keeps growing
             _log(f"4x overload for {overload_seconds:g} s")
             results["overload"].append(asyncio.run(open_loop(score_url, images, 4 * capacity, overload_seconds)))
             results["overload"][-1]["rss_mib_after"] = round(rss_mib(server.pid), 1)
@@ -242,6 +242,7 @@ def run(
     overload_seconds: float = typer.Option(10.0, help="Length of the 4x overload phase."),
     max_queue: int = typer.Option(32, help="The server's --max-queue."),
     rounds: int = typer.Option(3, help="Rounds of the served / direct ratio (the median is reported)."),
+    overload_rounds: int = typer.Option(3, help="Rounds of the 4x overload (RSS after each)."),
 ) -> None:
     """Measure `lare2 serve` on this machine and write the figures."""
     import torch
@@ -261,7 +262,7 @@ def run(
         _log("training a tiny run")
         run_dir, _ = build_tiny_run(work)
         results.update(measure(run_dir, image_bytes(images), work, max_queue, requests_per_client,
-                               phase_seconds, overload_seconds, rounds))
+                               phase_seconds, overload_seconds, rounds, overload_rounds))
     results["seconds"] = round(time.perf_counter() - started, 1)
     (out / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "serve.md").write_text(markdown(results))

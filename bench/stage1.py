@@ -46,7 +46,7 @@ def decoded_inputs(manifest: Path, count: int | None = None) -> Inputs:
     """The first ``count`` rows of ``manifest`` decoded as ``run_extraction`` decodes them (``debug`` preset
     settings)."""
     from lare2.extract.loader import ManifestImages
-    from lare2.extract.run import selected_rows
+    from lare2.extract.plan import selected_rows
     from lare2.shared.config import debug
     from lare2.shared.seeding import sample_seed
 
@@ -185,7 +185,8 @@ def measure_pipeline(manifest: Path, work: Path, *, repeats: int, keep: Path | N
     """
     from lare2.extract.features import compute_images, load_models
     from lare2.extract.loader import ManifestImages, collate_decoded
-    from lare2.extract.run import run_extraction, selected_rows
+    from lare2.extract.plan import selected_rows
+    from lare2.extract.run import run_extraction
     from lare2.shared.config import debug
     from lare2.shared.seeding import sample_seed
 
@@ -230,5 +231,5 @@ def measure_pipeline(manifest: Path, work: Path, *, repeats: int, keep: Path | N
             "end_to_end_seconds": rounded([s.seconds for s in summaries], 2),
             "models_only_seconds": rounded(seconds["models_only"], 2),
             "median_run": {"images": summaries[best].computed, "seconds": round(summaries[best].seconds, 2)},
-            "settings": {k: getattr(cfg, k) for k in ("sd_model", "backbone", "image_size", "ensemble", "batch_size",
+            "settings": {k: getattr(cfg, k) for k in ("sd", "clip", "image_size", "ensemble", "batch_size",
                                                       "chunk_samples", "num_workers")}}

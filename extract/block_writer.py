@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from lare2.shared.cache import FeatureCache
 
@@ -85,7 +86,7 @@ class BlockWriter:
             self._thread.join()
         self.check()
 
-    def __enter__(self) -> "BlockWriter":
+    def __enter__(self) -> BlockWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -109,8 +109,8 @@ def extract(
         # checked here first so the error names the option; the config keeps them canonical
         parse_chain(perturb or "", what="--perturb")
         parse_chain(normalize or "", allow_size=True, what="--normalize")
-        named = dict(manifest=manifest, out=out, split=split, generators=list(generator) or None, sd_model=sd,
-                     backbone=clip or backbone, timestep=timestep, ensemble=ensemble, prompt_mode=prompt_mode,
+        named = dict(manifest=manifest, out=out, split=split, generators=list(generator) or None, sd=sd,
+                     clip=clip or backbone, timestep=timestep, ensemble=ensemble, prompt_mode=prompt_mode,
                      image_size=image_size, batch_size=batch_size, num_workers=num_workers, device=device,
                      limit=limit, perturb=perturb, normalize=normalize, views=views)
         # --set comes last and wins, as before
@@ -152,18 +152,19 @@ def extract(
         return
     from lare2.extract.run import run_extraction
     from lare2.shared.logs import console
+    from lare2.shared.wording import counted
 
     summaries = []
     for one, plan in zip(configs, plans):
         if plan.nothing_to_do and not create_only and single_process():  # a finished shard: no model to load
             summaries.append(finished_summary(one, plan))
         else:
-            with user_errors(), interrupted(one.out, lambda: kept_after_interrupt(one)):
+            with user_errors(), interrupted(one.out, lambda one=one: kept_after_interrupt(one)):
                 summaries.append(run_extraction(one, create_only=create_only))
         if summaries[-1].rank == 0 and not json_out:  # under accelerate launch / torchrun, the main process speaks
             console.print(summaries[-1].line())
             last = summaries[-1]
-            console.print(f"cache {last.cache}: {last.samples} samples, status counts {last.counts}")
+            console.print(f"cache {last.cache}: {counted(last.samples, 'sample')}, status counts {last.counts}")
         if summaries[-1].stopped:  # SIGTERM/SIGUSR1: the next split would be stopped too
             break
     if json_out and summaries[0].rank == 0:  # one document: a summary, or with --all-splits a list of them
@@ -189,9 +190,9 @@ def finished_summary(cfg, plan):
     from lare2.shared.logs import get_logger
     from lare2.shared.wording import counted
 
-    get_logger(__name__).info("%s: nothing to do: the %s of shard %d/%d are done, with these settings and models "
-                              "(no model loaded)", cfg.out, counted(len(plan.shard_blocks), "block"),
-                              cfg.shard_index, cfg.num_shards)
+    get_logger(__name__).info("%s: nothing to do: shard %d/%d (%s) is done, with these settings and models "
+                              "(no model loaded)", cfg.out, cfg.shard_index, cfg.num_shards,
+                              counted(len(plan.shard_blocks), "block"))
     return Summary(cache=cfg.out, samples=len(plan.rows["sample_id"]), skipped_blocks=len(plan.shard_blocks),
                    counts=plan.counts, shard=f"{cfg.shard_index}/{cfg.num_shards}")
 

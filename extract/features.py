@@ -30,7 +30,8 @@ class Models:
     backbone: ModifiedResNet
     """CLIP's image tower: ``pooled`` and ``fmap`` of a [B, 3, 224, 224] batch."""
     fingerprints: dict[str, str]
-    """``{"sd": ..., "backbone": ...}``: the weights' fingerprints, part of a cache's identity."""
+    """``{"sd": ..., "backbone": ...}``: the fingerprints of the ``sd`` and ``clip`` weights, part of a cache's
+    identity (``fingerprint.sd``, ``fingerprint.backbone``: the keys every cache has been hashed with)."""
     layout: CacheLayout
     """Array shapes and storage dtypes of the cache these models fill."""
 
@@ -56,8 +57,8 @@ def load_models(cfg: ExtractConfig, device: torch.device) -> Models:
         # has native CPU kernels, so it is what CI uses to exercise the reduced-precision GPU paths
         raise SettingsError("compute_dtype=float16 is for GPUs (on CPU its convolutions run ~20x slower than "
                             "float32); on CPU use float32, or bfloat16 to try the reduced-precision path")
-    diffusion = load_latent_diffusion(cfg.sd_model, device=device, dtype=dtype)
-    backbone, backbone_fp = load_backbone(cfg.backbone, device=device, dtype=dtype)
+    diffusion = load_latent_diffusion(cfg.sd, device=device, dtype=dtype)
+    backbone, backbone_fp = load_backbone(cfg.clip, device=device, dtype=dtype)
     lare = LareComputer(diffusion, timestep=cfg.timestep, ensemble=cfg.ensemble, device=device, dtype=dtype)
     with torch.no_grad():  # shapes from one dummy pass: any backbone, any VAE depth
         out = backbone(torch.zeros(1, 3, 224, 224, device=device, dtype=dtype))
@@ -73,11 +74,11 @@ def load_models(cfg: ExtractConfig, device: torch.device) -> Models:
     return Models(lare, backbone, {"sd": diffusion.fingerprint, "backbone": backbone_fp}, layout)
 
 
-def stored_config(stored: dict, device: torch.device, *, sd_model: str | None = None, backbone: str | None = None,
+def stored_config(stored: dict, device: torch.device, *, sd: str | None = None, clip: str | None = None,
                   compute_dtype: str | None = None) -> ExtractConfig:
     """A recorded extraction config (a cache's or a detector's), to recompute its features in this
     process: the models and compute dtype may be given anew, the device is this one, decoding runs inline."""
-    given = dict(sd_model=sd_model, backbone=backbone, compute_dtype=compute_dtype)
+    given = dict(sd=sd, clip=clip, compute_dtype=compute_dtype)
     overrides = {key: value for key, value in given.items() if value}
     return ExtractConfig.from_dict(stored, **overrides, device=device.type, num_workers=0)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lare2.shared.cache import CacheError, FeatureCache
-from lare2.shared.config import ClasslessError, ExtractConfig, diff_identity
+from lare2.shared.config import ClasslessError, ExtractConfig, current_keys, diff_identity
 from lare2.shared.logs import get_logger
 from lare2.shared.manifest import CACHE_COLUMNS, read_manifest_metadata, read_selection
 from lare2.shared.wording import counted
@@ -52,7 +52,7 @@ class ExtractionPlan:
     done_blocks: int = 0
     """How many of ``shard_blocks`` are done."""
     same_models: bool = False
-    """The cache was made from the models this run names (the same ``sd_model`` and ``backbone``)."""
+    """The cache was made from the models this run names (the same ``sd`` and ``clip``)."""
     counts: dict = field(default_factory=dict)
     """The existing cache's status counts."""
 
@@ -118,7 +118,10 @@ def shown(value) -> str:
 
 
 def mismatch_error(out: Path, differing: dict[str, tuple]) -> CacheError:
-    """The refusal to extract into a cache made otherwise, naming each differing key and both values."""
+    """The refusal to extract into a cache made otherwise, naming each differing key and both values
+    (``classless_prompt`` only when ``prompt_mode`` is the same: it exists with class prompts only)."""
+    if "prompt_mode" in differing:
+        differing = {k: v for k, v in differing.items() if k != "classless_prompt"}
     lines = "; ".join(f"{key}: cache has {shown(ours)}, this run {shown(theirs)}"
                       for key, (ours, theirs) in differing.items())
     return CacheError(f"{out}: refusing to extract into a cache made with another configuration ({lines}). "
@@ -149,11 +152,11 @@ def plan_extraction(cfg: ExtractConfig, *, quiet: bool = False) -> ExtractionPla
     differing = settings_differences(cfg, cache.attrs, manifest_digest(rows["sample_id"]))
     if differing:
         raise mismatch_error(out, differing)
-    stored = cache.attrs.get("extract_config", {})
+    stored = current_keys(cache.attrs.get("extract_config", {}))  # caches made before the rename too
     done = cache.done_blocks()
     plan.cache_exists = True
     plan.shard_blocks = shard_blocks(cache.num_blocks, cfg.num_shards, cfg.shard_index)
     plan.done_blocks = int(sum(done[b] for b in plan.shard_blocks))
-    plan.same_models = (stored.get("sd_model"), stored.get("backbone")) == (cfg.sd_model, cfg.backbone)
+    plan.same_models = (stored.get("sd"), stored.get("clip")) == (cfg.sd, cfg.clip)
     plan.counts = dict(cache.attrs.get("counts") or collections.Counter(cache.column("status")))
     return plan

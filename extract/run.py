@@ -36,14 +36,7 @@ import torch
 from lare2.extract.block_writer import BlockWriter
 from lare2.extract.features import Models, compute_images, load_models, stored_config
 from lare2.extract.loader import DecodedBatch, ManifestImages, block_batches, collate_decoded
-from lare2.extract.plan import (  # noqa: F401 - selected_rows, shard_blocks: imported from here too
-    SELECTION_KEY,
-    manifest_digest,
-    mismatch_error,
-    plan_extraction,
-    selected_rows,
-    shard_blocks,
-)
+from lare2.extract.plan import SELECTION_KEY, manifest_digest, mismatch_error, plan_extraction, shard_blocks
 from lare2.extract.preemption import StopRequest, ignore_stop_signals, stop_on_signals
 from lare2.shared.cache import (
     STATUS_ERROR,
@@ -60,6 +53,7 @@ from lare2.shared.devices import resolve_device
 from lare2.shared.logs import get_logger, progress_bar, rate_text
 from lare2.shared.provenance import provenance
 from lare2.shared.seeding import sample_seed
+from lare2.shared.wording import counted
 from torch.utils.data import DataLoader
 
 log = get_logger(__name__)
@@ -159,9 +153,10 @@ class Summary:
         where = f"shard {self.shard}, " if self.shard != "0/1" else ""
         stopped = (f"; stopped by a signal ({self.discarded} computed samples of unfinished blocks dropped): "
                    "rerun the same command to resume" if self.stopped else "")
-        return (f"{self.cache}: computed {self.computed} images ({self.failed} failed) in {self.seconds:.1f} s "
-                f"({rate_text(self.computed, self.seconds)}; {where}{self.processes} processes); "
-                f"{self.skipped_blocks} blocks were already done{stopped}")
+        return (f"{self.cache}: computed {counted(self.computed, 'image')} ({self.failed} failed) in "
+                f"{self.seconds:.1f} s ({rate_text(self.computed, self.seconds)}; {where}"
+                f"{counted(self.processes, 'process', 'processes')}); {counted(self.skipped_blocks, 'block')} "
+                f"{'was' if self.skipped_blocks == 1 else 'were'} already done{stopped}")
 
 
 def rank_blocks(pending: Sequence[int], rank: int, world: int) -> list[int]:
@@ -242,8 +237,9 @@ def _shard_pending_blocks(accelerator, cache: FeatureCache, cfg: ExtractConfig) 
     mine = shard_blocks(cache.num_blocks, cfg.num_shards, cfg.shard_index)
     pending = [b for b in mine if not done[b]]
     if accelerator.is_main_process:
-        log.info("%s: shard %d/%d holds %d blocks, %d done, %d to do on %d processes", cfg.out, cfg.shard_index,
-                 cfg.num_shards, len(mine), len(mine) - len(pending), len(pending), accelerator.num_processes)
+        log.info("%s: shard %d/%d holds %s, %d done, %d to do on %s", cfg.out, cfg.shard_index, cfg.num_shards,
+                 counted(len(mine), "block"), len(mine) - len(pending), len(pending),
+                 counted(accelerator.num_processes, "process", "processes"))
     return mine, pending
 
 
@@ -365,8 +361,8 @@ def _block_values(cache: FeatureCache, block: int, acc: dict, summary: Summary) 
 
 
 # ---- re-computation for verification -----------------------------------------------------------
-def recompute_samples(cache_path: str | Path, indices: Sequence[int], *, sd_model: str | None = None,
-                      backbone: str | None = None, device: str = "auto",
+def recompute_samples(cache_path: str | Path, indices: Sequence[int], *, sd: str | None = None,
+                      clip: str | None = None, device: str = "auto",
                       compute_dtype: str | None = None) -> dict[str, np.ndarray]:
     """Recompute rows ``indices`` of a cache with its own config (models, device and compute dtype overridable).
 
@@ -379,8 +375,7 @@ def recompute_samples(cache_path: str | Path, indices: Sequence[int], *, sd_mode
     """
     cache = FeatureCache.open(cache_path)
     torch_device = resolve_device(device)
-    cfg = stored_config(cache.attrs["extract_config"], torch_device, sd_model=sd_model, backbone=backbone,
-                        compute_dtype=compute_dtype)
+    cfg = stored_config(cache.attrs["extract_config"], torch_device, sd=sd, clip=clip, compute_dtype=compute_dtype)
     if torch_device.type == "cpu" and cfg.compute_dtype == "float16":  # bfloat16 runs on CPU (load_models)
         raise RecomputeUnavailable(
             f"{cache_path} was computed in {cfg.compute_dtype}, which needs a GPU (no CUDA device here); "

@@ -6,10 +6,13 @@ readable job script into ``<cache>.slurm/`` beside the cache, and submits it wit
 ``--shard-index auto --num-shards N`` (``lare2.extract.array_env``), and asks for
 ``--array``, ``--requeue``, per-task logs (``logs/%A_%a.out``, appended across requeues) and a
 ``USR1`` to its shell 120 s before the time limit. The shell runs the extraction in the background,
-so it can pass that on: the extractor gets ``TERM`` (which stops it after the blocks in flight; a
-kill loses at most those, as the rerun guarantee says), and the task requeues itself to finish its
-shard. A task cancelled or preempted gets ``TERM`` from SLURM; ``--requeue`` lets SLURM bring a
-preempted one back. Every rerun skips the blocks already done. ``--only-missing`` submits only the
+so it can pass that on: the extractor gets ``TERM`` (on which it writes its finished blocks and
+exits ``EXIT_PREEMPTED``; a kill loses at most the blocks in flight, as the rerun guarantee says),
+and the task requeues itself to finish its shard. Under ``accelerate launch`` the launcher passes
+the ``TERM`` on to every rank; the script signals only its direct child, never the process group,
+so DataLoader workers are not killed under the extractor. A task cancelled or preempted gets
+``TERM`` from SLURM; ``--requeue`` lets SLURM bring a preempted one back. Every rerun skips the
+blocks already done. ``--only-missing`` submits only the
 shards that still hold pending blocks, as one array of those indices (``--array=1,4-6``).
 ``--dry-run`` prints the script and writes and submits nothing.
 
@@ -163,8 +166,8 @@ def job_script(*, out: Path, command: list[str], array: str, num_shards: int, th
 # Progress: lare2 cache progress {shlex.quote(str(out))} --num-shards {num_shards}
 #
 # The extraction runs in the background so that this shell can pass signals on:
-#   USR1 (from SLURM, {SIGNAL_BEFORE_LIMIT_S} s before the time limit): TERM to the extraction, which stops after
-#        the blocks in flight; then this task requeues itself to finish its shard.
+#   USR1 (from SLURM, {SIGNAL_BEFORE_LIMIT_S} s before the time limit): TERM to the extraction, which writes its
+#        finished blocks and exits 75; then this task requeues itself to finish its shard.
 #   TERM (scancel, preemption): passed on once; SLURM requeues a preempted task (--requeue).
 set -u
 run=$(( ${{SLURM_RESTART_COUNT:-0}} + 1 ))

@@ -34,6 +34,15 @@ def _console():
     return console if console.is_terminal else Console(width=200)
 
 
+def _check_png(png: Path | None) -> None:
+    """``--png`` names a .png file: matplotlib takes the format from the suffix (and adds .png to a bare name)."""
+    if png is None or (png.suffix.lower() == ".png" and not png.is_dir()):
+        return
+    example = png / "plot.png" if png.is_dir() else png.with_suffix(".png")
+    fail(f"--png {png}: {'a folder' if png.is_dir() else 'not a .png file name'}; name the PNG to write, e.g. "
+         f"--png {example}")
+
+
 def _fmt_bytes(n: int | None) -> str:
     if n is None:
         return "-"
@@ -104,7 +113,7 @@ def info(path: Path = CACHE_ARGUMENT, json_out: bool = JSON_OPTION) -> None:
         arrays.add_column(column)
     for a in report["arrays"]:
         ratio = "-" if a["compression_ratio"] is None else f"{a['compression_ratio']:.2f}"
-        chunks = str(a["chunks"]) if a["shards"] is None else f"{a['chunks']} in shards of {a['shards'][0]}"
+        chunks = str(a["chunks"]) if a["pack_file"] is None else f"{a['chunks']} in files of {a['pack_file'][0]}"
         arrays.add_row(a["name"], str(a["shape"]), a["dtype"], chunks, _fmt_bytes(a["nbytes"]),
                        _fmt_bytes(a["bytes_on_disk"]), ratio)
     console.print(arrays)
@@ -162,6 +171,7 @@ def show(
     from lare2.shared.cache.plots import render_sample_png
     from lare2.shared.cache.summary import find_sample, sample_summary
 
+    _check_png(png)
     with user_errors():  # a damaged block (absent chunk) is refused too
         cache = open_cache(path)
         index = find_sample(cache, sample_id)
@@ -195,17 +205,17 @@ def show(
     if png is not None:
         shown = summary["png"]
         console.print(f"wrote {shown['png']} ({shown['pixels'][0]}x{shown['pixels'][1]} px)"
-                      + ("" if shown["image_shown"] else f"; LaRE panels only: {shown['image_note']}"))
+                      + ("" if shown["image_shown"] else f"; image not shown: {shown['image_note']}"))
 
 
 def verify(
     path: Path = CACHE_ARGUMENT,
     manifest: Optional[Path] = typer.Option(None, help="Manifest to check ids and metadata against "
                                                        "(default: the one the cache records, when at hand)."),
-    recompute: int = typer.Option(0, help="Re-extract this many random ok samples and compare bit for bit."),
+    recompute: int = typer.Option(0, min=0, help="Re-extract this many random ok samples and compare bit for bit."),
     seed: int = typer.Option(0, help="Seed choosing the samples to recompute."),
     sd: Optional[str] = typer.Option(None, "--sd", help="Override the cache's SD model for --recompute."),
-    clip: Optional[str] = typer.Option(None, "--clip", help="Override the cache's CLIP backbone for --recompute."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="Override the cache's CLIP weights for --recompute."),
     sd_model: Optional[str] = typer.Option(None, "--sd-model", hidden=True, help="Old spelling of --sd."),
     backbone: Optional[str] = typer.Option(None, "--backbone", hidden=True, help="Old spelling of --clip."),
     device: str = typer.Option("auto", help="Device for --recompute: auto (CUDA when present), cpu or cuda."),
@@ -230,8 +240,8 @@ def verify(
     if device != "auto" or recompute:
         device = check_device(device)  # cuda without CUDA: one line, exit 2
     with user_errors():
-        report = verify_cache(path, manifest=manifest, recompute=recompute, seed=seed, sd_model=sd or sd_model,
-                              backbone=clip or backbone, device=device, compute_dtype=compute_dtype,
+        report = verify_cache(path, manifest=manifest, recompute=recompute, seed=seed, sd=sd or sd_model,
+                              clip=clip or backbone, device=device, compute_dtype=compute_dtype,
                               tolerance=tolerance,
                               recompute_fn=_load_recompute_fn() if recompute else None, progress=not json_out,
                               allow_pending=allow_pending)
@@ -295,7 +305,7 @@ def repair(
 def diff(
     a: Path = typer.Argument(..., help="First cache."),
     b: Path = typer.Argument(..., help="Second cache."),
-    atol: float = typer.Option(0.0, help="Absolute difference tolerated per element."),
+    atol: float = typer.Option(0.0, min=0.0, help="Absolute difference tolerated per element."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Compare two caches sample by sample; exit 1 when they differ.
@@ -349,6 +359,7 @@ def stats(
     from lare2.shared.cache.plots import render_stats_png
     from lare2.shared.cache.summary import label_name, lare_stats
 
+    _check_png(png)
     with user_errors():
         summary = lare_stats(open_cache(path), progress=not json_out)
     if png is not None:
@@ -400,16 +411,19 @@ def export(
 def pack(
     path: Path = CACHE_ARGUMENT,
     out: Path = typer.Argument(..., help="Folder for the packed copy (must not exist)."),
-    shard_blocks: int = typer.Option(64, help="Blocks (chunks) per shard file."),
+    pack_blocks: int = typer.Option(64, "--pack-blocks", help="Blocks (chunks) per packed file."),
+    shard_blocks: Optional[int] = typer.Option(None, "--shard-blocks", hidden=True,
+                                               help="Old spelling of --pack-blocks."),
     json_out: bool = JSON_OPTION,
 ) -> None:
-    """Copy a finished cache into Zarr shards of many blocks each: far fewer files, same values."""
+    """Copy a finished cache into packed files of many blocks each: far fewer files, same values."""
     from lare2.shared.cache import pack_cache
     from lare2.shared.cache.chunks import folder_file_count
 
     with user_errors():
-        packed = pack_cache(path, out, pack_blocks=shard_blocks, progress=not json_out)
-    summary = {"source": str(path), "out": str(out), "shard_blocks": shard_blocks, "samples": len(packed),
+        pack_blocks = pack_blocks if shard_blocks is None else shard_blocks
+        packed = pack_cache(path, out, pack_blocks=pack_blocks, progress=not json_out)
+    summary = {"source": str(path), "out": str(out), "pack_blocks": pack_blocks, "samples": len(packed),
                "files_before": folder_file_count(path), "files_after": folder_file_count(out)}
     if json_out:
         from lare2.shared.jsonio import print_json
@@ -417,7 +431,7 @@ def pack(
         print_json(summary)
         return
     _console().print(f"packed {summary['samples']} samples from {path} into {out}: {summary['files_before']} files -> "
-                     f"{summary['files_after']} ({shard_blocks} blocks per shard)")
+                     f"{summary['files_after']} ({pack_blocks} blocks per file)")
 
 
 def progress(

@@ -3,7 +3,7 @@
     from lare2 import Detector
     det = Detector.from_run("runs/egre", sd="/models/sd-v1-5", clip="/models/RN50.pt", device="cuda")
     results = det.score(["a.png", "b.jpg"])    # list[Result], in input order
-    result = det.score_image(pil_image)        # one in-memory image
+    result = det.score("a.png")                # one input (a path, bytes or a PIL image): one Result
     det.heatmap(result, "a_heat.png")          # the image, its LaRE map and EGRE's attention
 
 Features are computed exactly as for the caches the detector was trained on: the run records their
@@ -18,24 +18,30 @@ p(fake) therefore equals what ``lare2 extract`` + ``lare2 eval`` give it, to flo
 ``normalize`` chain (its own preprocessing, e.g. ``jpeg:96``) is applied to every image after
 decoding, seeded like its draws; its ``perturb`` (a test condition of some cache) never is.
 
-Inputs: paths, bytes or PIL images. A PIL image opened from a file (``Image.open`` keeps its
+Inputs: paths (``str`` or ``Path``), bytes or PIL images, one alone or in a list; anything else is a
+``TypeError`` naming its type (a ``str`` is one path, never a sequence of characters). A PIL image opened from a file (``Image.open`` keeps its
 ``filename``) is seeded from that file's bytes, so it scores as the file does; any other in-memory
 image is seeded from its pixels. An image that cannot be used is an error row, never an exception.
 
-Prompts follow the run's ``prompt_mode``. ``fixed`` and ``empty`` need nothing. ``class`` needs
-the image's ImageNet class: ``class_name`` when given; ``"auto"``: CLIP's zero-shot classifier
-(``extract/clip_text.py``: the text tower of the ``--clip`` file, the tokenizer of the SD folder),
-for every image; otherwise the GenImage file-name rule (``shared/classnames.py``), and an image
-without such a name is an error row that says so. The same bytes give the same p(fake) whatever
-the file is called only with ``fixed``/``empty`` prompts, an explicit class or ``auto``.
+Prompts follow the run's ``prompt_mode`` and the rule its extraction recorded (``ExtractConfig.prompt_for``,
+one rule for training and scoring). ``fixed`` and ``empty`` need nothing. ``class`` needs the image's
+ImageNet class: ``class_name`` when given (checked against the class names, ``check_class_name``);
+``"auto"``: CLIP's zero-shot classifier (``extract/clip_text.py``: the text tower of the ``--clip``
+file, the tokenizer of the SD folder), for every image; otherwise the GenImage file-name rule
+(``shared/classnames.py``). An image without such a name gets the empty prompt when the run was
+extracted with ``classless_prompt=empty`` (as its classless training rows did), and is otherwise an
+error row that says so. The same bytes give the same p(fake) whatever the file is called only with
+``fixed``/``empty`` prompts, an explicit class or ``auto``.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, Union, overload
 
 import numpy as np
 import torch
@@ -62,6 +68,31 @@ AUTO_CLASS = "auto"
 ROW_FIELDS = ("path", "p_fake", "is_fake", "threshold", "prompt", "status", "error")
 """The columns of ``lare2 score``'s CSV and JSON rows."""
 ImageInput = Union[str, Path, bytes, "Image.Image"]
+ONE_INPUT_TYPES = "a path (str or pathlib.Path), bytes or a PIL image"
+
+
+def is_one_input(item: Any) -> bool:
+    """A path, bytes or a PIL image: one image to score."""
+    from PIL import Image
+
+    return isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image))
+
+
+def as_inputs(items: Any) -> tuple[list, bool]:
+    """(the inputs as a list, whether ``items`` was one input alone). ``TypeError`` naming the type of anything
+    that is neither one input nor a list, tuple or iterator of them (a ``str`` is one path)."""
+    if is_one_input(items):
+        inputs, alone = [items], True
+    elif isinstance(items, (list, tuple, collections.abc.Iterator)):
+        inputs, alone = list(items), False
+    else:
+        raise TypeError(f"Detector.score: got a {type(items).__module__}.{type(items).__qualname__}; expected "
+                        f"{ONE_INPUT_TYPES}, or a list of them")
+    for index, item in enumerate(inputs):
+        if not is_one_input(item):
+            raise TypeError(f"Detector.score: input {index} is a {type(item).__module__}.{type(item).__qualname__}; "
+                            f"expected {ONE_INPUT_TYPES}")
+    return [Path(item) if isinstance(item, os.PathLike) else item for item in inputs], alone
 
 
 @dataclass
@@ -223,15 +254,14 @@ class Detector:
             raise CheckpointError(f"{run}: the run does not record its extraction config; "
                                   "calibrate it on a cache first (lare2 calibrate RUN --val CACHE)")
         # a cache's test perturbation is no part of the detector; its normalisation is (kept)
-        extraction = stored_config({**config.extraction.to_dict(), "perturb": ""}, torch_device, sd_model=sd,
-                                   backbone=clip)
+        extraction = stored_config({**config.extraction.to_dict(), "perturb": ""}, torch_device, sd=sd, clip=clip)
         models = load_models(extraction, torch_device)
         if identity_fingerprint(extraction.identity(models.fingerprints)) != config.extraction_fingerprint:
             expected = config.extra.get("model_fingerprints") or "fingerprints not recorded"
             raise CheckpointError(
                 f"{run}: the models at hand ({models.fingerprints}) are not those the detector was trained on "
-                f"(expected {expected}, recorded as sd_model={config.extraction.sd_model!r}, "
-                f"backbone={config.extraction.backbone!r}); pass --sd/--clip pointing at the same weights")
+                f"(expected {expected}, recorded as sd={config.extraction.sd!r}, "
+                f"clip={config.extraction.clip!r}); pass --sd/--clip pointing at the same weights")
         return cls(model, config, extraction, models, torch_device, run_dir=run, threshold=threshold,
                    num_workers=num_workers, batch_size=batch_size)
 
@@ -245,26 +275,41 @@ class Detector:
         if self._zero_shot is None:
             from lare2.extract.clip_text import ZeroShotImageNet, load_text_tower
 
-            tower = load_text_tower(self.extraction.backbone, device=self.device, dtype=self.models.dtype)
+            tower = load_text_tower(self.extraction.clip, device=self.device, dtype=self.models.dtype)
             self._zero_shot = ZeroShotImageNet(tower, self.models.tokenizer, self.extraction.prompt_template)
         return self._zero_shot
 
-    def score(self, items: Sequence[ImageInput], class_name: str | None = None) -> list[Result]:
-        """One ``Result`` per input, in input order (see ``iter_score``)."""
-        return list(self.iter_score(items, class_name))
+    @overload
+    def score(self, items: ImageInput, class_name: str | None = None) -> Result: ...
+
+    @overload
+    def score(self, items: Sequence[ImageInput], class_name: str | None = None) -> list[Result]: ...
+
+    def score(self, items, class_name=None):
+        """One input (a path, bytes or a PIL image) -> its ``Result``; a list (tuple, iterator) of them -> one
+        ``Result`` per input, in input order (see ``iter_score``). ``TypeError`` for other types."""
+        inputs, alone = as_inputs(items)
+        results = list(self.iter_score(inputs, class_name))
+        return results[0] if alone else results
 
     def score_image(self, image: ImageInput, class_name: str | None = None) -> Result:
-        """The ``Result`` of one image (a PIL image, bytes or a path)."""
-        return self.score([image], class_name)[0]
+        """The ``Result`` of one image (a PIL image, bytes or a path): ``score(image)``."""
+        inputs, _ = as_inputs([image])
+        return self.score(inputs, class_name)[0]
 
     def iter_score(self, items: Sequence[ImageInput], class_name: str | None = None) -> Iterator[Result]:
         """Results in input order, a batch at a time, as they are computed.
 
-        ``class_name`` (class-prompt runs only): the ImageNet class of every image, or ``"auto"`` for
-        CLIP zero-shot classes; None: from GenImage-style file names (others are error rows)."""
+        ``class_name`` (class-prompt runs only): the ImageNet class of every image (``InputError`` unless it
+        is one, ``check_class_name``), or ``"auto"`` for CLIP zero-shot classes; None: from GenImage-style file
+        names, others getting the empty prompt under ``classless_prompt=empty`` and else being error rows."""
         from torch.utils.data import DataLoader
 
-        items = list(items)
+        from lare2.shared.classnames import check_class_name
+
+        items, _ = as_inputs(items)
+        if class_name and class_name != AUTO_CLASS and self.prompt_mode == "class":
+            check_class_name(class_name)
         zero_shot = self.prompt_mode == "class" and class_name == AUTO_CLASS
         if zero_shot:
             self.prepare_zero_shot()
@@ -293,11 +338,13 @@ class Detector:
         prompts = {}
         for i in good:
             found = class_name_from_filename(names[i]) if names[i] else ""
+            if found or self.extraction.classless_prompt == "empty":  # the rule training used (prompt_for)
+                prompts[i] = (self.extraction.prompt_for(found), "")
+                continue
             what = (f"{names[i]!r} is not a GenImage-style file name" if names[i]
                     else "an in-memory image has no file name")
-            prompts[i] = (self.extraction.prompt_for(found), "") if found else (
-                "", f"no ImageNet class for the class prompt the detector was trained with: {what}; "
-                    "pass --class-name NAME, or --class-name auto for CLIP zero-shot classes")
+            prompts[i] = ("", f"no ImageNet class for the class prompt the detector was trained with: {what}; "
+                              "pass --class-name NAME, or --class-name auto for CLIP zero-shot classes")
         return prompts
 
     @torch.inference_mode()

@@ -100,7 +100,8 @@ def cache_sample_attention(run_dir: str | Path, cache, index: int) -> np.ndarray
     from lare2.train.models import predict_features
 
     model, detector = load_detector(run_dir)
-    check_compatible(detector, extraction_fingerprint(cache), cache.layout, cache.path)
+    check_compatible(detector, extraction_fingerprint(cache), cache.layout, cache.path,
+                     identity=cache.attrs.get("identity"))
     if not hasattr(model, "spatial_attention"):
         raise CheckpointError(f"{run_dir}: a {detector.model.kind!r} detector has no spatial attention; "
                               "pass an egre run")

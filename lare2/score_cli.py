@@ -1,9 +1,10 @@
 """``lare2 score``: a trained detector's verdict on image files and folders; a thin CLI on ``lare2.Detector``.
 
-Rows (``path, p_fake, is_fake, threshold, prompt, status, error``) come in input order and go to
-``--out`` (CSV, JSON or JSON Lines, by suffix) as they are scored, so an interrupted run keeps what
-it did; a bad ``--out`` is refused before any model loads. Exit 0 when every file was scored, 1 when
-some are error rows, 2 on bad usage.
+Rows (``path, p_fake, is_fake, threshold, prompt, status, error``, and ``heatmap`` with ``--heatmaps``: the
+PNG drawn for the row, ``<row>-<stem>.png``) come in input order and go to ``--out`` (CSV, JSON or JSON Lines,
+by suffix) as they are scored, so an interrupted run keeps what it did; a bad ``--out`` or ``--class-name`` is
+refused before any model loads. Exit 0 when every file was scored, 1 when some are error rows, 2 on bad usage,
+130 on Ctrl-C (saying how many rows were kept).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from lare2.shared.cli_errors import EXIT_PROBLEMS, check_device, run_commands, user_errors
+from lare2.shared.cli_errors import EXIT_PROBLEMS, check_device, interrupted, run_commands, user_errors
 from lare2.shared.errors import InputError
 
 SCORE_HELP = ("Score images or folders with a trained detector: p(fake) and the verdict at the calibrated threshold. "
@@ -59,15 +60,10 @@ class RowWriter:
         self.file.close()
 
 
-def heatmap_name(path: str, used: set[str]) -> str:
-    """``<stem>.png``, with ``-2``, ``-3``, ... for stems already used (inputs from several folders)."""
-    stem = Path(path).stem or "image"
-    name, n = f"{stem}.png", 1
-    while name in used:
-        n += 1
-        name = f"{stem}-{n}.png"
-    used.add(name)
-    return name
+def heatmap_name(row: int, path: str, rows: int) -> str:
+    """``<row>-<stem>.png``: the row's index in input order (zero-padded to sort as the rows do) and the file's
+    stem, so files of one name in several folders never share a heatmap."""
+    return f"{row:0{max(4, len(str(rows - 1)))}d}-{Path(path).stem or 'image'}.png"
 
 
 def score(
@@ -80,11 +76,13 @@ def score(
     class_name: Optional[str] = typer.Option(
         None, "--class-name",
         help="Runs trained with class prompts: the ImageNet class of every image, or 'auto' (CLIP zero-shot; needs "
-             "--clip RN50.pt's text tower). Default: from GenImage-style file names; other images are error rows."),
+             "--clip RN50.pt's text tower). Default: from GenImage-style file names; other images get the empty "
+             "prompt when the run was extracted with classless_prompt=empty (as in training), else are error rows."),
     threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Decision threshold on p(fake) (default: "
                                                                            "the run's calibrated one)."),
-    heatmaps: Optional[Path] = typer.Option(None, "--heatmaps", help="Write one PNG per scored image here: image, LaRE "
-                                                                     "map, EGRE attention."),
+    heatmaps: Optional[Path] = typer.Option(None, "--heatmaps", help="Write one PNG per scored image here (image, LaRE "
+                                                                     "map, EGRE attention), named ROW-STEM.png; the "
+                                                                     "rows' heatmap column names it."),
     device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the rows to this .csv, .json or .jsonl, "
                                                                  "as they are scored."),
@@ -95,18 +93,24 @@ def score(
     import time
 
     from lare2.detect import AUTO_CLASS, ROW_FIELDS, STATUS_ERROR, Detector, collect_inputs
+    from lare2.shared.classnames import check_class_name
     from lare2.shared.logs import console, progress_bar, rate_text
+    from lare2.shared.wording import counted
 
     device = check_device(device)  # cuda without CUDA: one line, exit 2
     writer = None
     with user_errors():
+        if class_name and class_name != AUTO_CLASS:
+            check_class_name(class_name, what="--class-name")
         files, skipped = collect_inputs(inputs)
         if not files:
             raise InputError(f"{' '.join(map(str, inputs))}: no image files to score "
-                             f"({len(skipped)} other files skipped)")
+                             f"({counted(len(skipped), 'other file')} skipped)")
         if heatmaps is not None:
             heatmaps.mkdir(parents=True, exist_ok=True)
-        writer = RowWriter(out, ROW_FIELDS) if out else None
+        fields = ROW_FIELDS + (("heatmap",) if heatmaps is not None else ())
+        writer = RowWriter(out, fields) if out else None
+    results, rows = [], []
     try:
         with user_errors():
             detector = Detector.from_run(run_dir, sd=sd, clip=clip, device=device, threshold=threshold,
@@ -115,15 +119,20 @@ def score(
                 detector.prepare_zero_shot()
         if class_name and detector.prompt_mode != "class":
             console.print(f"note: the run uses prompt_mode={detector.prompt_mode!r}; --class-name is ignored")
-        results, used, started = [], set(), time.perf_counter()
-        with progress_bar("img") as bar:
+        started = time.perf_counter()
+        with progress_bar("img") as bar, interrupted(str(run_dir), lambda: kept_rows(len(results), len(files), out)):
             task = bar.add_task(f"score {run_dir.name}", total=len(files), rate="")
             for result in detector.iter_score(files, class_name):
+                row = result.row()
+                if heatmaps is not None:
+                    png = heatmaps / heatmap_name(len(results), result.path, len(files))
+                    row["heatmap"] = str(png) if result.status != STATUS_ERROR else ""
+                    if row["heatmap"]:
+                        detector.heatmap(result, png)
                 results.append(result)
+                rows.append(row)
                 if writer:
-                    writer.write(result.row())
-                if heatmaps is not None and result.status != STATUS_ERROR:
-                    detector.heatmap(result, heatmaps / heatmap_name(result.path, used))
+                    writer.write(row)
                 bar.update(task, completed=len(results), rate=rate_text(len(results), time.perf_counter() - started))
     finally:
         if writer:
@@ -132,23 +141,32 @@ def score(
     if json_out:
         from lare2.shared.jsonio import print_json
 
-        print_json([r.row() for r in results])
+        print_json(rows)
     else:
         print_table(results, f"{run_dir}: p(fake), verdict at threshold {detector.threshold:.4g}")
     errors = sum(r.status == STATUS_ERROR for r in results)
     fake = sum(bool(r.is_fake) for r in results)
-    console.print(f"scored {len(results) - errors} of {len(results)} images in {seconds:.1f} s "
+    console.print(f"scored {len(results) - errors} of {counted(len(results), 'image')} in {seconds:.1f} s "
                   f"({rate_text(len(results), seconds)}): {fake} fake, {len(results) - errors - fake} real, "
-                  f"{errors} errors"
+                  f"{counted(errors, 'error')}"
                   + (f"; rows in {out}" if out else "") + (f"; heatmaps in {heatmaps}" if heatmaps is not None else ""),
                   soft_wrap=True)
     if skipped:
         shown = ", ".join(str(p) for p in skipped[:MAX_SKIPPED_SHOWN])
         more = f" (+{len(skipped) - MAX_SKIPPED_SHOWN} more)" if len(skipped) > MAX_SKIPPED_SHOWN else ""
-        console.print(f"skipped {len(skipped)} files without an image name: {shown}{more}",
+        console.print(f"skipped {counted(len(skipped), 'file')} without an image name: {shown}{more}",
                       soft_wrap=True, highlight=False)  # paths whole
     if errors:
         raise typer.Exit(EXIT_PROBLEMS)
+
+
+def kept_rows(scored: int, total: int, out: Path | None) -> str:
+    """What an interrupted ``lare2 score`` kept, and how to go on."""
+    from lare2.shared.wording import counted
+
+    if out is None:
+        return f"{scored} of {counted(total, 'image')} scored, not kept (-o FILE keeps rows as they come); rerun"
+    return f"the rows of the {scored} of {counted(total, 'image')} scored are in {out}; rerun to score the rest"
 
 
 def print_table(results: list, title: str) -> None:

@@ -74,8 +74,8 @@ def demo_command(
     preset: str = typer.Option("demo", help="Benchmark size: demo (the README's table) or a smaller preset of "
                                             "build.py."),
     seed: int = typer.Option(0, help="Seeds the benchmark, the LaRE draws and training."),
-    clip: str = typer.Option("small", "--clip", help="Stage-1 image backbone: small, tiny, or a CLIP RN50 weight "
-                                                     "file."),
+    clip: str = typer.Option("small", "--clip", help="Weights of stage 1's image backbone: small, tiny, or a "
+                                                     "CLIP RN50 weight file."),
     backbone: Optional[str] = typer.Option(None, "--backbone", hidden=True, help="Old spelling of --clip."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs per detector (default: 40)."),
     model: list[str] = typer.Option([], help="Detector to train, repeatable: egre, linear, lare-only, egre-zero-lare "
@@ -91,7 +91,7 @@ def demo_command(
     extra = ({} if epochs is None else {"epochs": epochs}) | ({"models": list(model)} if model else {})
     # with --json, stdout holds the JSON document only: the tables go to stderr
     with user_errors(), contextlib.redirect_stdout(sys.stderr if json_out else sys.stdout):
-        config = DemoConfig(out=str(out), build_preset=preset, seed=seed, backbone=backbone or clip,
+        config = DemoConfig(out=str(out), build_preset=preset, seed=seed, clip=backbone or clip,
                             zoo=str(zoo or ""), prompt_mode=prompt_mode, **extra)
         reports = run_demo(config)
     if json_out:

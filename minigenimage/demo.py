@@ -45,9 +45,9 @@ class DemoConfig:
     small to learn well) or ``tiny``."""
     models: list[str] = field(default_factory=lambda: list(MODELS))
     """Detectors to train and compare."""
-    backbone: str = "small"
-    """Image backbone of stage 1 (seeded random weights; no CLIP weights can be had offline): ``small``
-    (the README's table), ``tiny`` (4x narrower, faster, weaker) or a path to real CLIP RN50 weights."""
+    clip: str = "small"
+    """Weights of stage 1's image backbone (``--clip``; seeded random: no CLIP weights can be had offline):
+    ``small`` (the README's table), ``tiny`` (4x narrower, faster, weaker) or a path to real CLIP RN50 weights."""
     train_preset: str = "paper"
     """Stage-2 recipe (``paper``: Adam 1e-4, batch 48, plateau schedule on val AUC)."""
     epochs: int = 40
@@ -106,7 +106,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     caches = {}
     for split in ("train", "val", "test"):
         extract_config = paper(manifest=str(manifest), out=str(out / "cache" / split), split=split,
-                               sd_model=str(cfg.zoo_dir / "ldm-a"), backbone=cfg.backbone, image_size=IMAGE_SIZE,
+                               sd=str(cfg.zoo_dir / "ldm-a"), clip=cfg.clip, image_size=IMAGE_SIZE,
                                batch_size=cfg.batch_size, num_workers=0, seed=cfg.seed, prompt_mode=cfg.prompt_mode)
         console.print(run_extraction(extract_config).line())
         caches[split] = extract_config.out

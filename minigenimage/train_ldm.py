@@ -17,13 +17,24 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from lare2.minigenimage.models import IMAGE_SIZE, latent_unet, sd_scheduler_config, tiny_text_encoder
 from lare2.minigenimage.photos import CLASS_NAMES
-from lare2.minigenimage.zoo import StepLogger, ZOO_DIR, ZooTrainConfig, batches, log, optimizer_step, record_weights, training_images
+from lare2.minigenimage.zoo import (
+    ZOO_DIR,
+    StepLogger,
+    ZooTrainConfig,
+    batches,
+    log,
+    optimizer_step,
+    record_weights,
+    training_images,
+)
 from lare2.shared.errors import InputError
+from lare2.shared.settings import make_config, pick_preset
 
 PROMPT_TEMPLATE = "a photo of a {}"
 SHARED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
@@ -60,13 +71,23 @@ class LdmTrainConfig(ZooTrainConfig):
             raise InputError("width must be a positive multiple of 8")
 
 
-def preset(name: str) -> LdmTrainConfig:
-    """ldm-a: width 32, seed 0, 6000 steps; ldm-b: width 24, seed 1, 1000 steps (another model on the same VAE)."""
-    if name == "ldm-a":
-        return LdmTrainConfig(name="ldm-a", width=32, seed=0, steps=6000)
-    if name == "ldm-b":
-        return LdmTrainConfig(name="ldm-b", width=24, seed=1, steps=1000)
-    raise InputError(f"name={name!r}: choose from ('ldm-a', 'ldm-b')")
+# ---- presets: plain functions returning a config ------------------------------------------------
+def ldm_a(**overrides: Any) -> LdmTrainConfig:
+    """ldm-a: width 32, seed 0, 6000 steps; it makes the text encoder, tokenizer and scheduler ldm-b shares."""
+    return make_config(LdmTrainConfig, {"name": "ldm-a", "width": 32, "seed": 0, "steps": 6000, **overrides})
+
+
+def ldm_b(**overrides: Any) -> LdmTrainConfig:
+    """ldm-b: width 24, seed 1, 1000 steps (another model on the same VAE)."""
+    return make_config(LdmTrainConfig, {"name": "ldm-b", "width": 24, "seed": 1, "steps": 1000, **overrides})
+
+
+PRESETS: dict[str, Callable[..., LdmTrainConfig]] = {"ldm-a": ldm_a, "ldm-b": ldm_b}
+
+
+def preset(name: str, **overrides: Any) -> LdmTrainConfig:
+    """The recipe of the model called ``name`` with ``overrides``; ``SettingsError`` for an unknown name or key."""
+    return pick_preset(PRESETS, name, **overrides)
 
 
 def write_shared_components(folder: Path, seed: int) -> None:
@@ -149,11 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zoo", default=str(ZOO_DIR))
     parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
     args = parser.parse_args(argv)
-    config = preset(args.name)
-    config.zoo = args.zoo
-    if args.steps is not None:
-        config.steps = args.steps
-    train(config)
+    steps = {} if args.steps is None else {"steps": args.steps}
+    train(preset(args.name, zoo=args.zoo, **steps))
 
 
 if __name__ == "__main__":

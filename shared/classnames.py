@@ -128,7 +128,7 @@ def class_names() -> tuple[str, ...]:
     return tuple(class_name(index) for index in range(NUM_CLASSES))
 
 
-def check_class_name(value: str) -> str:
+def check_class_name(value: str, what: str = "class name") -> str:
     """``value`` when it is a class name prompts use (``class_names()``); else ``InputError`` naming it and the
     closest names (difflib), among them the first synonym of a class that ``value`` is another synonym of."""
     import difflib
@@ -142,6 +142,6 @@ def check_class_name(value: str) -> str:
                   if lowered in (s.strip().lower() for s in synonyms.split(","))]
     close = same_class + difflib.get_close_matches(lowered, class_names(), n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(repr(c) for c in dict.fromkeys(close))}? " if close else ""
-    raise InputError(f"class name {value!r}: not an ImageNet class name (the first synonym of one of the "
+    raise InputError(f"{what} {value!r}: not an ImageNet class name (the first synonym of one of the "
                      f"{NUM_CLASSES} classes, as prompts use it); {hint}the names are in "
                      "shared/data/idx_to_clsname.json; 'auto' asks CLIP's zero-shot classifier")

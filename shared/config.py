@@ -55,11 +55,11 @@ class ExtractConfig:
     limit: int | None = None
     """Only the first N selected rows (quick checks)."""
 
-    sd_model: str = "tiny"
-    """Latent diffusion model: a diffusers folder, a single-file checkpoint (.safetensors/.ckpt),
+    sd: str = "tiny"
+    """Latent diffusion model (``--sd``): a diffusers folder, a single-file checkpoint (.safetensors/.ckpt),
     a hub id (only when a hub is reachable), or ``tiny`` (seeded random tiny SD, tests/demo)."""
-    backbone: str = "tiny"
-    """CLIP RN50 weights: ``RN50.pt`` (TorchScript), a state dict (.pt/.pth/.bin/.safetensors,
+    clip: str = "tiny"
+    """CLIP RN50 weights (``--clip``): ``RN50.pt`` (TorchScript), a state dict (.pt/.pth/.bin/.safetensors,
     keys ``visual.*`` or bare), ``random-rn50`` (full size, random) or ``tiny``."""
 
     timestep: int = 200
@@ -154,14 +154,21 @@ class ExtractConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "ExtractConfig":
-        """Rebuild a stored config (a cache's ``attrs["extract_config"]``, a run's ``extract_config``)
-        with ``overrides`` applied; keys this lare2 does not know are refused, naming them."""
+        """Rebuild a stored config (a cache's ``attrs["extract_config"]``, a run's ``extraction``) with
+        ``overrides`` applied; old key names are read as today's (``RENAMED_KEYS``), keys this lare2 does not
+        know are refused, naming them."""
         known = field_types(cls)
+        data = current_keys(data)
         unknown = sorted(k for k in {**data, **overrides} if k not in known)
         if unknown:
             raise SettingsError(f"unknown extract_config keys {unknown} (written by another lare2 version?); "
                                 f"known: {', '.join(sorted(known))}")
         return cls(**{**data, **overrides})
+
+    RENAMED_KEYS = {"sd_model": "sd", "backbone": "clip"}
+    """Field names before the rename -> today's: stored configs (caches, runs) are read with them silently,
+    ``--set`` takes them with a warning naming today's. Neither is hashed into the identity, so no cache's or
+    run's identity changed; the weights' fingerprints keep their keys (``sd``, ``backbone``)."""
 
     # Keys that change what the cache holds. Batch size, workers, device and sharding do not change
     # any draw (docs/method.md §1.5), so they may differ between resumed runs; batched kernels may then round
@@ -200,6 +207,14 @@ class ExtractConfig:
         return self.prompt_text if self.prompt_mode == "fixed" else ""
 
 
+def current_keys(stored: Mapping[str, Any]) -> dict:
+    """A stored extraction config (or part of one) with the field names of ``ExtractConfig.RENAMED_KEYS`` read
+    as today's; a today's name present too wins."""
+    renamed = ExtractConfig.RENAMED_KEYS
+    return {**{renamed[k]: v for k, v in stored.items() if k in renamed},
+            **{k: v for k, v in stored.items() if k not in renamed}}
+
+
 SCORING_IGNORES = ("perturb", "views")
 """Identity keys a detector's fingerprint leaves out: a perturbed test cache is scored by the detector
 trained on clean features (that is the point of a robustness curve); a views cache's evaluation view
@@ -226,7 +241,7 @@ def diff_identity(stored: dict, wanted: dict) -> dict[str, tuple]:
 # ---- presets: plain functions returning a config ------------------------------------------------
 def paper(**overrides: Any) -> ExtractConfig:
     """The paper's settings (docs/method.md §1): SD v1.5, t=200, 4 draws, class prompts, 256 px."""
-    return make_config(ExtractConfig, {"sd_model": "runwayml/stable-diffusion-v1-5", "backbone": "RN50.pt",
+    return make_config(ExtractConfig, {"sd": "runwayml/stable-diffusion-v1-5", "clip": "RN50.pt",
                                        **overrides})
 
 
@@ -237,7 +252,7 @@ def debug(**overrides: Any) -> ExtractConfig:
     ``classless_prompt=empty`` said explicitly: a quick run on any folder of images works, rows without a
     GenImage-style name get the empty prompt (logged, recorded in the cache and the run), and ``lare2 score``
     gives such images the same empty prompt."""
-    return make_config(ExtractConfig, {"sd_model": "tiny", "backbone": "tiny", "batch_size": 4, "chunk_samples": 8,
+    return make_config(ExtractConfig, {"sd": "tiny", "clip": "tiny", "batch_size": 4, "chunk_samples": 8,
                                        "num_workers": 0, "classless_prompt": "empty", **overrides})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -23,11 +24,28 @@ def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
+class LogHandler(RichHandler):
+    """rich's columns on a terminal; anywhere else (a pipe, a log file, CI) one plain line per record,
+    ``2026-12-05 05:44:38 INFO     message``, never wrapped at the console's width nor padded to it, so
+    that ``grep`` finds a whole message. Decided per record: ``console`` follows ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.console.is_terminal:
+            super().emit(record)
+            return
+        try:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
+            self.console.file.write(f"{stamp} {record.levelname:<8} {self.format(record)}\n")
+            self.console.file.flush()
+        except Exception:  # noqa: BLE001 - logging's contract: a failing handler reports, never raises
+            self.handleError(record)
+
+
 def get_logger(name: str) -> logging.Logger:
     """A logger that prints through rich once per process, tagged with the rank when >1 process."""
     root = logging.getLogger("lare2")
     if not root.handlers:
-        handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+        handler = LogHandler(console=console, show_path=False, rich_tracebacks=False)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         prefix = f"[rank {_rank()}] " if world > 1 else ""
         handler.setFormatter(logging.Formatter(prefix + "%(message)s"))

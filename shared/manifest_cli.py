@@ -53,6 +53,8 @@ def build(
 
     if kind not in BUILDERS:
         fail(f"unknown manifest builder {kind!r}; choose from {sorted(BUILDERS)}")
+    if out.is_dir():
+        fail(f"--out {out}: a folder; name the manifest file to write, e.g. --out {out / 'manifest.parquet'}")
     given = {"--generator": generator, "--split": split, "--label": label,
              "--val-fraction": None if val_fraction == DEFAULT_VAL_FRACTION else val_fraction}
     applies = {"genimage": ("--val-fraction",), "folders": ("--generator", "--split"),

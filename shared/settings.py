@@ -100,14 +100,23 @@ def _unknown_key(key: str, config_cls: type) -> SettingsError:
 
 
 def parse_overrides(pairs: Iterable[str], config_cls: type) -> dict[str, Any]:
-    """``["KEY=VALUE", ...]`` (``--set``) -> ``{key: typed value}``; dashes in keys read as underscores."""
+    """``["KEY=VALUE", ...]`` (``--set``) -> ``{key: typed value}``; dashes in keys read as underscores.
+
+    A field's old name (the config class's ``RENAMED_KEYS``, old name -> today's) is taken as today's, with a
+    warning that names today's."""
     types_ = field_types(config_cls)
+    renamed: Mapping[str, str] = getattr(config_cls, "RENAMED_KEYS", {})
     overrides: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise SettingsError(f"--set {pair!r}: expected KEY=VALUE")
+        if key in renamed:
+            from lare2.shared.logs import get_logger
+
+            get_logger(__name__).warning(f"--set {key}: now called {renamed[key]}; use --set {renamed[key]}={raw}")
+            key = renamed[key]
         if key not in types_:
             raise _unknown_key(key, config_cls)
         try:

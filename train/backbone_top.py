@@ -16,6 +16,7 @@ import torch
 
 from lare2.shared.clip_blocks import TOP_PREFIXES
 from lare2.shared.clip_weights import load_tower
+from lare2.shared.config import current_keys
 from lare2.train.checkpoint import CheckpointError
 
 
@@ -36,17 +37,17 @@ class TopWeights:
 
 
 def load_top_weights(clip: str, cache_attrs: Mapping[str, Any], cache_path: str | Path) -> TopWeights:
-    """The top of ``clip`` (``""``: the ``backbone`` the cache's extraction recorded), checked against the cache.
+    """The top of ``clip`` (``""``: the ``clip`` weights the cache's extraction recorded), checked against the cache.
 
     ``CheckpointError`` (one line, both fingerprints named) when the tower is not the one the cache was made with."""
     recorded = (cache_attrs.get("fingerprints") or {}).get("backbone")
-    extracted_with = (cache_attrs.get("extract_config") or {}).get("backbone")
+    extracted_with = current_keys(cache_attrs.get("extract_config") or {}).get("clip")
     if not recorded:
         raise CheckpointError(f"{cache_path}: records no backbone fingerprint (attrs fingerprints.backbone); "
                               "--train-backbone-top needs a cache made by `lare2 extract`")
     spec = clip or extracted_with
     if not spec:
-        raise CheckpointError(f"{cache_path}: records no backbone weights; "
+        raise CheckpointError(f"{cache_path}: records no CLIP weights (extract_config clip); "
                               "pass --clip with those it was extracted with")
     import torch
 

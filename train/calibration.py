@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from lare2.shared.config import ExtractConfig
+from lare2.shared.config import ExtractConfig, current_keys
 from lare2.shared.errors import InputError
 from lare2.shared.logs import get_logger
 from lare2.shared.provenance import provenance
@@ -29,6 +29,7 @@ from lare2.train.models import ModelConfig
 from lare2.train.reference import REFERENCE_BACKBONE_FILE
 from lare2.train.report import SCORING_READ
 from lare2.train.scoring import score_split
+from lare2.train.split_safety import check_calibration_cache
 
 logger = get_logger(__name__)
 
@@ -70,6 +71,7 @@ def calibrated_config_for(model: nn.Module, model_config: ModelConfig, val_split
                           extraction=ExtractConfig.from_dict(stored_extraction) if stored_extraction else None,
                           threshold=threshold, target_fpr=target_fpr, val_metrics=val_metrics,
                           extra={**extra, "model_fingerprints": dict(val_split.cache.attrs.get("fingerprints") or {}),
+                                 "extraction_identity": dict(val_split.cache.attrs.get("identity") or {}),
                                  "provenance": provenance()})
 
 
@@ -79,9 +81,10 @@ def is_calibrated(config: DetectorConfig) -> bool:
 
 
 def calibrate_run(run_dir: str | Path, val: str | Path, target_fpr: float | None = None,
-                  allow_pending: bool = False) -> DetectorConfig:
+                  allow_pending: bool = False, allow_overlap: bool = False) -> DetectorConfig:
     """Score ``val``'s ok samples with the run's detector, set the threshold for ``target_fpr``
-    (default: the run's own, else 0.05) on its reals and rewrite ``config.json``."""
+    (default: the run's own, else 0.05) on its reals and rewrite ``config.json``. A test cache, or one
+    holding the run's training samples, is refused unless ``allow_overlap`` (``check_calibration_cache``)."""
     run_dir = Path(run_dir)
     model, config = load_detector(run_dir)
     # read ahead as `lare2 eval` reads test caches: the next blocks load while a batch is scored
@@ -89,15 +92,16 @@ def calibrate_run(run_dir: str | Path, val: str | Path, target_fpr: float | None
     # an uncalibrated conversion adopts the cache's extraction; anything else must match its own
     expected = (config if is_calibrated(config)
                 else dataclasses.replace(config, extraction_fingerprint=split.fingerprint))
-    check_compatible(expected, split.fingerprint, split.cache.layout, val)
+    check_compatible(expected, split.fingerprint, split.cache.layout, val, identity=split.cache.attrs.get("identity"))
+    check_calibration_cache(split.cache, config.train_ids_digest, config.extra.get("train_cache"), allow_overlap)
     labels = split.labels[split.ok]
     if not ((labels == 0).any() and (labels == 1).any()):
         raise CheckpointError(f"{val}: calibration needs ok samples of both classes, "
                               f"has {int((labels == 0).sum())} real and {int((labels == 1).sum())} fake")
     backbone = run_dir / REFERENCE_BACKBONE_FILE
-    used = (split.cache.attrs.get("extract_config") or {}).get("backbone", "")
+    used = current_keys(split.cache.attrs.get("extract_config") or {}).get("clip", "")
     if backbone.exists() and (not used or Path(used).resolve() != backbone.resolve()):
-        logger.warning(f"{val} was extracted with backbone {used!r}, not the checkpoint's fine-tuned {backbone}: "
+        logger.warning(f"{val} was extracted with --clip {used!r}, not the checkpoint's fine-tuned {backbone}: "
                        f"the threshold is set on other features. Extract val with --clip {backbone} "
                        "and calibrate again.")
     fpr = target_fpr if target_fpr is not None else (config.target_fpr or DEFAULT_TARGET_FPR)

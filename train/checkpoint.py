@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lare2.shared.atomic import atomic_write
 from lare2.shared.cache import CacheLayout
-from lare2.shared.config import ExtractConfig
+from lare2.shared.config import SCORING_IGNORES, ExtractConfig, diff_identity, identity_fingerprint
 from lare2.shared.errors import UserError
 from lare2.shared.jsonio import write_json
 from lare2.train.config import RESUME_FREE_KEYS, TrainConfig
@@ -115,7 +116,11 @@ def load_detector(run_dir: str | Path, device: torch.device | str = "cpu") -> tu
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{config_path}: not a lare2 detector config ({err})") from err
     model = build_model(config.model)
-    state = load_file(str(weights_path))
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:  # truncated, overwritten, not safetensors at all
+        raise CheckpointError(f"{weights_path}: not readable safetensors ({err}); retrain the run, or restore the "
+                              "file") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -123,13 +128,38 @@ def load_detector(run_dir: str | Path, device: torch.device | str = "cpu") -> tu
     return model.to(device).eval(), config
 
 
-def check_compatible(config: DetectorConfig, fingerprint: str, layout: CacheLayout, cache_path: str | Path) -> None:
-    """Refuse a cache whose extraction fingerprint or dimensions differ from the detector's."""
+def run_identity(config: DetectorConfig) -> dict | None:
+    """The extraction identity (``ExtractConfig.identity``) of the caches the detector was trained or calibrated
+    on: recorded in ``config.json``, else rebuilt from its extraction config and model fingerprints when that
+    gives back its fingerprint; None when neither is at hand (a converted checkpoint, a test run)."""
+    recorded = config.extra.get("extraction_identity")
+    if isinstance(recorded, dict):
+        return recorded
+    if config.extraction is None:
+        return None
+    rebuilt = config.extraction.identity(dict(config.extra.get("model_fingerprints") or {}))
+    return rebuilt if identity_fingerprint(rebuilt) == config.extraction_fingerprint else None
+
+
+def identity_differences(first: Mapping | None, second: Mapping | None, names: tuple[str, str]) -> str:
+    """``key: <first name> has A, <second name> B; ...`` for every extraction identity key the fingerprint
+    covers whose values differ (``SCORING_IGNORES`` aside); ``""`` when either identity is unknown."""
+    if not isinstance(first, Mapping) or not isinstance(second, Mapping):
+        return ""
+    differing = {k: v for k, v in diff_identity(dict(first), dict(second)).items() if k not in SCORING_IGNORES}
+    return "; ".join(f"{key}: {names[0]} has {a!r}, {names[1]} {b!r}" for key, (a, b) in differing.items())
+
+
+def check_compatible(config: DetectorConfig, fingerprint: str, layout: CacheLayout, cache_path: str | Path,
+                     identity: Mapping | None = None) -> None:
+    """Refuse a cache whose extraction fingerprint or dimensions differ from the detector's; ``identity``,
+    the cache's ``attrs["identity"]``, lets the refusal name each setting that differs."""
     if fingerprint != config.extraction_fingerprint:
-        raise CheckpointError(
-            f"{cache_path}: extraction fingerprint {fingerprint} differs from the detector's "
-            f"{config.extraction_fingerprint}; its features were made with other settings or models"
-        )
+        differing = identity_differences(identity, run_identity(config), ("the cache", "the run"))
+        what = f"({differing})" if differing else (f"(fingerprint {fingerprint}, the run's "
+                                                   f"{config.extraction_fingerprint})")
+        raise CheckpointError(f"{cache_path}: extracted with other settings or models than the detector {what}; "
+                              "extract it with the run's settings (config.json: extraction)")
     m = config.model
     have = (layout.pooled_dim, tuple(layout.fmap_shape), tuple(layout.lare_shape))
     want = (m.pooled_dim, tuple(m.fmap_shape), tuple(m.lare_shape))

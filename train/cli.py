@@ -20,7 +20,7 @@ from typing import Optional
 
 import typer
 
-from lare2.shared.cli_errors import EXIT_STOPPED, check_device, fail, run_commands, user_errors
+from lare2.shared.cli_errors import EXIT_STOPPED, check_device, fail, interrupted, run_commands, user_errors
 
 JSON_OPTION = typer.Option(False, "--json", help="Print the summary as one JSON document on stdout (logs go to "
                                                  "stderr).")
@@ -116,7 +116,8 @@ def train_command(
 
     from lare2.train.trainer import run_training
 
-    with user_errors():
+    kept = "the run resumes from its last finished epoch (resume.pt); rerun the same command to continue"
+    with user_errors(), interrupted(cfg.out, lambda: kept):
         result = run_training(cfg)
     if json_out:
         from lare2.shared.jsonio import print_json
@@ -215,15 +216,19 @@ def calibrate_command(
     target_fpr: Optional[float] = typer.Option(None, help="FPR on validation reals for the threshold (default: the "
                                                           "run's, else 0.05)."),
     allow_pending: bool = typer.Option(False, "--allow-pending", help="Use a val cache still being extracted."),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Accept a val cache of the test split or holding "
+                                                                      "the run's training samples (a leak, if not "
+                                                                      "meant)."),
     json_out: bool = JSON_OPTION,
 ) -> None:
-    """Set a run's decision threshold from a validation cache's reals; refuses a cache that does not fit the run."""
+    """Set a run's decision threshold from a validation cache's reals; refuses a cache that does not fit the run,
+    a test-split cache and one holding the run's training samples."""
     from lare2.train.calibration import calibrate_run
 
     if target_fpr is not None and not 0.0 < target_fpr < 1.0:
         fail(f"--target-fpr {target_fpr}: expected a number in (0, 1)")
     with user_errors():
-        config = calibrate_run(run_dir, val, target_fpr, allow_pending)
+        config = calibrate_run(run_dir, val, target_fpr, allow_pending, allow_overlap)
     if json_out:
         from lare2.shared.jsonio import print_json
 

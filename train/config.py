@@ -57,7 +57,7 @@ class TrainConfig(HeadSettings):
     """The backbone top's learning rate as a multiple of ``lr`` (its own Adam parameter group)."""
     clip: str = ""
     """Backbone weights for ``train_backbone_top`` (``--clip``): RN50.pt, a state dict or a named seeded tower;
-    empty: the ``backbone`` the training cache's extraction recorded."""
+    empty: the ``clip`` weights the training cache's extraction recorded."""
     grad_clip: float = 5.0
     """Max global gradient norm (reference: 5.0); 0 disables clipping."""
     plateau_factor: float = 0.5

@@ -4,7 +4,9 @@ cache that shares samples with the run's training cache is reported loudly.
 A cache counts as test data when its extraction selected the ``test`` split or any of its samples has
 ``split == "test"``. The run records a digest of its training cache's sample ids
 (``DetectorConfig.train_ids_digest``); ``lare2 eval`` compares it, and counts the shared ids when the
-training cache is still at its recorded path. ``--allow-overlap`` is for those who mean it.
+training cache is still at its recorded path. ``lare2 calibrate`` refuses a test cache and one holding
+the run's training samples, as ``lare2 train`` refuses them for validation. ``--allow-overlap`` is for
+those who mean it.
 """
 
 from __future__ import annotations
@@ -56,25 +58,57 @@ def check_train_val(train: FeatureCache, val: FeatureCache, allow_overlap: bool 
                          "if you mean it")
 
 
+def shared_training_ids(cache: FeatureCache, train_digest: str | None, train_path: str | None) -> int:
+    """How many of ``cache``'s sample ids the run trained on: -1 when they are exactly its training ids
+    (by digest), else the ids shared with the training cache when it is still at ``train_path`` (0 when
+    it is not at hand, or has changed since)."""
+    ids = cache_ids(cache)
+    if train_digest and ids_digest(ids) == train_digest:
+        return -1
+    if not train_path or not (Path(train_path) / "zarr.json").is_file():
+        return 0
+    try:
+        train_ids = cache_ids(FeatureCache.open(train_path))
+    except CacheError:
+        return 0
+    if train_digest is not None and ids_digest(train_ids) != train_digest:  # no longer the cache the run trained on
+        return 0
+    return len(np.intersect1d(ids, train_ids))
+
+
+def _overlap_text(shared: int, train_path: str | None) -> str:
+    if shared < 0:
+        return "is the run's training cache (same sample ids)"
+    return f"shares {shared} sample ids with the run's training cache {train_path}"
+
+
 def warn_test_overlap(test: FeatureCache, train_digest: str | None, train_path: str | None,
                       allow_overlap: bool = False) -> int:
     """Warn loudly when ``test`` shares sample ids with the run's training cache; returns how many
     (-1: all, by digest)."""
-    ids = cache_ids(test)
-    shared = -1 if train_digest and ids_digest(ids) == train_digest else 0
-    if shared == 0 and train_path and (Path(train_path) / "zarr.json").is_file():
-        try:
-            train_ids = cache_ids(FeatureCache.open(train_path))
-        except CacheError:
-            train_ids = np.empty(0, dtype=str)
-        if train_digest is None or ids_digest(train_ids) == train_digest:  # still the cache the run trained on
-            shared = len(np.intersect1d(ids, train_ids))
+    shared = shared_training_ids(test, train_digest, train_path)
     if shared:
-        what = "is the run's training cache (same sample ids)" if shared < 0 else f"shares {shared} sample ids with " \
-               f"the run's training cache {train_path}"
-        message = f"{test.path} {what}: its figures measure memory, not detection"
+        message = f"{test.path} {_overlap_text(shared, train_path)}: its figures measure memory, not detection"
         if allow_overlap:
             log.info("%s (--allow-overlap)", message)
         else:
             log.warning("LEAK: %s; evaluate on a test split extracted apart (extract --split test)", message)
     return shared
+
+
+def check_calibration_cache(val: FeatureCache, train_digest: str | None, train_path: str | None,
+                            allow_overlap: bool = False) -> None:
+    """Refuse to set a run's threshold on test data (the test figures would then rest on a choice made on
+    the test split) or on the run's own training samples (their scores are the model's memory, so the
+    false positive rate would not hold on new images), as ``check_train_val`` refuses them for validation."""
+    if allow_overlap:
+        return
+    remedy = "calibrate on a validation split (extract --split val), or pass --allow-overlap if you mean it"
+    reason = test_split_reason(val)
+    if reason:
+        raise CacheError(f"{val.path}: the calibration cache {reason}: test data must never set the threshold; "
+                         f"{remedy}")
+    shared = shared_training_ids(val, train_digest, train_path)
+    if shared:
+        raise CacheError(f"{val.path}: the calibration cache {_overlap_text(shared, train_path)}: a threshold set on "
+                         f"training samples does not hold on new images; {remedy}")

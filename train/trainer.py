@@ -35,6 +35,7 @@ from lare2.train.calibration import calibrated_config_for
 from lare2.train.checkpoint import (
     WEIGHTS_FILE,
     Progress,
+    identity_differences,
     load_resume_state,
     save_detector,
     save_history,
@@ -80,9 +81,10 @@ def _open_splits(cfg: TrainConfig, input_names: tuple[str, ...], read: ReadSetti
     val = CacheSplit(cfg.val, input_names, allow_pending=cfg.allow_pending, read=read)
     check_train_val(train.cache, val.cache, cfg.allow_overlap)
     if train.fingerprint != val.fingerprint:
-        raise CacheError(f"{cfg.val}: extraction fingerprint {val.fingerprint} differs from {cfg.train}'s "
-                         f"{train.fingerprint}; train and validation features must come from the same extraction "
-                         "settings")
+        differing = identity_differences(val.cache.attrs.get("identity"), train.cache.attrs.get("identity"),
+                                         ("val", "train"))
+        raise CacheError(f"{cfg.val}: extracted with other settings than {cfg.train} ({differing}); train and "
+                         "validation features must come from the same extraction settings")
     if train.cache.layout != val.cache.layout:
         raise CacheError(f"{cfg.val}: layout {val.cache.layout} differs from {cfg.train}'s {train.cache.layout}")
     # the fingerprint ignores --perturb (perturbed test caches stay scorable), so say it when selection and

@@ -165,12 +165,21 @@ def add_routes(app: FastAPI, service: Service) -> None:
 
 async def score_uploads(service: Service, files: list[UploadFile], class_name: str | None, heatmaps: bool) -> dict:
     """The ``{"run", "threshold", "results"}`` answer: one row per file, in order."""
+    from lare2.detect import AUTO_CLASS
+    from lare2.shared.classnames import check_class_name
+    from lare2.shared.errors import InputError
+
     detector, settings = service.detector, service.settings
     if not files:
         raise HTTPException(422, "no file: send one or more images in the multipart field 'files'")
     if len(files) > settings.max_queue:
         raise HTTPException(413, f"{len(files)} files in one request, over --max-queue {settings.max_queue}; "
                                  "send them in smaller requests")
+    if class_name and class_name != AUTO_CLASS and detector.prompt_mode == "class":
+        try:
+            check_class_name(class_name, "class_name")
+        except InputError as err:  # a bad class is the request's error, not every row's
+            raise HTTPException(422, str(err)) from None
     names = [f.filename or f"<file {i}>" for i, f in enumerate(files)]
     datas = [await f.read() for f in files]
     class_names = [image_class(detector, name, class_name) for name in names]

@@ -22,29 +22,67 @@ def show_figure_pixels(num_panels: int) -> tuple[int, int]:
     return round(SHOW_PANEL_INCHES[0] * num_panels * FIGURE_DPI), round(SHOW_PANEL_INCHES[1] * FIGURE_DPI)
 
 
+REASON_PANEL_PIXELS = 256
+REASON_FONT_SIZE = 17
+REASON_LINE_CHARS = 26
+"""The reason drawn in place of an image that cannot be decoded: a square of this side, Pillow's default font at
+this size, lines wrapped at this many characters (the panel is shown at about 2/3 of its size)."""
+
+
+def reason_panel(reason: str) -> np.ndarray:
+    """uint8 [S, S, 3]: a dark square with ``reason`` written on it (Pillow ImageDraw), the image panel of a
+    sample whose file cannot be decoded."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    canvas = Image.new("RGB", (REASON_PANEL_PIXELS, REASON_PANEL_PIXELS), (48, 48, 48))
+    lines = [wrapped for line in reason.splitlines() for wrapped in textwrap.wrap(line, REASON_LINE_CHARS) or [""]]
+    ImageDraw.Draw(canvas).multiline_text((8, 8), "\n".join(lines), fill=(255, 255, 255), spacing=4,
+                                          font=ImageFont.load_default(size=REASON_FONT_SIZE))
+    return np.asarray(canvas)
+
+
+def _source_pixels(source: Path) -> tuple[np.ndarray | None, str]:
+    """(uint8 [H, W, 3] or None, why not) of an image file on disk; a file Pillow cannot decode is no crash."""
+    from PIL import Image
+
+    try:
+        with Image.open(source) as im:
+            return np.asarray(im.convert("RGB")), ""
+    except Image.UnidentifiedImageError:
+        return None, "not an image Pillow can identify"
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+        return None, f"cannot decode: {err}"
+
+
 def render_sample_png(cache: FeatureCache, index: int, out: str | Path,
                       extra_panels: dict[str, np.ndarray] | None = None) -> dict:
     """Save the source image beside its LaRE map, one panel per latent channel, then ``extra_panels``
     (title -> a 2-D map, e.g. a detector's attention over the feature grid), each on its own colour scale.
 
-    When the image is not at hand only the LaRE panels are drawn; the returned dict says so
-    (``image_shown``, ``image_note``) and gives the PNG's pixel size.
+    When the image is not at hand only the LaRE panels are drawn; when its file cannot be decoded, the
+    image panel says why (:func:`reason_panel`); a sample without a LaRE map (status error) says so on its
+    panels. The returned dict tells (``image_shown``, ``image_note``) and gives the PNG's pixel size.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from PIL import Image
 
     lare_4HW = cache.read([index], names=("lare",))["lare"][0].astype(np.float32)
+    meta = sample_metadata(cache, index)
     source = image_path(cache, index)
-    image = None
+    image, shown = None, False
     if source is None:
         note = "the cache records no manifest root"
     elif not source.is_file():
         note = f"image not found: {source}"
     else:
-        with Image.open(source) as im:
-            image = np.asarray(im.convert("RGB"))
-        note = str(source)
+        image, why = _source_pixels(source)
+        shown = image is not None
+        note = str(source) if shown else f"{source.name}: {why}"
+        if not shown:
+            recorded = f"\n\nextraction: {meta['error']}" if meta["error"] else ""
+            image = reason_panel(f"cannot show {source.name}:\n{why}{recorded}")
 
     channels = lare_4HW.shape[0]
     extra_panels = extra_panels or {}
@@ -64,20 +102,22 @@ def render_sample_png(cache: FeatureCache, index: int, out: str | Path,
         ax = axes[first + c]
         ax.imshow(lare_4HW[c], cmap="magma", vmin=0.0, vmax=vmax or 1.0, interpolation="nearest")
         ax.set_title(f"LaRE channel {c}", fontsize=9)
+        if not np.isfinite(lare_4HW[c]).any():
+            ax.text(0.5, 0.5, f"no LaRE map\n(status {meta['status']})", ha="center", va="center", fontsize=8,
+                    transform=ax.transAxes)
     for k, (title, values) in enumerate(extra_panels.items()):
         axes[first + channels + k].imshow(values, cmap="viridis", interpolation="nearest")
         axes[first + channels + k].set_title(title, fontsize=9)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    meta = sample_metadata(cache, index)
     caption = f"{meta['sample_id']}  {meta['generator']}  {label_name(meta['label'])}  {meta['status']}"
-    if image is None:
+    if not shown:
         caption += f"  ({note})"
     fig.suptitle(caption, fontsize=8)
     fig.savefig(out, dpi=FIGURE_DPI)
-    return {"png": str(out), "pixels": list(show_figure_pixels(panels)), "image_shown": image is not None,
-            "image_note": note}
+    return {"png": str(out), "pixels": list(show_figure_pixels(panels)),
+            "image_shown": shown, "image_note": note}
 
 
 def stats_figure_pixels() -> tuple[int, int]:

@@ -31,7 +31,8 @@ def array_info(cache: FeatureCache) -> list[dict]:
     """Shape, dtype, chunking, bytes in memory and on disk, and compression ratio of every array.
 
     Bytes on disk sum every file under the array's folder; ratio = uncompressed bytes / bytes on
-    disk (None for variable-length strings, whose in-memory size zarr does not know).
+    disk (None for variable-length strings, whose in-memory size zarr does not know). ``pack_file``: the
+    shape one file of a packed cache holds (a Zarr shard of many chunks; None: a file per chunk).
     """
     rows = []
     for name, arr in iter_arrays(cache.group):
@@ -42,7 +43,7 @@ def array_info(cache: FeatureCache) -> list[dict]:
             "shape": list(arr.shape),
             "dtype": str(arr.dtype),
             "chunks": list(arr.chunks),
-            "shards": list(arr.shards) if arr.shards else None,
+            "pack_file": list(arr.shards) if arr.shards else None,  # one Zarr shard of a packed cache
             "nbytes": nbytes,
             "bytes_on_disk": on_disk,
             "compression_ratio": (nbytes / on_disk) if nbytes is not None and on_disk else None,

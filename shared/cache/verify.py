@@ -96,7 +96,7 @@ class VerifyReport:
 
 
 RecomputeFn = Callable[..., Mapping[str, np.ndarray]]
-"""``fn(cache_path, indices, sd_model=None, backbone=None, device="auto", compute_dtype=None)
+"""``fn(cache_path, indices, sd=None, clip=None, device="auto", compute_dtype=None)
 -> {"lare": [K,...], "pooled": ..., "fmap": ...}``,
 as ``lare2.extract.run.recompute_samples`` (shared/ never imports the extractor: callers pass it)."""
 
@@ -355,7 +355,7 @@ def compare_recomputed(cache: FeatureCache, indices: np.ndarray, recomputed: Map
 
 
 def _check_recompute(cache: FeatureCache, report: VerifyReport, k: int, seed: int, recompute_fn: RecomputeFn | None,
-                     sd_model: str | None, backbone: str | None, device: str = "auto", compute_dtype: str | None = None,
+                     sd: str | None, clip: str | None, device: str = "auto", compute_dtype: str | None = None,
                      tolerance: float = 0.0) -> None:
     if any(f.check == "chunks" for f in report.errors):
         report.add("recompute", "warning", "skipped: the cache has missing or unreadable chunks")
@@ -369,7 +369,7 @@ def _check_recompute(cache: FeatureCache, report: VerifyReport, k: int, seed: in
         report.add("recompute", "warning", "skipped: no extractor was given to recompute with")
         return
     try:
-        recomputed = recompute_fn(cache.path, [int(i) for i in indices], sd_model=sd_model, backbone=backbone,
+        recomputed = recompute_fn(cache.path, [int(i) for i in indices], sd=sd, clip=clip,
                                   device=device, compute_dtype=compute_dtype)
     except (RecomputeUnavailable, OSError, CacheError) as err:  # models or device not at hand, other weights
         report.add("recompute", "warning", f"skipped: {err}")
@@ -390,8 +390,8 @@ def verify_cache(
     recompute: int = 0,
     seed: int = 0,
     recompute_fn: RecomputeFn | None = None,
-    sd_model: str | None = None,
-    backbone: str | None = None,
+    sd: str | None = None,
+    clip: str | None = None,
     device: str = "auto",
     compute_dtype: str | None = None,
     tolerance: float = 0.0,
@@ -432,6 +432,6 @@ def verify_cache(
     if recompute > 0:
         if tolerance < 0:
             raise InputError(f"tolerance must be >= 0, got {tolerance}")
-        _check_recompute(cache, report, recompute, seed, recompute_fn, sd_model, backbone, device, compute_dtype,
+        _check_recompute(cache, report, recompute, seed, recompute_fn, sd, clip, device, compute_dtype,
                          tolerance)
     return report

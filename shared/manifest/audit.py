@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from lare2.shared.errors import InputError
-from lare2.shared.logs import console
+from lare2.shared.logs import console, progress_bar
 from lare2.shared.manifest.built import map_with_progress
 from lare2.shared.manifest.sources import read_image_bytes, split_tar_path
 from lare2.shared.manifest.table import SPLITS, ManifestError, read_manifest, select_rows
@@ -256,31 +256,66 @@ def metadata_features(metas: Sequence[ImageMeta]) -> tuple[np.ndarray, list[str]
     return vectorizer.fit_transform([features(m) for m in metas]), list(vectorizer.get_feature_names_out())
 
 
-def _cv_auc(X: np.ndarray, y: np.ndarray, folds: int, seed: int) -> float:
-    """ROC AUC of the out-of-fold probabilities of a seeded gradient-boosting classifier."""
+def _classifier(seed: int):
+    """The seeded gradient-boosting classifier every CV AUC of the audit is measured with."""
     from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    # a constant column (e.g. JPEG quality, all NaN in a PNG-only manifest) carries nothing, and the
-    # trees' binning refuses a column without one finite value
-    varying = [not np.array_equal(c, c[0:1].repeat(len(c)), equal_nan=True) for c in X.T]
-    if not any(varying):
-        return 0.5  # nothing to split on
-    X = X[:, varying]
     # trees catch "exactly 512x512" as well as "JPEG or not"; small leaves so 40 images per class suffice
-    model = HistGradientBoostingClassifier(max_iter=50, max_leaf_nodes=15, min_samples_leaf=10,
-                                           early_stopping=False, random_state=seed)
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    proba = cross_val_predict(model, X, y, cv=cv, method="predict_proba")[:, 1]
-    return float(roc_auc_score(y, proba))
+    return HistGradientBoostingClassifier(max_iter=50, max_leaf_nodes=15, min_samples_leaf=10, early_stopping=False,
+                                          random_state=seed)
 
 
-def metadata_shortcut(metas: Sequence[ImageMeta], *, bound: float = SHORTCUT_AUC_BOUND, seed: int = 0) -> ShortcutResult:
+def _varying_columns(X: np.ndarray) -> np.ndarray:
+    """bool (columns,): the columns that take more than one value. A constant column (e.g. JPEG quality, all
+    NaN in a PNG-only manifest) carries nothing, and the trees' binning refuses one without a finite value."""
+    return np.array([not np.array_equal(c, c[0:1].repeat(len(c)), equal_nan=True) for c in X.T], dtype=bool)
+
+
+def cv_aucs(X: np.ndarray, y: np.ndarray, subsets: Mapping[str, np.ndarray], *, folds: int, seed: int,
+            workers: int = 1, progress: bool = False) -> dict[str, float]:
+    """ROC AUC of the classifier's out-of-fold probabilities on each column subset of ``X`` (images, columns);
+    ``subsets``: name -> bool (columns,). Every subset sees the same seeded stratified folds.
+
+    A subset without a varying column is 0.5 unfitted; subsets left with the same varying columns are fitted
+    once (in a PNG-only manifest of one size, every group but bytes per pixel is constant). The fits run on
+    ``workers`` threads, each with one OpenMP thread: OpenMP teams contending for busy cores made one fit of
+    80 images take seconds. A progress bar counts the fits."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+    from threadpoolctl import ThreadpoolController
+
+    splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y))
+    varying = _varying_columns(X)
+    columns_of = {name: tuple(np.flatnonzero(mask & varying)) for name, mask in subsets.items()}
+    distinct = sorted({cols for cols in columns_of.values() if cols})
+    proba = {cols: np.empty(len(y)) for cols in distinct}  # out-of-fold p(fake) per distinct column set
+    controller = ThreadpoolController()
+
+    def fit_fold(cols: tuple[int, ...], fold: int) -> np.ndarray:
+        train, test = splits[fold]
+        with controller.limit(limits=1, user_api="openmp"):
+            model = _classifier(seed).fit(X[np.ix_(train, cols)], y[train])
+            return model.predict_proba(X[np.ix_(test, cols)])[:, 1]
+
+    with ThreadPoolExecutor(max(1, workers)) as pool, progress_bar(unit="fit", disable=not progress) as bar:
+        task = bar.add_task("metadata classifier", total=len(distinct) * folds, rate="")
+        pending = {pool.submit(fit_fold, cols, fold): (cols, fold) for cols in distinct for fold in range(folds)}
+        for done in as_completed(pending):
+            cols, fold = pending[done]
+            proba[cols][splits[fold][1]] = done.result()
+            bar.advance(task)
+    return {name: float(roc_auc_score(y, proba[cols])) if cols else 0.5 for name, cols in columns_of.items()}
+
+
+def metadata_shortcut(metas: Sequence[ImageMeta], *, bound: float = SHORTCUT_AUC_BOUND, seed: int = 0, workers: int = 1,
+                      progress: bool = False) -> ShortcutResult:
     """Cross-validate (stratified, seeded, :data:`CV_FOLDS` folds or as many as the smaller class has
     images) a gradient-boosting classifier that predicts the label from the readable images'
     metadata, then each feature group alone. ``shortcut`` when the CV AUC exceeds ``bound``; the named
-    features are the groups whose own AUC does too, or the strongest one when only their combination does."""
+    features are the groups whose own AUC does too, or the strongest one when only their combination does.
+    ``workers`` threads fit the folds (:func:`cv_aucs`)."""
     if not 0.5 < bound < 1.0:
         raise InputError(f"shortcut bound must be in (0.5, 1), got {bound}")
     ok = [m for m in metas if not m.error]
@@ -298,10 +333,11 @@ def metadata_shortcut(metas: Sequence[ImageMeta], *, bound: float = SHORTCUT_AUC
         y = np.array([m.label for m in ok], dtype=np.int64)
         n_fake, n_real = int(y.sum()), int(len(y) - y.sum())
     X, columns = metadata_features(ok)
-    auc = _cv_auc(X, y, folds, seed)
     group_of = np.array([c.split("=")[0] for c in columns])
-    per_group = [FeatureAUC(feature=g, auc=_cv_auc(X[:, group_of == g], y, folds, seed) if (group_of == g).any() else 0.5)
-                 for g in FEATURE_GROUPS]
+    subsets = {"all": np.ones(len(columns), dtype=bool)} | {g: group_of == g for g in FEATURE_GROUPS}
+    aucs = cv_aucs(X, y, subsets, folds=folds, seed=seed, workers=workers, progress=progress)
+    auc = aucs["all"]
+    per_group = [FeatureAUC(feature=g, auc=aucs[g]) for g in FEATURE_GROUPS]
     per_group.sort(key=lambda f: (-f.auc, FEATURE_GROUPS.index(f.feature)))
     shortcut = auc > bound
     named = ([f.feature for f in per_group if f.auc > bound] or [per_group[0].feature]) if shortcut else []
@@ -356,7 +392,8 @@ def audit_manifest(path: Path | str, *, split: str | None = None, bound: float =
     metas = read_all_meta(root, rows, workers=workers, progress=progress)
     return AuditReport(manifest=str(path), root=str(root), split=split, splits=[split] if split else present,
                        num_images=len(metas), unreadable=[{"path": m.path, "error": m.error} for m in metas if m.error],
-                       groups=group_stats(metas), classifier=metadata_shortcut(metas, bound=bound, seed=seed))
+                       groups=group_stats(metas),
+                       classifier=metadata_shortcut(metas, bound=bound, seed=seed, workers=workers, progress=progress))
 
 
 # ---- the rich report ------------------------------------------------------------------------

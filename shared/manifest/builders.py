@@ -200,6 +200,16 @@ def _member_key(name: str) -> tuple[str, str]:
 
 
 def _shard_rows(root: Path, shard: Path, defaults: Mapping[str, object]) -> tuple[list[dict], list[str]]:
+    """:func:`_read_shard_rows`; a shard that is no tar (or a truncated one) is a ManifestError naming it."""
+    try:
+        return _read_shard_rows(root, shard, defaults)
+    except tarfile.ReadError as err:
+        reason = " ".join(str(err).split())  # tarfile lists each method it tried, one per line
+        raise ManifestError(f"{shard}: not a readable tar shard ({reason}); rewrite it, or move it out of the "
+                            "folder") from None
+
+
+def _read_shard_rows(root: Path, shard: Path, defaults: Mapping[str, object]) -> tuple[list[dict], list[str]]:
     """Rows of one shard's image members; labels and fields from ``key.cls`` / ``key.json``."""
     shard_path = shard.relative_to(root).as_posix()
     images: list[tuple[str, str, ImageHeader]] = []  # (key, member, header)

@@ -11,7 +11,7 @@ import pytest
 
 from lare2.extract.block_writer import BlockWriter
 from lare2.shared.cache import STATUS_ERROR, STATUS_OK, FeatureCache
-from tests.helpers.tiny_caches import LAYOUT, manifest_rows
+from tests.helpers.caches import LAYOUT, manifest_rows
 
 NUM_SAMPLES = 22  # blocks of 4: 6 blocks, the last one short
 
@@ -24,8 +24,8 @@ def _block_values(cache: FeatureCache, block: int) -> dict:
     values = {name: rng.standard_normal((n, *LAYOUT.sample_shape(name)), dtype=np.float32)
               for name in LAYOUT.array_names}
     failed = [i for i in range(n) if (sl.start + i) % 5 == 3]
-    for name in values:
-        values[name][failed] = np.nan
+    for array in values.values():
+        array[failed] = np.nan
     return {**values, "seed": list(range(sl.start, sl.stop)),
             "status": [STATUS_ERROR if i in failed else STATUS_OK for i in range(n)],
             "error": ["cannot identify image file" if i in failed else "" for i in range(n)]}
@@ -80,11 +80,10 @@ def test_a_failed_write_stops_the_writer_and_is_raised_in_the_loop(tmp_path):
 
 def test_an_error_in_the_loop_still_writes_the_finished_blocks(tmp_path):
     cache = _new_cache(tmp_path / "cache")
-    with pytest.raises(KeyboardInterrupt):
-        with BlockWriter(cache, depth=2) as writer:
-            writer.put(0, _block_values(cache, 0))
-            writer.put(1, _block_values(cache, 1))
-            raise KeyboardInterrupt  # e.g. the model failing in the loop's thread
+    with pytest.raises(KeyboardInterrupt), BlockWriter(cache, depth=2) as writer:
+        writer.put(0, _block_values(cache, 0))
+        writer.put(1, _block_values(cache, 1))
+        raise KeyboardInterrupt  # e.g. the model failing in the loop's thread
     assert writer.written == [0, 1]
     assert FeatureCache.open(cache.path).done_blocks().tolist() == [True, True, False, False, False, False]
 

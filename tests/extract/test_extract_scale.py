@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from lare2.extract.run import rank_blocks, remove_stale_staging, run_extraction, shard_blocks, staging_folders
+from lare2.extract.plan import shard_blocks
+from lare2.extract.run import rank_blocks, remove_stale_staging, run_extraction, staging_folders
 from lare2.shared.cache import ARRAY_NAMES, STATUS_PENDING, FeatureCache
 from lare2.shared.config import debug
 from tests.helpers.bad_images import truncated

@@ -98,9 +98,7 @@ def test_sigterm_mid_block_loses_at_most_that_block_then_resume_equals_one_run(m
         assert time.monotonic() < deadline, "no block was ever done"
         time.sleep(0.002)
     os.killpg(process.pid, signal.SIGTERM)
-    signalled = time.monotonic()
     stdout, stderr = process.communicate(timeout=120)
-    print("exit after", time.monotonic() - signalled)
 
     assert process.returncode == EXIT_PREEMPTED, stderr[-3000:]
     summary = json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
@@ -112,7 +110,6 @@ def test_sigterm_mid_block_loses_at_most_that_block_then_resume_equals_one_run(m
     # every sample it computed is in a done block, except those of the one unfinished block
     assert summary["computed"] == _samples_in(cache, np.flatnonzero(done))
     assert 0 <= summary["discarded"] < CHUNK
-    print(summary, done_before, done.sum()); print(stderr[-1500:])
     assert "DataLoader worker" not in stderr  # the worker ignored the signal; the loop shut it down
 
     resumed = run_extraction(_config(manifest, out))

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from lare2.cli import app
 from lare2.extract.submit import job_folder, job_script, parse_array, shell_lines
-from lare2.shared.cache import CacheLayout, FeatureCache
+from lare2.shared.cache import FeatureCache
 
 TINY = ["--preset", "debug", "--device", "cpu", "--set", "chunk_samples=2", "--set", "image_size=64",
         "--set", "num_workers=0"]
@@ -77,24 +77,27 @@ def test_accelerate_launch_per_node_gpus(manifest, tmp_path):
     assert command[command.index("-m") + 1] == "lare2.extract"
 
 
+def _write_zeros(cache: FeatureCache, block: int) -> None:
+    n = len(range(*cache.block_slice(block).indices(len(cache))))
+    arrays = {name: np.zeros((n, *cache.layout.sample_shape(name))) for name in cache.layout.array_names}
+    cache.write_block(block, **arrays, seed=[1] * n, status=["ok"] * n, error=[""] * n)
+
+
 def test_only_missing_submits_the_shards_with_pending_blocks(manifest, tmp_path):
     out = tmp_path / "partial"
-    n = 8  # 4 blocks of 2; shards of 3: {0, 3}, {1}, {2}
-    rows = {"sample_id": [f"s{i}" for i in range(n)], "path": [f"{i}.png" for i in range(n)], "label": [0] * n,
-            "generator": ["g"] * n, "split": ["train"] * n, "class_name": [""] * n}
-    layout = CacheLayout(lare_shape=(4, 2, 2), pooled_dim=3, fmap_shape=(2, 14, 14), chunk_samples=2)
-    cache = FeatureCache.create(out, rows, layout)
+    created = _extract("--manifest", str(manifest), "--out", str(out), *TINY, "--create-only")
+    assert created.exit_code == 0, created.output
+    cache = FeatureCache.open(out, mode="r+")
+    assert cache.num_blocks == 4  # 8 images, 2 per block; shards of 3: {0, 3}, {1}, {2}
     for block in (0, 1, 3):
-        cache.write_block(block, lare=np.zeros((2, 4, 2, 2)), pooled=np.zeros((2, 3)), fmap=np.zeros((2, 2, 14, 14)),
-                          seed=[1, 2], status=["ok"] * 2, error=[""] * 2)
-    result = _extract("--manifest", str(manifest), "--out", str(out), *TINY, "--submit", "slurm", "--array", "3",
-                      "--only-missing", "--dry-run")
+        _write_zeros(cache, block)
+    args = ["--manifest", str(manifest), "--out", str(out), *TINY, "--submit", "slurm", "--array", "3",
+            "--only-missing", "--dry-run"]
+    result = _extract(*args)
     assert result.exit_code == 0, result.output
     assert "#SBATCH --array=2\n" in result.output and "--num-shards 3" in result.output
-    cache.write_block(2, lare=np.zeros((2, 4, 2, 2)), pooled=np.zeros((2, 3)), fmap=np.zeros((2, 2, 14, 14)),
-                      seed=[1, 2], status=["ok"] * 2, error=[""] * 2)
-    whole = _extract("--manifest", str(manifest), "--out", str(out), *TINY, "--submit", "slurm", "--array", "3",
-                     "--only-missing", "--dry-run")
+    _write_zeros(cache, 2)
+    whole = _extract(*args)
     assert whole.exit_code == 0 and "every block is done; nothing to submit" in whole.output
 
 

@@ -26,7 +26,9 @@ def write_split_images(images: Path, split: str, count: int) -> list[Path]:
 
 
 def build_tiny_run(root: Path, n_test: int = 6) -> tuple[Path, list[Path]]:
-    """(run folder, test images not seen in training): the tiny SD and backbone, class prompts, egre, one epoch."""
+    """(run folder, test images not seen in training): the tiny SD and backbone, class prompts, egre, one epoch.
+
+    An image whose name gives no class is refused (``classless_prompt=refuse``), as in the paper's setting."""
     from lare2.extract.run import run_extraction
     from lare2.shared.config import debug
     from lare2.shared.manifest import build_folders, write_built
@@ -39,7 +41,7 @@ def build_tiny_run(root: Path, n_test: int = 6) -> tuple[Path, list[Path]]:
     manifest = write_built(root / "manifest.parquet", build_folders(images, progress=False))
     for split in ("train", "val"):
         run_extraction(debug(manifest=str(manifest), out=str(root / "cache" / split), split=split, device="cpu",
-                             chunk_samples=4, ensemble=2))
+                             chunk_samples=4, ensemble=2, classless_prompt="refuse"))
     run_training(train_debug(model="egre", train=str(root / "cache/train"), val=str(root / "cache/val"),
                              out=str(root / "run"), epochs=1))
     return root / "run", write_split_images(images, "test", n_test)

@@ -311,17 +311,17 @@ def test_demo_samples_and_extracts_with_the_zoo_it_is_given(tmp_path: Path, monk
         pass
 
     def fake_extraction(config):
-        seen["sd_model"] = config.sd_model
+        seen["sd"] = config.sd
         raise Stop
 
     monkeypatch.setattr(lare2.minigenimage.build, "build", fake_build)
     monkeypatch.setattr(lare2.extract.run, "run_extraction", fake_extraction)
     with pytest.raises(Stop):
         run_demo(DemoConfig(out=str(tmp_path / "run"), zoo=str(zoo)))
-    assert seen == {"build_zoo": str(zoo), "sd_model": str(zoo / "ldm-a")}
+    assert seen == {"build_zoo": str(zoo), "sd": str(zoo / "ldm-a")}
     with pytest.raises(Stop):
         run_demo(DemoConfig(out=str(tmp_path / "run2")))
-    assert seen == {"build_zoo": str(ZOO_DIR), "sd_model": str(ZOO_DIR / "ldm-a")}
+    assert seen == {"build_zoo": str(ZOO_DIR), "sd": str(ZOO_DIR / "ldm-a")}
 
 
 @pytest.mark.parametrize("seed", [7, 11])
@@ -344,7 +344,7 @@ def test_robustness_after_a_tiny_demo_perturbs_only_the_test_images(tmp_path: Pa
     from lare2.shared.cache import FeatureCache
 
     out = tmp_path / "demo"
-    run_demo(DemoConfig(out=str(out), build_preset="tiny", models=["egre"], epochs=2, backbone="tiny"))
+    run_demo(DemoConfig(out=str(out), build_preset="tiny", models=["egre"], epochs=2, clip="tiny"))
     results = run_robustness(out, ["jpeg:50", "blur:2"])
     table = results["egre"]
     assert [group["perturb"] for group in table["perturbations"]] == ["clean", "jpeg:50", "blur:2"]

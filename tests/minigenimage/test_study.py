@@ -1,4 +1,4 @@
-"""The LaRE separation study: its AUC on planted scores, its refusal of the test pool, a tiny run on the committed zoo."""
+"""The LaRE separation study: AUC on planted scores, refusal of the test pool, a tiny run on the committed zoo."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from lare2.cli import app
 from lare2.shared.cache import ARRAY_NAMES, META_COLUMNS, CacheError, CacheLayout, FeatureCache
-from tests.helpers.synthetic_caches import write_synthetic_cache
+from tests.helpers.caches import write_synthetic_cache
 
 runner = CliRunner()
 THREADS = __import__("torch").get_num_threads()
@@ -154,7 +154,7 @@ def _empty_inner_chunk(shard: Path, inner: int, per_shard: int) -> None:
 def test_a_packed_cache_missing_an_inner_chunk_is_refused(world, tmp_path):
     tmp, _, block = world
     packed = tmp_path / "packed"
-    assert invoke("cache", "pack", tmp / "pristine", packed, "--shard-blocks", "2")[0] == 0
+    assert invoke("cache", "pack", tmp / "pristine", packed, "--pack-blocks", "2")[0] == 0
     assert invoke("cache", "verify", packed)[0] == 0
     _empty_inner_chunk(chunk_path(packed, "meta/label", block // 2), block % 2, 2)
     cache = FeatureCache.open(packed)

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 from lare2.cli import app
 from lare2.shared.cache import ARRAY_NAMES, META_COLUMNS, CacheError, CacheExistsError, FeatureCache, pack_cache
 from lare2.train.data import CacheSplit
-from tests.helpers.tiny_caches import CHUNK, NUM_SAMPLES, PENDING_BLOCK, build_tiny_cache
+from tests.helpers.caches import CHUNK, NUM_SAMPLES, PENDING_BLOCK, build_tiny_cache
 
 runner = CliRunner()
-PACK_BLOCKS = 4  # 6 blocks of 4 samples -> 2 Zarr shard files per array, the second one partial
+PACK_BLOCKS = 4  # 6 blocks of 4 samples -> 2 packed files (Zarr shards) per array, the second one partial
 
 
 def cache_cli(*args) -> tuple[int, str]:
@@ -29,10 +29,10 @@ def packed(tmp_path_factory):
     """(source, packed) paths: a complete tiny cache and its packed copy made through the CLI."""
     tmp = tmp_path_factory.mktemp("pack")
     source = build_tiny_cache(tmp, complete=True).path
-    code, out = cache_cli("pack", source, tmp / "packed", "--shard-blocks", PACK_BLOCKS, "--json")
+    code, out = cache_cli("pack", source, tmp / "packed", "--pack-blocks", PACK_BLOCKS, "--json")
     assert code == 0, out
     summary = json.loads(out)
-    assert summary["samples"] == NUM_SAMPLES
+    assert summary["samples"] == NUM_SAMPLES and summary["pack_blocks"] == PACK_BLOCKS
     return source, tmp / "packed", summary
 
 
@@ -48,9 +48,14 @@ def test_pack_keeps_every_value_column_and_attribute_in_fewer_files(packed):
         assert list(dst.column(column)) == list(src.column(column)), column
     np.testing.assert_array_equal(dst.done_blocks(), src.done_blocks())
     assert {k: v for k, v in dst.attrs.items() if k != "packed"} == src.attrs
-    assert dst.attrs["packed"] == {"shard_blocks": PACK_BLOCKS, "source": str(source)}
+    assert dst.attrs["packed"] == {"shard_blocks": PACK_BLOCKS, "source": str(source)}  # the name on disk
     code, info = cache_cli("info", out)
-    assert code == 0 and f"in shards of {PACK_BLOCKS * CHUNK}" in info
+    assert code == 0 and f"in files of {PACK_BLOCKS * CHUNK}" in info
+    code, info = cache_cli("info", out, "--json")
+    arrays = {a["name"]: a for a in json.loads(info)["arrays"]}
+    assert code == 0 and arrays["fmap"]["pack_file"][0] == PACK_BLOCKS * CHUNK and arrays["fmap"]["chunks"][0] == CHUNK
+    code, info = cache_cli("info", source, "--json")
+    assert code == 0 and all(a["pack_file"] is None for a in json.loads(info)["arrays"])
     # random access (as `cache show` and scoring do) reads the right rows
     rows = [21, 2, 13]
     np.testing.assert_array_equal(dst.read(rows, ["lare"])["lare"], src.read(rows, ["lare"])["lare"])
@@ -121,3 +126,12 @@ def test_pack_refuses_an_unfinished_cache_and_an_existing_folder(tmp_path, packe
     with pytest.raises(CacheExistsError, match="already exists"):
         pack_cache(source, existing, progress=False)
     assert sorted(p.relative_to(existing) for p in existing.rglob("*")) == before  # left as it was
+
+
+def test_the_old_spelling_shard_blocks_still_packs_and_stays_out_of_the_help(packed, tmp_path):
+    source, _, _ = packed
+    code, out = cache_cli("pack", source, tmp_path / "old", "--shard-blocks", 3, "--json")
+    assert code == 0 and json.loads(out)["pack_blocks"] == 3, out
+    assert FeatureCache.open(tmp_path / "old").pack_blocks == 3
+    code, text = cache_cli("pack", "--help")
+    assert code == 0 and "--pack-blocks" in text and "--shard-blocks" not in text

@@ -273,3 +273,32 @@ def test_a_png_only_manifest_audits_without_jpeg_columns(tmp_path):
     manifest = write_built(tmp_path / "m.parquet", build_folders(tmp_path / "images", progress=False))
     report = audit_manifest(manifest, progress=False)
     assert report.classifier.auc is not None and not report.classifier.shortcut
+
+
+# ---- the classifier's fits ----------------------------------------------------------------
+def test_cv_aucs_equal_sklearns_cross_validation_and_fit_each_column_set_once() -> None:
+    """The threaded folds give sklearn's ``cross_val_predict`` AUC; a subset whose varying columns are another
+    subset's gets the same AUC, and one without a varying column gets 0.5."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    from lare2.shared.manifest.audit import _classifier, cv_aucs
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 40)
+    signal_N = y + rng.normal(0, 0.8, len(y))
+    X = np.stack([signal_N, np.full(len(y), 7.0), rng.normal(size=len(y))], axis=1)  # (80, 3): signal, constant, noise
+    subsets = {"all": np.array([True, True, True]), "signal": np.array([True, False, False]),
+               "signal+constant": np.array([True, True, False]), "constant": np.array([False, True, False])}
+    aucs = cv_aucs(X, y, subsets, folds=5, seed=0, workers=2)
+    cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
+    reference = roc_auc_score(y, cross_val_predict(_classifier(0), X[:, [0]], y, cv=cv, method="predict_proba")[:, 1])
+    assert aucs["signal"] == pytest.approx(reference) and aucs["signal"] > 0.75
+    assert aucs["signal+constant"] == aucs["signal"] and aucs["constant"] == 0.5
+    assert aucs["all"] != aucs["signal"]  # the noise column is a third column set, fitted on its own
+
+
+def test_the_audit_shows_its_fits_on_a_progress_bar(tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path, _jpeg_vs_png)
+    result = _audit(manifest)
+    assert "metadata classifier" in result.stderr, result.output

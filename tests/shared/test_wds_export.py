@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from lare2.cli import app
 from lare2.shared.cache import FeatureCache
 from lare2.shared.cache.export import export_webdataset
-from tests.helpers.tiny_caches import CHUNK, ERROR_INDICES, PENDING_BLOCK, build_tiny_cache, ok_indices
+from tests.helpers.caches import CHUNK, ERROR_INDICES, PENDING_BLOCK, build_tiny_cache, ok_indices
 
 SHARD_SIZE = 5
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from lare2 import cache_cli
 from lare2.cli import app
 from tests.helpers.rich_tables import table_rows
-from tests.helpers.tiny_caches import (
+from tests.helpers.caches import (
     CHUNK,
     ERROR_INDICES,
     NUM_SAMPLES,
@@ -201,6 +201,28 @@ def test_show_without_the_image_draws_lare_only_and_says_so(tiny, tmp_path):
         assert im.size == (4 * 256, 300)
 
 
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_show_png_of_an_error_sample_whose_file_is_corrupt_draws_the_reason(tmp_path, damage):
+    """The image panel says why the file cannot be shown (written on it), the LaRE panels that there is no
+    map; exit 0, like any other sample shown."""
+    tiny = build_tiny_cache(tmp_path)
+    index = ERROR_INDICES[0]
+    image = tiny.root / tiny.rows["path"][index]
+    image.write_bytes(b"this is not an image" if damage == "garbage" else image.read_bytes()[:60])
+    png = tmp_path / "s.png"
+    code, out, err = run("show", tiny.path, tiny.ids[index], "--png", png)
+    assert code == 0 and "Traceback" not in out + err, out + err
+    why = "not an image Pillow can identify" if damage == "garbage" else "cannot decode"
+    shown = [line for line in lines(out) if line.startswith(f"wrote {png} (1280x300 px); image not shown: ")]
+    assert len(shown) == 1 and f"{image.name}: {why}" in shown[0], out
+    with Image.open(png) as im:
+        panel_HW3 = np.asarray(im.convert("RGB"))[70:230, 165:325]  # inside the image panel
+    assert (panel_HW3 == 48).all(axis=2).mean() > 0.5  # the dark square ...
+    assert (panel_HW3 > 200).all(axis=2).sum() > 100  # ... with the reason written on it
+    code, summary = run_json("show", tiny.path, tiny.ids[index], "--png", png)
+    assert code == 0 and summary["png"]["image_shown"] is False and why in summary["png"]["image_note"]
+
+
 def test_show_error_sample_and_unknown_id(tiny):
     code, summary = run_json("show", tiny.path, tiny.ids[ERROR_INDICES[0]])
     assert code == 0 and summary["lare"] is None and summary["metadata"]["status"] == "error"
@@ -343,7 +365,7 @@ def _fake_recompute(change_index: int | None = None):
     """Stands in for the extractor: returns what the cache holds, one sample's lare nudged."""
     calls = []
 
-    def recompute(cache_path, indices, sd_model=None, backbone=None, device="auto", compute_dtype=None):
+    def recompute(cache_path, indices, sd=None, clip=None, device="auto", compute_dtype=None):
         calls.append(list(indices))
         arrays = FeatureCache.open(cache_path).read(indices)
         arrays["pooled"] = arrays["pooled"].astype(np.float32)  # cast back to the stored dtype by verify
@@ -518,7 +540,7 @@ def test_stats_groups_and_png(tiny, tmp_path):
 def test_counts_are_recorded_only_once_the_cache_is_finished(tmp_path):
     """Concurrent jobs each count when they end: a count taken before another job's last block must
     not be recorded, or it would stay stale after the other job's correct count (verify: counts)."""
-    from tests.helpers.tiny_caches import LAYOUT
+    from tests.helpers.caches import LAYOUT
 
     cache = FeatureCache.open(build_tiny_cache(tmp_path, images=False).path, mode="r+")
     early = cache.finalize()  # job A ends while block PENDING_BLOCK is still being computed by job B

@@ -16,8 +16,7 @@ from typer.testing import CliRunner
 
 from lare2.cli import app
 from lare2.shared.cache import CacheLayout
-from tests.helpers.synthetic_caches import write_synthetic_cache
-from tests.helpers.tiny_caches import build_tiny_cache, ok_indices
+from tests.helpers.caches import build_tiny_cache, ok_indices, write_synthetic_cache
 
 LAYOUT = CacheLayout(pooled_dim=16, fmap_shape=(16, 7, 7), lare_shape=(4, 16, 16), chunk_samples=16)
 runner = CliRunner()
@@ -53,6 +52,13 @@ def world(tmp_path_factory) -> SimpleNamespace:
     shutil.copytree(tmp / "val", tmp / "badperturb")  # a recorded perturbation this lare2 cannot read
     bad_attrs = zarr.open_group(tmp / "badperturb", mode="r+").attrs
     bad_attrs["extract_config"] = {**bad_attrs.get("extract_config", {}), "perturb": "jpeg:500"}
+    from lare2.shared.manifest import build_folders, write_built
+    from tests.helpers.bad_images import good_rgb
+
+    for i in range(2):  # images whose names carry no ImageNet class
+        (tmp / "plain/train/0_real").mkdir(parents=True, exist_ok=True)
+        (tmp / f"plain/train/0_real/holiday-{i}.png").write_bytes(good_rgb(seed=i, size=(24, 24)))
+    classless = write_built(tmp / "classless.parquet", build_folders(tmp / "plain", progress=False))
     run = tmp / "run"
     trained = invoke("train", "--preset", "debug", "--train", tmp / "train", "--val", tmp / "val", "--out", run,
                      "--epochs", "1", "--set", "progress=false", "--set", "head_dim=8")
@@ -64,11 +70,13 @@ def world(tmp_path_factory) -> SimpleNamespace:
     torch.save(dict(load_file(run / "model.safetensors")), tmp / "reference.pth")  # an EGRE head, reference-style keys
     converted = invoke("convert-reference", tmp / "reference.pth", "--out", tmp / "converted", "--lare-size", "16")
     assert converted.exit_code == 0, converted.output
-    return SimpleNamespace(tmp=tmp, missing=tmp / "no_such_thing", cache=tiny.path, manifest=tiny.manifest,
+    badweights = shutil.copytree(run, tmp / "badweights")  # the run with its weights file overwritten
+    (badweights / "model.safetensors").write_bytes(b"not safetensors")
+    return SimpleNamespace(badweights=badweights, tmp=tmp, missing=tmp / "no_such_thing", cache=tiny.path, manifest=tiny.manifest,
                            images=tiny.root, other=other.path, corrupt=corrupt, damaged=damaged, train=tmp / "train",
                            val=tmp / "val", stranger=tmp / "stranger", testsplit=tmp / "testsplit",
                            badperturb=tmp / "badperturb", run=run, converted=tmp / "converted",
-                           ckpt=tmp / "reference.pth")
+                           ckpt=tmp / "reference.pth", classless=classless)
 
 
 def _extract(*args: str) -> list[str]:
@@ -93,6 +101,9 @@ CASES = [
     ("manifest-audit-bad-split", ["manifest", "audit", "{manifest}", "--split", "dev"], 2, "dev"),
     ("manifest-audit-absent-split", ["manifest", "audit", "{manifest}", "--split", "test"], 2, "'test'"),
     ("manifest-audit-bound-range", ["manifest", "audit", "{manifest}", "--bound", "1.5"], 2, "--bound"),
+    ("manifest-build-out-a-folder", ["manifest", "build", "folders", "{images}", "-o", "{tmp}"], 2, "--out {tmp}: a folder"),
+    ("manifest-build-not-a-tar", ["manifest", "build", "webdataset", "{manifest}", "-o", "{tmp}/m.parquet", "--split", "train"],
+     2, "{manifest}: not a readable tar shard"),
     # extract
     ("extract-missing-manifest", ["extract", "--manifest", "{missing}", "--preset", "debug", "--out", "{tmp}/x"], 2, "{missing}"),
     ("extract-cache-as-manifest", ["extract", "--manifest", "{cache}", "--preset", "debug", "--out", "{tmp}/x"], 2, "{cache}"),
@@ -121,7 +132,23 @@ CASES = [
     ("extract-normalize-size-too-small", _extract("--normalize", "size:4"), 2, "an integer >= 8"),
     ("extract-views-negative", _extract("--views", "-1"), 2, "views=-1: expected >= 0"),
     ("extract-views-into-plain-cache", ["extract", "--manifest", "{manifest}", "--split", "train", "--preset", "debug", "--out",
-                                        "{cache}", "--device", "cpu", "--views", "2"], 2, "views: cache has None, this run 2"),
+                                        "{cache}", "--device", "cpu", "--views", "2"], 2, "views: cache has none, this run 2"),
+    ("extract-perturb-into-clean-cache", ["extract", "--manifest", "{manifest}", "--split", "train", "--preset", "debug",
+                                          "--out", "{cache}", "--device", "cpu", "--perturb", "jpeg:50"], 2,
+     "perturb: cache has none, this run 'jpeg:50'"),
+    ("extract-classless-rows", ["extract", "--manifest", "{classless}", "--preset", "paper", "--sd", "tiny", "--clip", "tiny",
+                                "--out", "{tmp}/cl", "--device", "cpu"], 2,
+     "{classless}: 2 of 2 selected rows have no ImageNet class for prompt_mode=class"),
+    ("extract-classless-remedy", ["extract", "--manifest", "{classless}", "--sd", "tiny", "--clip", "tiny", "--out", "{tmp}/cl",
+                                  "--device", "cpu", "--set", "classless_prompt=refuse", "--preset", "debug"], 2,
+     "or --set classless_prompt=empty to give only those rows the empty prompt"),
+    ("extract-set-classless-bad-choice", _extract("--set", "classless_prompt=guess"), 2, "guess"),
+    ("extract-out-is-a-file", ["extract", "--manifest", "{manifest}", "--split", "train", "--preset", "debug", "--out",
+                               "{manifest}", "--device", "cpu"], 2, "{manifest}: a file, not a cache folder"),
+    ("extract-out-holds-other-files", ["extract", "--manifest", "{manifest}", "--split", "train", "--preset", "debug",
+                                       "--out", "{images}", "--device", "cpu"], 2, "{images}: a folder holding other files"),
+    ("extract-out-under-a-file", ["extract", "--manifest", "{manifest}", "--split", "train", "--preset", "debug", "--out",
+                                  "{manifest}/cache", "--device", "cpu"], 2, "is a file, not a folder"),
     ("extract-set-perturb-bad", _extract("--set", "perturb=blur:0"), 2, "perturb 'blur:0'"),
     # cache
     ("cache-info-missing", ["cache", "info", "{missing}"], 2, "{missing}"),
@@ -197,8 +224,22 @@ CASES = [
     ("calibrate-incompatible-val", ["calibrate", "{run}", "--val", "{stranger}"], 2, "{stranger}"),
     ("calibrate-other-dims", ["calibrate", "{converted}", "--val", "{cache}", "--allow-pending"], 2, "{cache}"),
     ("calibrate-bad-fpr", ["calibrate", "{run}", "--val", "{val}", "--target-fpr", "2"], 2, "--target-fpr"),
+    ("calibrate-test-split-val", ["calibrate", "{run}", "--val", "{testsplit}"], 2,
+     "{testsplit}: the calibration cache holds 32 samples of the test split"),
+    ("calibrate-training-cache-as-val", ["calibrate", "{run}", "--val", "{train}"], 2,
+     "{train}: the calibration cache is the run's training cache"),
     ("cache-show-png-no-folder", ["cache", "show", "{cache}", "0", "--png", "{missing}/s.png"], 2, "{missing}"),
     ("cache-stats-png-no-folder", ["cache", "stats", "{cache}", "--png", "{missing}/s.png"], 2, "{missing}"),
+    ("cache-show-png-not-png", ["cache", "show", "{cache}", "0", "--png", "{tmp}/s.txt"], 2, "--png {tmp}/s.txt: not a .png"),
+    ("cache-show-png-a-folder", ["cache", "show", "{cache}", "0", "--png", "{tmp}"], 2, "--png {tmp}: a folder"),
+    ("cache-stats-png-not-png", ["cache", "stats", "{cache}", "--png", "{tmp}/s.pdf"], 2, "--png {tmp}/s.pdf: not a .png"),
+    ("cache-verify-negative-recompute", ["cache", "verify", "{cache}", "--recompute", "-1"], 2,
+     "Invalid value for '--recompute'"),
+    ("cache-diff-negative-atol", ["cache", "diff", "{cache}", "{other}", "--atol", "-1"], 2, "Invalid value for '--atol'"),
+    ("eval-corrupt-weights", ["eval", "{badweights}", "--test", "{val}"], 2,
+     "{badweights}/model.safetensors: not readable safetensors"),
+    ("calibrate-corrupt-weights", ["calibrate", "{badweights}", "--val", "{val}"], 2,
+     "{badweights}/model.safetensors: not readable safetensors"),
     # score
     ("score-missing-run", ["score", "{missing}", "{manifest}"], 2, "{missing}"),
     ("score-cache-as-run", ["score", "{cache}", "{manifest}"], 2, "{cache}"),
@@ -209,6 +250,9 @@ CASES = [
     ("score-out-bad-suffix", ["score", "{run}", "{manifest}", "-o", "{tmp}/v.xlsx"], 2, "v.xlsx"),
     ("score-heatmaps-under-a-file", ["score", "{run}", "{manifest}", "--heatmaps", "{manifest}/heat"], 2, "heat"),
     ("score-no-image-files", ["score", "{run}", "{cache}"], 2, "no image files"),
+    ("score-class-name-unknown", ["score", "{run}", "{manifest}", "--class-name", "goldfsh"], 2,
+     "--class-name 'goldfsh': not an ImageNet class name (the first synonym of one of the 1000 classes, as prompts use "
+     "it); did you mean 'goldfish'"),
     ("score-threshold-range", ["score", "{run}", "{manifest}", "--threshold", "2"], 2,
      "Invalid value for '--threshold'"),
     # minigenimage
@@ -383,3 +427,30 @@ def test_a_missing_extra_is_named_with_its_install_command(world, modules_restor
     assert result.exit_code == 2, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: this command needs diffusers, which is not installed: pip install 'lare2[extract]'"], result.output
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_saying_what_was_kept(world, tmp_path) -> None:
+    """SIGINT (Ctrl-C) in the middle of an extraction: exit 130 and one line saying what was kept and how to go on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "slow-cache"
+    # a long extraction (64 draws of 512 px per image), so that the signal lands while it computes
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lare2.extract", "--manifest", str(world.manifest), "--split", "train", "--preset", "debug",
+         "--out", str(out), "--device", "cpu", "--ensemble", "64", "--image-size", "512"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "300"})
+    deadline = time.monotonic() + 300
+    while not (out / "zarr.json").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert process.returncode == 130 and len(errors) == 1, stderr
+    assert errors[0].startswith(f"error: {out}: interrupted (Ctrl-C); the ") and "blocks marked done are kept; rerun the " \
+        "same command to compute the rest" in errors[0], errors[0]
+    assert "Traceback" not in stderr, stderr

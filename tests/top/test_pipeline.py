@@ -54,8 +54,9 @@ def pipeline(tmp_path_factory):
             (folder / f"{i % 5 + 1}_{split}_{i}.png").write_bytes(image)
     manifest = write_built(root / "manifest.parquet", build_folders(images, progress=False))
     for split in ("train", "val", "test"):
-        run_extraction(debug(manifest=str(manifest), out=str(root / "cache" / split), split=split, sd_model=str(sd),
-                             device="cpu", chunk_samples=4, ensemble=2))
+        # classless_prompt=refuse (the paper's rule, not debug's): images without a class are error rows when scored
+        run_extraction(debug(manifest=str(manifest), out=str(root / "cache" / split), split=split, sd=str(sd),
+                             device="cpu", chunk_samples=4, ensemble=2, classless_prompt="refuse"))
     run_training(train_debug(model="egre", train=str(root / "cache/train"), val=str(root / "cache/val"),
                              out=str(root / "run"), epochs=1))
     return root, sd
@@ -110,12 +111,15 @@ def test_a_folder_of_good_and_bad_files_scores_like_the_cache(pipeline, tmp_path
             assert r["is_fake"] == str(float(r["p_fake"]) > threshold)
             assert float(r["threshold"]) == pytest.approx(threshold)
     assert "scored 4 of 8 images" in result.stderr and "4 errors" in result.stderr
-    assert "skipped 1 files without an image name" in result.stderr and "notes.txt" in result.stderr
+    assert "skipped 1 file without an image name" in result.stderr and "notes.txt" in result.stderr
     from PIL import Image
 
     from lare2.heatmaps import heatmap_pixels
     pngs = sorted((tmp_path / "heat").iterdir())
-    assert [p.name for p in pngs] == sorted(f"{Path(n).stem}.png" for n in good)
+    # one per ok row, named by row index and stem, and named in the row
+    assert [r["heatmap"] for r in rows] == [str(tmp_path / "heat" / f"{i:04d}-{Path(r['path']).stem}.png")
+                                            if r["status"] == "ok" else "" for i, r in enumerate(rows)]
+    assert pngs == sorted(Path(r["heatmap"]) for r in rows if r["heatmap"])
     for png in pngs:
         with Image.open(png) as im:
             assert im.size == heatmap_pixels()

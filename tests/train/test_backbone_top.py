@@ -46,7 +46,7 @@ def caches(tmp_path_factory) -> Path:
             (folder / f"{i % 5 + 1}_{split}_{i}.png").write_bytes(good_rgb(seed=seed, size=(32 + i, 40)))
     manifest = write_built(root / "manifest.parquet", build_folders(root / "images", progress=False))
     for split in COUNTS:
-        run_extraction(debug(manifest=str(manifest), out=str(root / "cache" / split), split=split, sd_model=str(sd),
+        run_extraction(debug(manifest=str(manifest), out=str(root / "cache" / split), split=split, sd=str(sd),
                              device="cpu", chunk_samples=4, ensemble=2))
     return root
 

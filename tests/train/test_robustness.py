@@ -22,7 +22,7 @@ from lare2.train.report import PREDICTION_COLUMNS, ScoredCache, evaluate, percen
 from lare2.train.robustness import METRICS, group_by_perturbation
 from lare2.train.scoring import score_split
 from tests.helpers.rich_tables import table_rows
-from tests.helpers.synthetic_caches import write_synthetic_cache
+from tests.helpers.caches import write_synthetic_cache
 
 LAYOUT = CacheLayout(pooled_dim=16, fmap_shape=(16, 7, 7), lare_shape=(4, 16, 16), chunk_samples=16)
 # (folder, generators, seed, lare_shift: weaker signal = a harder perturbation, perturb as the extractor records it)

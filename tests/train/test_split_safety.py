@@ -14,8 +14,7 @@ from typer.testing import CliRunner
 
 from lare2.cli import app
 from tests.helpers.log_records import Logged
-from tests.helpers.synthetic_caches import write_synthetic_cache
-from tests.helpers.tiny_caches import NUM_SAMPLES, build_tiny_cache, manifest_rows
+from tests.helpers.caches import NUM_SAMPLES, build_tiny_cache, manifest_rows, write_synthetic_cache
 
 LAYOUT = CacheLayout(pooled_dim=16, fmap_shape=(16, 7, 7), lare_shape=(4, 16, 16), chunk_samples=16)
 runner = CliRunner()

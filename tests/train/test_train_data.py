@@ -8,7 +8,7 @@ import pytest
 
 from lare2.shared.cache import CacheError, CacheLayout
 from lare2.train.data import CacheSplit
-from tests.helpers.synthetic_caches import write_synthetic_cache
+from tests.helpers.caches import write_synthetic_cache
 
 LAYOUT = CacheLayout(pooled_dim=8, fmap_shape=(8, 7, 7), lare_shape=(4, 8, 8), chunk_samples=8)
 BATCH = 10

@@ -8,7 +8,7 @@ import pytest
 
 from lare2.shared.cache import CacheLayout
 from lare2.train.cli import main
-from tests.helpers.synthetic_caches import write_synthetic_cache
+from tests.helpers.caches import write_synthetic_cache
 
 LAYOUT = CacheLayout(pooled_dim=32, fmap_shape=(32, 14, 14), lare_shape=(4, 32, 32), chunk_samples=32)
 

@@ -13,7 +13,7 @@ from lare2.train.checkpoint import load_detector
 from lare2.train.models import EGREClassifier, ModelConfig, build_model, egre_config_from_state_dict
 from lare2.train.reference import split_reference_state
 from lare2.train.scoring import score_features
-from tests.helpers.synthetic_caches import write_synthetic_cache
+from tests.helpers.caches import write_synthetic_cache
 
 # docs/method.md §3.5: the head keys of a reference CLipClassifierWMapV6 checkpoint.
 REFERENCE_HEAD_KEYS = {

@@ -20,7 +20,7 @@ from lare2.train.trainer import hold_splits_in_memory
 from safetensors.torch import load_file
 
 from tests.helpers.log_records import Logged
-from tests.helpers.synthetic_caches import write_synthetic_cache
+from tests.helpers.caches import write_synthetic_cache
 
 LAYOUT = CacheLayout(pooled_dim=8, fmap_shape=(8, 7, 7), lare_shape=(4, 8, 8), chunk_samples=8, feature_dtype="float16")
 NAMES = ("pooled", "fmap", "lare")

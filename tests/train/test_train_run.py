@@ -16,7 +16,7 @@ from lare2.train.cli import main
 from lare2.train.metrics import detection_metrics
 from lare2.train.report import evaluate
 from lare2.train.scoring import score_features
-from tests.helpers.synthetic_caches import write_synthetic_cache
+from tests.helpers.caches import write_synthetic_cache
 
 LAYOUT = CacheLayout(pooled_dim=16, fmap_shape=(16, 7, 7), lare_shape=(4, 16, 16), chunk_samples=16)
 
@@ -141,8 +141,8 @@ def test_stage_2_never_loads_diffusers_or_the_extractor() -> None:
 
     from pathlib import Path
 
-    # stage 2 and the synthetic-cache fixture its tests write with; run from the repository root so tests/ imports
-    code = ("import sys, lare2.train.cli, lare2.train.trainer, lare2.train.report, tests.helpers.synthetic_caches; "
+    # stage 2 and the cache fixtures its tests write with; run from the repository root so tests/ imports
+    code = ("import sys, lare2.train.cli, lare2.train.trainer, lare2.train.report, tests.helpers.caches; "
             "bad = [m for m in sys.modules if m.split('.')[0] == 'diffusers' or m.startswith('lare2.extract')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
@@ -163,7 +163,7 @@ def test_pending_samples_are_counted_and_reported(tmp_path, caplog) -> None:
     import logging
 
     from lare2.train.data import CacheSplit
-    from tests.helpers.tiny_caches import CHUNK, ERROR_INDICES, build_tiny_cache
+    from tests.helpers.caches import CHUNK, ERROR_INDICES, build_tiny_cache
 
     from lare2.shared.cache import CacheError
 
