@@ -156,10 +156,10 @@ def check_compatible(config: DetectorConfig, fingerprint: str, layout: CacheLayo
     the cache's ``attrs["identity"]``, lets the refusal name each setting that differs."""
     if fingerprint != config.extraction_fingerprint:
         differing = identity_differences(identity, run_identity(config), ("the cache", "the run"))
-        what = f"({differing})" if differing else (f"(fingerprint {fingerprint}, the run's "
-                                                   f"{config.extraction_fingerprint})")
-        raise CheckpointError(f"{cache_path}: extracted with other settings or models than the detector {what}; "
-                              "extract it with the run's settings (config.json: extraction)")
+        what = f"({differing or f'the cache has {fingerprint}, the run {config.extraction_fingerprint}'})"
+        raise CheckpointError(f"{cache_path}: extraction fingerprint differs from the detector's {what}: its features "
+                              "were made with other settings or models; extract it with the run's settings "
+                              "(config.json: extraction)")
     m = config.model
     have = (layout.pooled_dim, tuple(layout.fmap_shape), tuple(layout.lare_shape))
     want = (m.pooled_dim, tuple(m.fmap_shape), tuple(m.lare_shape))

@@ -83,7 +83,7 @@ def _open_splits(cfg: TrainConfig, input_names: tuple[str, ...], read: ReadSetti
     if train.fingerprint != val.fingerprint:
         differing = identity_differences(val.cache.attrs.get("identity"), train.cache.attrs.get("identity"),
                                          ("val", "train"))
-        raise CacheError(f"{cfg.val}: extracted with other settings than {cfg.train} ({differing}); train and "
+        raise CacheError(f"{cfg.val}: extraction fingerprint differs from {cfg.train}'s ({differing}); train and "
                          "validation features must come from the same extraction settings")
     if train.cache.layout != val.cache.layout:
         raise CacheError(f"{cfg.val}: layout {val.cache.layout} differs from {cfg.train}'s {train.cache.layout}")

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
 
 from lare2.serve.batching import BatchScorer, QueueFull
 from lare2.serve.guards import BearerToken, UploadLimits
@@ -116,12 +118,20 @@ def build_app(settings: ServeSettings, detector: Detector | None = None) -> Fast
             await service.scorer.close()
             service.drawer.shutdown(wait=True)
 
-    app = FastAPI(title="lare2 serve", version=_version(), lifespan=lifespan,
+    # docs_url=None: the OpenAPI page is served below from swagger-ui-bundle's files, not a CDN (offline networks)
+    app = FastAPI(title="lare2 serve", version=_version(), lifespan=lifespan, docs_url=None,
                   description="Scores images with a trained LaRE^2 detector: p(fake) and the verdict at the run's "
                               "threshold, with the rows of `lare2 score`.")
     app.state.service = service
     add_routes(app, service)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def openapi_page() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="lare2 serve: API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="")
     # outermost first: count every answer, then the token, then the upload limits
     app.add_middleware(UploadLimits, max_bytes=settings.max_upload_bytes, room=service.room,
                        retry_after=service.retry_after)

@@ -189,6 +189,7 @@ def test_heatmaps_info_health_metrics_and_page(tiny_run, detector):
         metrics = httpx.get(f"{url}/metrics")
         openapi = httpx.get(f"{url}/openapi.json").json()
         docs, page = httpx.get(f"{url}/docs"), httpx.get(f"{url}/")
+        swagger_js = httpx.get(f"{url}/docs-assets/swagger-ui-bundle.js")
         statics = {name: httpx.get(f"{url}/static/{name}").text for name in ("page.js", "page.css")}
     ok, bad = answer.json()["results"]
     with Image.open(io.BytesIO(base64.b64decode(ok["heatmap"]))) as heat:
@@ -206,6 +207,9 @@ def test_heatmaps_info_health_metrics_and_page(tiny_run, detector):
         assert line in text, line
     assert 'lare2_http_request_seconds_count{route="/v1/info"} 1.0' in text
     assert "/v1/score" in openapi["paths"] and docs.status_code == 200
+    # the OpenAPI page works offline: its scripts come from the app, never a CDN
+    assert "/docs-assets/swagger-ui-bundle.js" in docs.text and "https://" not in docs.text.split("<body>")[0]
+    assert swagger_js.status_code == 200 and "SwaggerUIBundle" in swagger_js.text
     assert page.status_code == 200 and 'src="/static/page.js"' in page.text
     for name, source in {"index.html": page.text, **statics}.items():  # offline: nothing from elsewhere
         assert not re.search(r"https?:|//[a-z]", source) and ".innerHTML" not in source, name
