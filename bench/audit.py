@@ -45,7 +45,8 @@ def synthetic_headers(rows: int, seed: int = 0) -> list:
         if looks_real:
             width, height = REAL_SIZES[rng.integers(len(REAL_SIZES))]
             quality = int(rng.integers(75, 97))
-            extra = {"format": "JPEG", "jpeg_quality": quality, "subsampling": "4:2:0" if rng.random() < 0.9 else "4:4:4",
+            subsampling = "4:2:0" if rng.random() < 0.9 else "4:4:4"
+            extra = {"format": "JPEG", "jpeg_quality": quality, "subsampling": subsampling,
                      "file_bytes": int(width * height * rng.uniform(0.15, 0.6))}
         else:
             width, height = FAKE_SIZES[rng.integers(len(FAKE_SIZES))]

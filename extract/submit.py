@@ -10,7 +10,10 @@ so it can pass that on: the extractor gets ``TERM`` (on which it writes its fini
 exits ``EXIT_PREEMPTED``; a kill loses at most the blocks in flight, as the rerun guarantee says),
 and the task requeues itself to finish its shard. Under ``accelerate launch`` the launcher passes
 the ``TERM`` on to every rank; the script signals only its direct child, never the process group,
-so DataLoader workers are not killed under the extractor. A task cancelled or preempted gets
+so DataLoader workers are not killed under the extractor. The task requeues itself only after that
+``USR1``, and only when the extraction asks for it (``requeue_rule``): exit ``EXIT_PREEMPTED``, or,
+under ``accelerate launch`` (which exits 1 when its ranks stop, whatever their codes), a non-zero
+exit while the cache still holds pending blocks of the task's shard. A task cancelled or preempted gets
 ``TERM`` from SLURM; ``--requeue`` lets SLURM bring a preempted one back. Every rerun skips the
 blocks already done. ``--only-missing`` submits only the
 shards that still hold pending blocks, as one array of those indices (``--array=1,4-6``).
@@ -39,6 +42,7 @@ from pathlib import Path
 
 import typer
 
+from lare2.shared.cli_errors import EXIT_PREEMPTED
 from lare2.shared.errors import InputError
 
 SIGNAL_BEFORE_LIMIT_S = 120
@@ -146,6 +150,45 @@ def shell_lines(command: list[str], indent: str = "    ") -> str:
     return (" \\\n" + indent).join(lines)
 
 
+def requeue_rule(out: Path, num_shards: int, launched: bool) -> str:
+    """The job script's lines that decide, after the extraction has exited with ``$status``, whether a task
+    stopped for its time limit (``$time_limit`` = 1) requeues itself (``$requeue`` = 1).
+
+    Only ``EXIT_PREEMPTED`` means "stopped, resume me"; 0 means the shard is done and any other status
+    from the extractor itself is a failure (requeueing would only repeat it). ``accelerate launch``
+    (``launched``) exits 1 when its ranks stop, whatever their codes, so there the cache decides:
+    ``lare2 cache progress --json`` lists the shards with pending blocks; the task's shard among them
+    means the ranks stopped before finishing it."""
+    python = shlex.quote(sys.executable)
+    lines = ["# Requeue only a task stopped for its time limit (USR1) whose extraction asks for it: exit "
+             f"{EXIT_PREEMPTED}", "# (EXIT_PREEMPTED: finished blocks written, \"stopped, resume me\"). "
+             "0: the shard is done. Any other", "# status from the extractor itself is a failure: not requeued, "
+             "the log says why."]
+    if launched:
+        progress = f"{python} -m lare2.cli cache progress {shlex.quote(str(out))} --num-shards {num_shards} --json"
+        lines += ["# accelerate launch exits 1 when its ranks stop, whatever their codes: after USR1 a non-zero exit",
+                  "# requeues when the cache still holds pending blocks of this task's shard (its done marks).",
+                  "shard_pending() {",
+                  f"    {progress} \\",
+                  f"        | {python} -c 'import json, sys; sys.exit(int(sys.argv[1]) not in "
+                  "json.load(sys.stdin)[\"missing_shards\"])' \"${SLURM_ARRAY_TASK_ID}\"",
+                  "}"]
+    lines += ["requeue=0",
+              'if [ "$time_limit" = 1 ]; then',
+              f'    if [ "$status" = {EXIT_PREEMPTED} ]; then',
+              "        requeue=1"]
+    if launched:
+        lines += ['    elif [ "$status" != 0 ] && shard_pending; then',
+                  '        echo "lare2: accelerate launch exited $status after USR1; shard ${SLURM_ARRAY_TASK_ID} '
+                  'still has pending blocks"',
+                  "        requeue=1"]
+    lines += ['    elif [ "$status" != 0 ]; then',
+              '        echo "lare2: the extraction failed (status $status) after USR1; not requeued (see above)"',
+              "    fi",
+              "fi"]
+    return "\n".join(lines)
+
+
 def job_script(*, out: Path, command: list[str], array: str, num_shards: int, throttle: int | None,
                sbatch_args: list[str], gpus_per_task: int, logs: Path) -> str:
     """The job script: ``#SBATCH`` lines, then the extraction run so that signals reach it (see the module doc)."""
@@ -167,7 +210,8 @@ def job_script(*, out: Path, command: list[str], array: str, num_shards: int, th
 #
 # The extraction runs in the background so that this shell can pass signals on:
 #   USR1 (from SLURM, {SIGNAL_BEFORE_LIMIT_S} s before the time limit): TERM to the extraction, which writes its
-#        finished blocks and exits 75; then this task requeues itself to finish its shard.
+#        finished blocks and exits {EXIT_PREEMPTED}; then this task requeues itself to finish its shard
+#        (the rule below).
 #   TERM (scancel, preemption): passed on once; SLURM requeues a preempted task (--requeue).
 set -u
 run=$(( ${{SLURM_RESTART_COUNT:-0}} + 1 ))
@@ -189,7 +233,8 @@ while :; do
     kill -0 "$extraction" 2>/dev/null || break  # a signal ends `wait` early: wait again
 done
 echo "lare2: extraction exited with status $status at $(date -Is)"
-if [ "$time_limit" = 1 ] && [ "$status" != 0 ]; then
+{requeue_rule(out, num_shards, launched=gpus_per_task > 1)}
+if [ "$requeue" = 1 ]; then
     echo "lare2: stopped before the time limit; requeueing this task to finish its shard"
     scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
 fi

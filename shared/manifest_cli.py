@@ -144,7 +144,8 @@ def audit(
     bound: float = typer.Option(DEFAULT_SHORTCUT_BOUND, help="CV ROC AUC above which the metadata are a shortcut, in "
                                                              "(0.5, 1)."),
     seed: int = typer.Option(0, help="Seed of the cross-validation folds and the classifier."),
-    workers: int = typer.Option(min(8, os.cpu_count() or 1), help="Threads reading headers."),
+    workers: int = typer.Option(min(8, os.cpu_count() or 1), help="Threads reading headers and fitting the "
+                                                                  "classifier."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document (groups, classifier, shortcut) "
                                                         "instead of tables."),
 ) -> None:

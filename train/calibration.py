@@ -27,8 +27,7 @@ from lare2.train.data import CacheSplit
 from lare2.train.metrics import detection_metrics
 from lare2.train.models import ModelConfig
 from lare2.train.reference import REFERENCE_BACKBONE_FILE
-from lare2.train.report import SCORING_READ
-from lare2.train.scoring import score_split
+from lare2.train.scoring import SCORING_READ, score_split
 from lare2.train.split_safety import check_calibration_cache
 
 logger = get_logger(__name__)

@@ -31,9 +31,9 @@ from lare2.shared.jsonio import write_json
 from lare2.shared.logs import console, get_logger
 from lare2.shared.perturbations import chain_text, parse_chain
 from lare2.train.checkpoint import check_compatible, load_detector
-from lare2.train.data import CacheSplit, ReadSettings
+from lare2.train.data import CacheSplit
 from lare2.train.metrics import detection_metrics
-from lare2.train.scoring import score_split
+from lare2.train.scoring import SCORING_READ, score_split
 from lare2.train.split_safety import warn_test_overlap
 
 logger = get_logger(__name__)
@@ -43,8 +43,6 @@ GROUPING_RULE = (
     "else all test caches (pooled reals: ACC is balanced, the mean of real and fake ACC); "
     "reals-only generators are reported but left out of the mean; mean = unweighted over rows with fakes"
 )
-SCORING_READ = ReadSettings(workers=2, ahead=2)
-"""How ``lare2 eval`` reads test caches."""
 TABLE_COLUMNS = ("acc", "real_acc", "fake_acc", "ap", "auc", "tpr@0.01fpr", "tpr@0.05fpr", "acc@thr")
 HEADERS = {"generator": "generator", "acc": "ACC", "real_acc": "real", "fake_acc": "fake", "ap": "AP", "auc": "AUC",
            "tpr@0.01fpr": "TPR@1%", "tpr@0.05fpr": "TPR@5%", "acc@thr": "ACC@thr", "n_real": "#real", "n_fake": "#fake",

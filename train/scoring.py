@@ -10,8 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from lare2.train.data import CacheSplit
+from lare2.train.data import CacheSplit, ReadSettings
 from lare2.train.models import predict_features
+
+SCORING_READ = ReadSettings(workers=2, ahead=2)
+"""How ``lare2 eval`` and ``calibrate`` read a cache split: two threads read blocks ahead, as in training
+(same values, same order)."""
 
 
 def score_features(model: nn.Module, pooled: torch.Tensor | np.ndarray | None, fmap: torch.Tensor | np.ndarray | None,

@@ -1,11 +1,13 @@
-"""Pack a finished cache into Zarr shard files of many blocks each: far fewer files, same values.
+"""Pack a finished cache into files of many blocks each (Zarr v3 shards): far fewer files, same values.
 
 A finished cache can be *packed* (:func:`pack_cache`, ``lare2 cache pack``): the same arrays, chunks
 and attributes, with K blocks per Zarr v3 shard file, so one file holds K chunks. A cache of N samples
 then takes ~13 N / (C K) files instead of ~13 N / C (GenImage's 2.68 M images: ~1.1 M files at C = 32,
 ~17k at K = 64), which cluster file systems and copies need. Readers see no difference. A packed cache
 is read-only for the extractor: writing a block would rewrite its whole file, which concurrent writers
-would race on. ("Shard" alone in lare2 means an array-job part, ``--shard-index``; here it is Zarr's.)
+would race on. ("Shard" alone in lare2 means an array-job part, ``--shard-index``; lare2 calls Zarr's shards
+*packed files*: ``lare2 cache pack --pack-blocks``, ``pack_file`` in ``cache info``. The attribute
+``packed.shard_blocks`` keeps the name it was written with, so caches packed before still read.)
 """
 
 from __future__ import annotations

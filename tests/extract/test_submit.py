@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from lare2.cli import app
 from lare2.extract.submit import job_folder, job_script, parse_array, shell_lines
 from lare2.shared.cache import FeatureCache
+from lare2.shared.cli_errors import EXIT_PREEMPTED
 
 TINY = ["--preset", "debug", "--device", "cpu", "--set", "chunk_samples=2", "--set", "image_size=64",
         "--set", "num_workers=0"]
@@ -140,19 +141,25 @@ def test_parse_array_and_shell_lines():
 
 
 # ---- the script's signal handling, run under bash with a stand-in for the extraction ------------------
-STAND_IN = ("import signal, sys, time; "
-            "signal.signal(signal.SIGTERM, lambda *_: (print('extraction: TERM', flush=True), sys.exit(3))); "
+def _stand_in(exit_code: int) -> str:
+    """An extraction that waits, and on TERM exits ``exit_code``."""
+    return ("import signal, sys, time; "
+            "signal.signal(signal.SIGTERM, lambda *_: (print('extraction: TERM', flush=True), "
+            f"sys.exit({exit_code}))); "
             "print('extraction: ready', flush=True); time.sleep(120)")
 
 
-def _run_script(tmp_path: Path, send: signal.Signals) -> tuple[int, str]:
-    """Run a job script whose extraction is ``STAND_IN`` under bash, send the shell ``send`` once it runs."""
-    text = job_script(out=tmp_path / "c", command=[sys.executable, "-c", STAND_IN], array="0-1", num_shards=2,
-                      throttle=None, sbatch_args=[], gpus_per_task=0, logs=tmp_path / "logs")
+def _run_script(tmp_path: Path, send: signal.Signals, exit_code: int, *, gpus_per_task: int = 0,
+                out: Path | None = None) -> tuple[int, str]:
+    """Run a job script (task 1 of 2, cache ``out``) whose extraction is ``_stand_in(exit_code)`` under bash,
+    send the shell ``send`` once it runs."""
+    text = job_script(out=out or tmp_path / "c", command=[sys.executable, "-c", _stand_in(exit_code)], array="0-1",
+                      num_shards=2, throttle=None, sbatch_args=[], gpus_per_task=gpus_per_task, logs=tmp_path / "logs")
     programs = tmp_path / "bin"  # the script's helpers, but no scontrol: no scheduler may be touched from here
-    programs.mkdir()
+    programs.mkdir(exist_ok=True)
     for name in ("hostname", "date"):
-        (programs / name).symlink_to(shutil.which(name))
+        if not (programs / name).exists():
+            (programs / name).symlink_to(shutil.which(name))
     env = {**os.environ, "SLURM_ARRAY_JOB_ID": "41", "SLURM_ARRAY_TASK_ID": "1", "PATH": str(programs)}
     shell = subprocess.Popen([shutil.which("bash"), "-c", text], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
@@ -166,13 +173,33 @@ def _run_script(tmp_path: Path, send: signal.Signals) -> tuple[int, str]:
 
 
 def test_usr1_before_the_time_limit_stops_the_extraction_and_requeues_the_task(tmp_path):
-    status, output = _run_script(tmp_path, signal.SIGUSR1)
+    status, output = _run_script(tmp_path, signal.SIGUSR1, EXIT_PREEMPTED)
     assert "extraction: TERM" in output  # passed on as TERM
-    assert "extraction exited with status 3" in output
+    assert f"extraction exited with status {EXIT_PREEMPTED}" in output
     assert "requeueing this task" in output and "scontrol" in output  # not found here; test_slurm.py runs it for real
 
 
-def test_term_is_passed_on_and_the_task_does_not_requeue_itself(tmp_path):
-    status, output = _run_script(tmp_path, signal.SIGTERM)
+def test_usr1_then_a_failure_is_not_requeued(tmp_path):
+    status, output = _run_script(tmp_path, signal.SIGUSR1, 3)
     assert "extraction: TERM" in output and status == 3
-    assert "requeueing" not in output
+    assert "failed (status 3) after USR1; not requeued" in output and "requeueing" not in output
+
+
+def test_under_accelerate_launch_the_cache_decides_the_requeue(manifest, tmp_path):
+    """The launcher exits 1 whatever its ranks' codes: task 1 requeues while its shard has pending blocks."""
+    out = tmp_path / "launched"
+    created = _extract("--manifest", str(manifest), "--out", str(out), *TINY, "--create-only", "--num-shards", "2")
+    assert created.exit_code == 0, created.output
+    status, output = _run_script(tmp_path, signal.SIGUSR1, 1, gpus_per_task=2, out=out)
+    assert status == 1 and "shard 1 still has pending blocks" in output and "requeueing this task" in output
+    cache = FeatureCache.open(out, mode="r+")
+    for block in (1, 3):  # shard 1 of 2: done; shard 0 still pending
+        _write_zeros(cache, block)
+    status, output = _run_script(tmp_path, signal.SIGUSR1, 1, gpus_per_task=2, out=out)
+    assert status == 1 and "failed (status 1) after USR1; not requeued" in output and "requeueing" not in output
+
+
+def test_term_is_passed_on_and_the_task_does_not_requeue_itself(tmp_path):
+    status, output = _run_script(tmp_path, signal.SIGTERM, EXIT_PREEMPTED)
+    assert "extraction: TERM" in output and status == EXIT_PREEMPTED
+    assert "requeueing" not in output  # a cancelled task stays cancelled; SLURM requeues a preempted one
