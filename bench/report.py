@@ -1,6 +1,22 @@
-"""``bench.md``: the figures of ``bench.json`` as one markdown table, a few rows per measurement."""
+"""``bench.md``: the figures of ``bench.json`` as one markdown table, a few rows per measurement.
+
+A section carried over from an earlier run (``bench.record.carry_forward``) says so in its rows: the date
+and commit of the run that measured it.
+"""
 
 from __future__ import annotations
+
+
+def _commit_text(measured: dict) -> str:
+    """"commit 0123456789" ("+ changes" when the checkout was modified) of a ``"measured"`` record."""
+    sha, _, dirty = (measured.get("commit") or "unknown").partition("+")
+    return f"commit {sha[:10]}{' + changes' if dirty else ''}"
+
+
+def earlier(section: dict) -> str:
+    """"" for a section measured by this run, else "; measured DATE, commit SHA" (its ``"measured"`` record)."""
+    measured = section.get("measured")
+    return f"; measured {(measured.get('date') or '-')[:10]}, {_commit_text(measured)}" if measured else ""
 
 
 def _extraction_rows(results: dict) -> list[str]:
@@ -16,15 +32,17 @@ def _extraction_rows(results: dict) -> list[str]:
     for name, label in (("tiny", "tiny models"), ("tiny_sd_rn50", "tiny SD + full-size RN50")):
         p = results.get("pipeline_efficiency", {}).get(name)
         if p:
+            writes = "; cache writes in the writer thread" if p.get("cache_writer") else ""
             lines.append(f"| stage-1 pipeline efficiency, {label}: end to end / models only (batch {p['batch_size']}, "
-                         f"decode inline) | {p['end_to_end_over_models_only']} ({p['end_to_end_images_per_s']} vs "
+                         f"decode inline{writes}) | {p['end_to_end_over_models_only']} "
+                         f"({p['end_to_end_images_per_s']} vs "
                          f"{p['models_only_images_per_s']} img/s; the ratio is the median of {p['repeats']} "
                          "per-round ratios) |")
     full = results.get("full_size")
     if full:
         lines.append(f"| SD v1.5-size LaRE (VAE + {full['ensemble']} UNet calls), fp32 CPU | "
-                     f"{full['lare_seconds_per_image']} s/img |")
-        lines.append(f"| CLIP RN50, fp32 CPU | {full['backbone_seconds_per_image']} s/img |")
+                     f"{full['lare_seconds_per_image']} s/img{earlier(full)} |")
+        lines.append(f"| CLIP RN50, fp32 CPU | {full['backbone_seconds_per_image']} s/img{earlier(full)} |")
     return lines + _cost_rows(results)
 
 
@@ -37,7 +55,7 @@ def _cost_rows(results: dict) -> list[str]:
             lines.append(f"| DIRE-style ({d['ddim_steps']}+{d['ddim_steps']} DDIM steps, decode) / LaRE, "
                          f"time per image, {label}, batch {d['batch_size']} | {d['dire_over_lare']}x "
                          f"({d['dire_seconds_per_image']} vs {d['lare_seconds_per_image']} s/img, "
-                         f"median of {d['repeats']}) |")
+                         f"median of {d['repeats']}{earlier(d)}) |")
     flops = results.get("flops")
     if flops:
         g, o = flops["gflop_per_image"], flops["gflop_other"]
@@ -66,12 +84,25 @@ def _host_rows(results: dict) -> list[str]:
     if writes:
         lines.append(f"| cache writes, full-size layout (main process) | {writes['samples_per_s']} samples/s "
                      f"({writes['raw_mb_per_s']} MB/s raw) |")
+    lines += _writer_rows(results.get("cache_writer"))
     if host and "workers_per_gpu" in host:
         w = host["workers_per_gpu"]
         lines.append(f"| loader workers per GPU at {w['gpu_images_per_s']:g} img/s ({w['gpu_source']}) | "
                      f"{w['loader_workers']} ({w['loader_workers_exact']}); cache writes take "
                      f"{w['cache_write_share_of_one_process']:.0%} of one process |")
     return lines
+
+
+def _writer_rows(writer: dict | None) -> list[str]:
+    """The cache writer beside the model (``bench/writer.py``): capacity and the stand-in extraction's rate."""
+    if not writer:
+        return []
+    alone, beside = writer["writer_samples_per_s"], writer["extraction_samples_per_s"]
+    return [f"| cache writer alone, full-size layout ({writer['values']}): inline / writer thread / writer process | "
+            f"{alone['inline']} / {alone['thread']} / {alone['process']} samples/s (median of {writer['repeats']}) |",
+            f"| stand-in extraction, a model at {writer['model_images_per_s']:g} img/s + cache writes: inline / "
+            f"writer thread / writer process | {beside['inline']} / {beside['thread']} / {beside['process']} "
+            "samples/s |"]
 
 
 def _cache_rows(results: dict) -> list[str]:
@@ -106,7 +137,7 @@ def _cache_rows(results: dict) -> list[str]:
     if creation:
         lines.append(f"| cache creation, {creation['samples']:,} samples | {creation['seconds']} s, "
                      f"{creation['files']:,} files (GenImage: ~{creation['genimage_seconds_estimate']} s, "
-                     f"~{creation['genimage_files_estimate']:,} files) |")
+                     f"~{creation['genimage_files_estimate']:,} files{earlier(creation)}) |")
     return lines
 
 
@@ -118,9 +149,10 @@ def _reader_rows(results: dict) -> list[str]:
     lines = []
     r = reader["reader_samples_per_s"]
     rounds = reader.get("rounds", {})
-    if "date" in reader:  # remeasured on its own (--only-reader)
-        lines.append(f"| stage-2 rows below remeasured {reader['date'][:19]} (load {reader['load_average']}): "
-                     f"`{reader['command']}` | |")
+    measured = reader.get("measured")
+    if measured:  # remeasured on its own (--only-reader), or carried over from an earlier run
+        lines.append(f"| stage-2 rows below measured {(measured['date'] or '-')[:19]} ({_commit_text(measured)}, "
+                     f"load {measured['load_average']}): `{measured['command']}` | |")
     lines.append(f"| stage-2 reader, 0 / 1 / 2 read workers (full-size cache, {reader['samples']:,} samples) | "
                  f"{r['0']} / {r['1']} / {r['2']} samples/s (median of {len(rounds.get('ratio', [])) or 1}) |")
     spread = f"; rounds {', '.join(map(str, rounds['ratio']))}" if "ratio" in rounds else ""

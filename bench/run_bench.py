@@ -14,11 +14,17 @@ Figures:
 - host-side capacity (``bench/host.py``): decode + preprocess images/s per loader worker, cache writes
   per second, and the loader workers a GPU needs (its rate from ``bench/results/gpu.json`` when
   ``bench/gpu.sh`` has written one, else the 400 images/s H200 goal);
+- the cache writer beside the model (``bench/writer.py``): writes inline, in the extractor's writer thread
+  and in a writer process, alone and beside a stand-in model at 400 images/s;
 - FLOPs per image of the VAE encoder, the 4 UNet calls and RN50 (``bench/flops.py``);
 - stage 2's reader and training throughput (``bench/reader.py``).
 
 Random weights change values, not cost: the full-size timings hold for the real weights. Compressed
 sizes of ``fmap`` depend on the weights (sparsity after the ReLU); the measured figure is an estimate.
+
+A run that skips a measurement by its options (``--full-size-images 0``, no ``--dire-full-size-images``,
+``--create-samples 0``, ``--reader-samples 0``) keeps that section of the previous ``bench.json``, marked
+``"measured"`` with the date, commit and command of the run that measured it (``carry_forward``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import numpy as np
 import typer
 from lare2.shared.jsonio import write_json
 
+from bench.record import carry_forward, read_previous
 from bench.report import markdown
 
 GENIMAGE_SAMPLES = 2_681_167
@@ -48,6 +55,9 @@ GENIMAGE_SAMPLES = 2_681_167
 H200_GOAL_IMAGES_PER_S = 400.0
 """The stated stage-1 goal for one H200 (models only), used for the workers-per-GPU figure until gpu.json exists."""
 GPU_RESULTS = Path(__file__).resolve().parent / "results" / "gpu.json"
+SKIPPABLE_SECTIONS = {("full_size",): "full_size_images", ("dire_vs_lare", "full_size"): "dire_full_size_images",
+                      ("creation",): "create_samples", ("reader",): "reader_samples"}
+"""bench.json sections (key paths) -> the ``run`` option whose 0 skips them."""
 
 
 def _log(message: str) -> None:
@@ -244,15 +254,17 @@ def _write(out: Path, results: dict) -> None:
 
 
 def _remeasure_reader(out: Path, samples: int) -> None:
-    """Only the stage-2 reader figures, into the existing ``bench.json`` (dated, with their command)."""
+    """Only the stage-2 reader figures, into the existing ``bench.json`` (marked with their own date and command)."""
+    from lare2.shared.provenance import git_sha
+
     from bench.reader import measure_reader
 
     results = json.loads((out / "bench.json").read_text())
     with tempfile.TemporaryDirectory(prefix="lare2-bench-") as tmp:
         reader = measure_reader(Path(tmp), samples=samples)
-    reader["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    reader["command"] = " ".join(["python", *sys.argv])
-    reader["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    reader["measured"] = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                          "commit": git_sha(), "command": " ".join(["python", *sys.argv]),
+                          "load_average": [round(v, 2) for v in os.getloadavg()]}
     results["reader"] = reader
     _write(out, results)
 
@@ -274,13 +286,18 @@ def _measure_extraction(results: dict, work: Path, manifest: Path, repeats: int,
 
 
 def _measure_cache(results: dict, cache: Path, work: Path, read_blocks: int, create_samples: int) -> None:
-    """Bytes on disk, the GenImage estimate, writes and reads (plain and packed), creation."""
+    """Bytes on disk, the GenImage estimate, writes and reads (plain and packed), the writer beside the model
+    (``bench.writer``, on blocks of ``cache``: the full-size layout), creation."""
+    from bench.writer import measure_writer
+
     results["cache_bytes"] = store_bytes(cache)
     results["genimage_estimate"] = genimage_estimate(results["cache_bytes"])
     _log("cache writes and reads")
     results["reads"], results["cache_writes"] = measure_reads(cache, work / "reads", read_blocks)
     _log("packed cache reads")
     results["packed_reads"] = measure_packed_reads(work / "reads", work / "packed", pack_blocks=min(64, read_blocks))
+    _log("cache writer beside a stand-in model: inline, thread, process")
+    results["cache_writer"] = measure_writer(work / "writer", source=cache)
     if create_samples:
         _log(f"cache creation for {create_samples} samples")
         results["creation"] = measure_creation(work / "created", create_samples)
@@ -337,11 +354,12 @@ def _measure_full_size_models(results: dict, manifest: Path, images: int, dire_i
 
 def _machine_record() -> dict:
     import torch
+    from lare2.shared.provenance import git_sha
 
     return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
             "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": git_sha(),
             "command": " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0].endswith("run_bench.py")
                        else "bench/run_bench.py (called as a function)"}
 
@@ -361,7 +379,7 @@ def run(
     create_samples: int = typer.Option(20_000, help="Samples in the cache-creation timing (0 skips it)."),
     reader_samples: int = typer.Option(1024, help="Samples of the stage-2 reader figures (0 skips them)."),
     only_reader: bool = typer.Option(False, "--only-reader", help="Remeasure only the stage-2 reader figures into "
-                                     "the existing bench.json (dated and with their command)."),
+                                     "the existing bench.json (marked with their date, commit and command)."),
 ) -> None:
     """Measure stage 1 on this machine and write the figures."""
     if only_reader:
@@ -372,11 +390,15 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results: dict = _machine_record()
+    previous = read_previous(out / "bench.json")
+    given = {"full_size_images": full_size_images, "dire_full_size_images": dire_full_size_images,
+             "create_samples": create_samples, "reader_samples": reader_samples}
+    skipped = [path for path, option in SKIPPABLE_SECTIONS.items() if not given[option]]
 
     def save() -> None:  # after every measurement: an interrupted run keeps what it measured
         results["seconds"] = round(time.perf_counter() - started, 1)
         results["load_average_now"] = [round(v, 2) for v in os.getloadavg()]
-        _write(out, results)
+        _write(out, carry_forward(previous, results, skipped))
 
     with tempfile.TemporaryDirectory(prefix="lare2-bench-") as tmp:
         work = Path(tmp)
@@ -398,7 +420,7 @@ def run(
     _log(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     from lare2.shared.logs import console
 
-    console.print(markdown(results), markup=False)
+    console.print(markdown(carry_forward(previous, results, skipped)), markup=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,8 +3,9 @@
 - ``measure_dire_vs_lare``: a DIRE-style feature (``bench.dire``) against the LaRE map, same models and images;
 - ``measure_batched_vs_reference``: ``LareComputer`` batches (prompt embeddings cached) against a
   reference-style loop (one image at a time, its prompt encoded each time, float32);
-- ``measure_pipeline``: ``run_extraction`` end to end against the models alone (``compute_images``
-  on images already decoded), same batches.
+- ``measure_pipeline``: ``run_extraction`` end to end (the real job: its cache writes overlap the model in
+  ``lare2.extract.block_writer``'s thread) against the models alone (``compute_images`` on images already
+  decoded), same batches.
 
 Shapes: B images, E ensemble draws, L tokens (77), D text width, h = w = image size / 8.
 """
@@ -177,12 +178,13 @@ def measure_batched_vs_reference(model: LatentDiffusion, inputs: Inputs, *, batc
 
 # ---- c. end to end against the models alone --------------------------------------------------------
 def measure_pipeline(manifest: Path, work: Path, *, repeats: int, keep: Path | None = None, **settings) -> dict:
-    """``run_extraction`` (decode, models, cache writes; ``debug`` preset + ``settings``) against
+    """``run_extraction`` (decode, models, cache writes in the writer thread; ``debug`` preset + ``settings``) against
     ``compute_images`` on the same images already decoded, in the same batches, alternated.
 
     Each end-to-end round extracts into a fresh folder (not timed: model loading, cache creation);
     the first one is moved to ``keep`` when given, the others are deleted.
     """
+    from lare2.extract.block_writer import WRITER_DEPTH
     from lare2.extract.features import compute_images, load_models
     from lare2.extract.loader import ManifestImages, collate_decoded
     from lare2.extract.plan import selected_rows
@@ -231,5 +233,6 @@ def measure_pipeline(manifest: Path, work: Path, *, repeats: int, keep: Path | N
             "end_to_end_seconds": rounded([s.seconds for s in summaries], 2),
             "models_only_seconds": rounded(seconds["models_only"], 2),
             "median_run": {"images": summaries[best].computed, "seconds": round(summaries[best].seconds, 2)},
+            "cache_writer": f"run_extraction's BlockWriter thread, at most {WRITER_DEPTH} blocks waiting",
             "settings": {k: getattr(cfg, k) for k in ("sd", "clip", "image_size", "ensemble", "batch_size",
                                                       "chunk_samples", "num_workers")}}

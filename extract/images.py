@@ -66,7 +66,7 @@ def oriented_rgb(image: Image.Image) -> Image.Image:
         raise ImageError(f"too small: {image.size[0]}x{image.size[1]} (minimum side {MIN_SIDE} px)")
     try:
         image = ImageOps.exif_transpose(image)
-    except Exception as err:  # malformed EXIF must not lose an otherwise good image
+    except Exception as err:  # noqa: BLE001 - malformed EXIF must not lose an otherwise good image
         warnings.warn(f"EXIF orientation ignored: {err}")
     return to_rgb(image)
 

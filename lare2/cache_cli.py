@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from lare2.shared.cli_errors import EXIT_PROBLEMS, check_device, fail, run_commands, user_errors
+from lare2.shared.cli_errors import EXIT_PROBLEMS, check_device, check_out_folder, fail, run_commands, user_errors
 
 EXPORT_FORMATS = ("webdataset",)
 MAX_ITEMS_SHOWN = 10
@@ -397,6 +397,7 @@ def export(
 
     if export_format not in EXPORT_FORMATS:
         fail(f"--format {export_format!r}: choose from {list(EXPORT_FORMATS)}")
+    check_out_folder(out, "--out", "the export")
     with user_errors():
         summary = export_webdataset(path, out, shard_size=shard_size, status=status, progress=not json_out)
     if json_out:

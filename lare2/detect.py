@@ -19,9 +19,10 @@ p(fake) therefore equals what ``lare2 extract`` + ``lare2 eval`` give it, to flo
 decoding, seeded like its draws; its ``perturb`` (a test condition of some cache) never is.
 
 Inputs: paths (``str`` or ``Path``), bytes or PIL images, one alone or in a list; anything else is a
-``TypeError`` naming its type (a ``str`` is one path, never a sequence of characters). A PIL image opened from a file (``Image.open`` keeps its
-``filename``) is seeded from that file's bytes, so it scores as the file does; any other in-memory
-image is seeded from its pixels. An image that cannot be used is an error row, never an exception.
+``TypeError`` naming its type (a ``str`` is one path, never a sequence of characters). A PIL image
+opened from a file (``Image.open`` keeps its ``filename``) is seeded from that file's bytes, so it
+scores as the file does; any other in-memory image is seeded from its pixels. An image that cannot be
+used is an error row, never an exception.
 
 Prompts follow the run's ``prompt_mode`` and the rule its extraction recorded (``ExtractConfig.prompt_for``,
 one rule for training and scoring). ``fixed`` and ``empty`` need nothing. ``class`` needs the image's

@@ -10,7 +10,8 @@ from typing import Iterator
 @contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """A temporary sibling of ``path`` (``<path>.tmp``) to write to; renamed onto ``path`` when the block ends
-    (atomic within one file system), removed when it raises: a crash never leaves half a file at ``path``.
+    (atomic within one file system), removed when the block or the rename raises: a crash never leaves half a
+    file at ``path``, nor a stray ``.tmp`` beside it.
 
     ``with atomic_write(out / "weights.safetensors") as tmp: save_file(state, str(tmp))``
     """
@@ -18,7 +19,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
+        tmp.replace(path)  # fails e.g. onto a folder, or when the folder went away: no .tmp stays behind either
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    tmp.replace(path)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
 import typer
@@ -93,6 +94,17 @@ def check_device(device: str) -> str:
 
     with user_errors():
         return resolve_device(device).type
+
+
+def check_out_folder(path: str | Path, option: str, what: str) -> None:
+    """Exit 2 when ``path``, the folder ``option`` names for ``what``, is a file or lies under one (before any work,
+    so that the refusal names the option instead of saying only "File exists" or "Not a directory")."""
+    path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if p.exists()), path)
+    if blocker.is_dir() or not blocker.exists():
+        return
+    where = "a file" if blocker == path else f"under {blocker}, which is a file"
+    fail(f"{option} {path}: {where}, not a folder; {what} needs a folder: choose another {option}")
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Logging and progress: rank-aware logger, rich progress bars with rate and ETA."""
+"""Logging and progress: rank-aware logger, rich progress bars with rate and ETA; the console for tables."""
 
 from __future__ import annotations
 
@@ -18,6 +18,17 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
+"""The log's console (stderr): log records and progress bars."""
+UNFOLDED_WIDTH = 100_000
+"""Columns of a table console off a terminal: wider than any table, which is only as wide as its cells need."""
+
+
+def output_console(stderr: bool = False) -> Console:
+    """The console for a command's tables and report lines, on stdout (or stderr, beside the log): as wide as the
+    terminal on one; piped or redirected, as wide as each table needs, so that no cell folds onto a second line
+    (rich would fold at 80 columns) and ``grep`` or ``cut`` see whole rows."""
+    terminal = Console(stderr=stderr)
+    return terminal if terminal.is_terminal else Console(stderr=stderr, width=UNFOLDED_WIDTH)
 
 
 def _rank() -> int:

@@ -96,6 +96,9 @@ def show(
     with user_errors():
         meta = read_manifest_metadata(path)
         table, root = read_manifest(path)
+    if table.num_rows == 0:  # as for every command that needs rows: bad input, not a finding
+        fail(f"{path}: an empty manifest (0 rows); build it again from a folder of images with "
+             f"`lare2 manifest build KIND SRC -o {path}`")
     counts = count_rows(table)
     summary = {
         "manifest": str(path),

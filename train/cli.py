@@ -20,7 +20,8 @@ from typing import Optional
 
 import typer
 
-from lare2.shared.cli_errors import EXIT_STOPPED, check_device, fail, interrupted, run_commands, user_errors
+from lare2.shared.cli_errors import (EXIT_STOPPED, check_device, check_out_folder, fail, interrupted, run_commands,
+                                     user_errors)
 
 JSON_OPTION = typer.Option(False, "--json", help="Print the summary as one JSON document on stdout (logs go to "
                                                  "stderr).")
@@ -110,6 +111,7 @@ def train_command(
         fail(f"--clip {cfg.clip}: only --train-backbone-top reads backbone weights at train time; "
              "add it, or drop --clip")
     check_device(cfg.device)
+    check_out_folder(cfg.out, "--out", "the run")
     if not cfg.resume and not overwrite and _holds_run(Path(cfg.out)):
         fail(f"{cfg.out}: already holds a run and --no-resume was given; choose a new --out, "
              "or pass --overwrite to replace it")
@@ -166,6 +168,7 @@ def eval_command(
     if not is_calibrated(config):
         fail(f"{run_dir}: converted but not calibrated; run `lare2 calibrate {run_dir} --val CACHE` first")
     torch_device = check_device(device)
+    check_out_folder(report or run_dir / "report", "--report", "the report")
     # with --json the table goes to stderr, so that stdout holds the JSON document only
     with user_errors(), contextlib.redirect_stdout(sys.stderr if json_out else sys.stdout):
         result = evaluate(run_dir, tests, report, batch_size=batch_size, device=torch_device, plots=plots,

@@ -170,8 +170,13 @@ class FeatureCache:
             raise CacheError(f"{path}: damaged cache, zarr.json cannot be read ({type(err).__name__}: {err}); "
                              "re-extract it with `lare2 extract`") from err
         version = group.attrs.get("lare2_cache_format")
+        if version is None:
+            raise CacheError(f"{path}: a Zarr store but not a lare2 cache (its zarr.json records no lare2_cache_format); "
+                             "pass a folder that `lare2 extract` wrote, or create one with `lare2 extract`")
         if version != CACHE_FORMAT_VERSION:
-            raise CacheError(f"{path}: cache format {version!r}, this lare2 reads format {CACHE_FORMAT_VERSION}")
+            raise CacheError(f"{path}: cache format {version!r}, written by another lare2 version; this lare2 reads "
+                             f"format {CACHE_FORMAT_VERSION}: re-extract it with `lare2 extract`, or read it with the "
+                             "lare2 that wrote it")
         return cls(path=path, group=group, layout=CacheLayout.from_dict(group.attrs["layout"]))
 
     # ---- sizes and blocks -----------------------------------------------------------------

@@ -107,7 +107,7 @@ def _read_whole(name: str, arr, chunk_samples: int, report: VerifyReport,
     be decoded: fill values there, each bad chunk named in ``unreadable``. Returns the values and chunks read."""
     try:
         return arr[:], arr.nchunks
-    except Exception:  # a decode error somewhere: read chunk by chunk below to name the bad ones
+    except Exception:  # noqa: BLE001 - a decode error somewhere: read chunk by chunk below to name the bad ones
         pass
     values = np.full(arr.shape, arr.fill_value, dtype=arr.dtype)
     chunk = arr.chunks[0]  # a block per chunk (block_done: one marker per chunk)
@@ -116,7 +116,7 @@ def _read_whole(name: str, arr, chunk_samples: int, report: VerifyReport,
         sl = slice(b * chunk, min((b + 1) * chunk, arr.shape[0]))
         try:
             values[sl] = arr[sl]
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - zarr raises the codec's own error type
             unreadable.append(f"{name}/{block_file(arr, b)[0]} ({err})")
             report.damage(b * chunk // chunk_samples, name)
     return values, blocks
@@ -139,7 +139,7 @@ def _scan_values(cache: FeatureCache, arrays: dict, presence: ChunkPresence, ok:
                 chunks_read += 1
                 try:
                     values = arr[sl]
-                except Exception as err:  # zarr raises the codec's own error type on a bad chunk
+                except Exception as err:  # noqa: BLE001 - zarr raises the codec's own error type on a bad chunk
                     unreadable.append(f"{presence.chunk_key(name, block)} ({err})")
                     report.damage(block, name)
                     continue

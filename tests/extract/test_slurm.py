@@ -27,8 +27,10 @@ from lare2.extract.submit import job_folder
 from lare2.shared.cache import ARRAY_NAMES, FeatureCache
 from lare2.shared.cache.progress import cache_progress
 from lare2.shared.config import debug
-from tests.helpers.slurm import Slurm, private_slurm  # noqa: F401 - the fixture
+from tests.helpers import slurm as slurm_fixtures
+from tests.helpers.slurm import Slurm
 
+private_slurm = slurm_fixtures.private_slurm  # the fixture, found by name in this module
 pytestmark = pytest.mark.slow
 
 NUM_IMAGES, SHARDS = 64, 2  # one sample per block: 32 blocks per shard (a few seconds), so a task is caught mid-run

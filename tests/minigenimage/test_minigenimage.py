@@ -7,7 +7,6 @@ file by file, and the generated images are made again straight from the committe
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 

@@ -207,3 +207,50 @@ def test_pipeline_measurement_runs_extraction_and_the_models_alone(tmp_path) -> 
     assert 0 < result["end_to_end_over_models_only"] and result["settings"]["batch_size"] == 4
     assert (tmp_path / "kept" / "zarr.json").exists()
     assert not any(p.name.startswith("end-to-end") for p in (tmp_path / "work").iterdir())
+
+
+# ---- bench.json: sections a run skips are carried over, dated -------------------------------------------
+def test_skipped_sections_are_carried_over_with_the_run_that_measured_them() -> None:
+    from bench.record import carry_forward
+    from bench.report import markdown
+    from bench.run_bench import SKIPPABLE_SECTIONS
+
+    previous = {"machine": "m", "date": "2026-12-01T14:30:50+00:00", "commit": "0123456789abcdef+dirty",
+                "command": "python bench/run_bench.py --dire-full-size-images 2", "load_average_at_start": [4.5],
+                "full_size": {"ensemble": 4, "lare_seconds_per_image": 14.8, "backbone_seconds_per_image": 0.23},
+                "dire_vs_lare": {"tiny": {"dire_over_lare": 8.0},
+                                 "full_size": {"dire_over_lare": 10.2, "ddim_steps": 20, "batch_size": 1,
+                                               "dire_seconds_per_image": 163.8, "lare_seconds_per_image": 15.9,
+                                               "repeats": 2}},
+                "creation": {"samples": 10, "measured": {"date": "2026-11-30T09:00:00+00:00", "commit": "feed"}}}
+    results = {"machine": "m", "date": "2026-12-05T06:00:00+00:00", "commit": "fedcba9876543210",
+               "dire_vs_lare": {"tiny": {"dire_over_lare": 8.4}}, "creation": {"samples": 20}}
+    merged = carry_forward(previous, results, SKIPPABLE_SECTIONS)
+    assert merged["dire_vs_lare"]["tiny"] == {"dire_over_lare": 8.4}  # remeasured: the new figure, unmarked
+    assert merged["creation"] == {"samples": 20}
+    carried = merged["dire_vs_lare"]["full_size"]
+    assert carried["dire_over_lare"] == 10.2 and carried["measured"]["date"] == previous["date"]
+    assert carried["measured"]["commit"] == previous["commit"]
+    assert "--dire-full-size-images" in carried["measured"]["command"]
+    assert merged["full_size"]["measured"]["date"] == previous["date"]
+    assert "reader" not in merged and "full_size" not in results["dire_vs_lare"]  # nothing invented, input kept
+    # carried again by a third run: still dated by the run that measured it
+    again = carry_forward(merged, {"date": "2026-12-06", "creation": {"samples": 30}}, SKIPPABLE_SECTIONS)
+    assert again["full_size"]["measured"]["date"] == previous["date"]
+    assert "measured" not in again["creation"]
+    table = markdown({"machine": "m", "full_size": merged["full_size"], "dire_vs_lare": {"full_size": carried}})
+    assert "10.2x" in table and "measured 2026-12-01, commit 0123456789 + changes" in table
+    assert "14.8 s/img; measured 2026-12-01" in table
+
+
+@pytest.mark.slow
+def test_writer_figures_and_their_rows(tmp_path) -> None:
+    from bench.report import markdown
+    from bench.writer import measure_writer
+
+    writer = measure_writer(tmp_path, blocks=1, repeats=1, model_images_per_s=1000.0)
+    for figures in (writer["writer_samples_per_s"], writer["extraction_samples_per_s"]):
+        assert set(figures) == {"inline", "thread", "process"} and all(v > 0 for v in figures.values())
+    assert not any(tmp_path.iterdir())  # every timing's cache removed
+    table = markdown({"machine": "m", "cache_writer": writer})
+    assert f"{writer['writer_samples_per_s']['thread']} /" in table and "model at 1000 img/s" in table
