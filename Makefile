@@ -5,6 +5,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
 LARE2       := $(VENV)/bin/lare2
+RUFF        := $(VENV)/bin/ruff
 # CPU build from local disk by default; e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124" on GPU nodes.
 TORCH_SPEC  ?= torch==2.13.0
 
@@ -55,7 +56,7 @@ HELP_VENV          := the virtual environment folder
 HELP_PYTEST_ARGS   := more pytest options for make test / test-fast
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast demo demo-robustness manifest extract verify export-wds train eval convert calibrate zoo minigenimage bench clean
+.PHONY: help setup lint test test-fast demo demo-robustness manifest extract verify export-wds train eval convert calibrate zoo minigenimage bench clean
 
 help: ## list the targets and the variables (with their current values)
 	@echo "Targets:"
@@ -72,7 +73,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed ## create .venv: torch (TORCH_SPEC, CPU build by default) first, then lare2 with extract, demo, dev and serve extras
 
-test: setup ## run the whole test suite (slow-marked cases included), 2 workers
+lint: setup ## ruff check over the tree (rules and line length 120 in pyproject.toml); fails on any finding
+	$(RUFF) check .
+
+test: setup ## ruff check, then the whole test suite (slow-marked cases included), 2 workers
+	$(RUFF) check .
 	$(PY) -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
 
 test-fast: setup ## the suite without slow-marked cases

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 def _commit_text(measured: dict) -> str:
     """"commit 0123456789" ("+ changes" when the checkout was modified) of a ``"measured"`` record."""
-    sha, _, dirty = (measured.get("commit") or "unknown").partition("+")
+    if measured.get("commit") in (None, "unknown"):
+        return "commit not recorded"
+    sha, _, dirty = measured["commit"].partition("+")
     return f"commit {sha[:10]}{' + changes' if dirty else ''}"
 
 

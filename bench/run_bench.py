@@ -297,7 +297,7 @@ def _measure_cache(results: dict, cache: Path, work: Path, read_blocks: int, cre
     _log("packed cache reads")
     results["packed_reads"] = measure_packed_reads(work / "reads", work / "packed", pack_blocks=min(64, read_blocks))
     _log("cache writer beside a stand-in model: inline, thread, process")
-    results["cache_writer"] = measure_writer(work / "writer", source=cache)
+    results["cache_writer"] = measure_writer(work, source=cache)  # its caches in a temporary folder under work
     if create_samples:
         _log(f"cache creation for {create_samples} samples")
         results["creation"] = measure_creation(work / "created", create_samples)

@@ -145,7 +145,8 @@ def apply_operation(crop_HW3: np.ndarray, draws: ViewDraws, rng: np.random.Gener
     raise ValueError(f"unknown view operation {draws.operation!r}: choose from none, {', '.join(OPERATIONS)}")
 
 
-def apply_view(padded_HW3: np.ndarray, draws: ViewDraws, rng: np.random.Generator, size: int = BACKBONE_SIZE) -> np.ndarray:
+def apply_view(padded_HW3: np.ndarray, draws: ViewDraws, rng: np.random.Generator,
+               size: int = BACKBONE_SIZE) -> np.ndarray:
     """Steps 2-4 of one view on a padded uint8 image: crop at the draws' offsets, operation, rotation, flip."""
     x_HW3 = apply_operation(padded_HW3[draws.top : draws.top + size, draws.left : draws.left + size], draws, rng)
     if draws.quarters:

@@ -56,7 +56,8 @@ def normalize(x01_B3HW: Tensor) -> Tensor:
 
 
 def read_backbone_state(path: Path) -> dict[str, Tensor]:
-    """The tensors of a backbone file, keys as stored (``visual.*`` or bare); ``ModelSourceError`` for a wrong file type."""
+    """The tensors of a backbone file, keys as stored (``visual.*`` or bare); ``ModelSourceError`` for a wrong file
+    type."""
     try:
         return _read_backbone_state(path)
     except BackboneSourceError as err:

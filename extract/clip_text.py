@@ -190,10 +190,11 @@ def tokenize(tokenizer, prompts: list[str], context_length: int) -> tuple[Tensor
 class ZeroShotImageNet:
     """CLIP's zero-shot classifier over the 1,000 ImageNet classes, prompting ``template`` with each class's name."""
 
-    def __init__(self, tower: ClipTextTower, tokenizer, template: str = "a photo of a {}", batch_size: int = 250) -> None:
+    def __init__(self, tower: ClipTextTower, tokenizer, template: str = "a photo of a {}",
+                 batch_size: int = 250) -> None:
         if len(tokenizer) > tower.config.vocab_size:
-            raise ModelSourceError(f"the tokenizer has {len(tokenizer)} tokens, the text tower {tower.config.vocab_size}: "
-                                   "they do not belong together")
+            raise ModelSourceError(f"the tokenizer has {len(tokenizer)} tokens, "
+                                   f"the text tower {tower.config.vocab_size}: they do not belong together")
         self.names = [class_name(i) for i in range(NUM_CLASSES)]
         device = tower.token_embedding.weight.device
         chunks = []

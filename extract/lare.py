@@ -21,7 +21,8 @@ LATENT_LOGVAR_RANGE = (-30.0, 20.0)  # the clamp of diffusers' DiagonalGaussianD
 
 
 def draw_sample_noise(seed: int, latent_shape_Chw: tuple[int, int, int], ensemble: int) -> tuple[Tensor, Tensor]:
-    """One image's random draws, in the order of docs/method.md §1.5: the posterior's standard normal [1,C,h,w], then the noise [E,C,h,w].
+    """One image's random draws, in the order of docs/method.md §1.5: the posterior's standard normal [1,C,h,w],
+    then the noise [E,C,h,w].
 
     Float32 on the CPU, from a fresh ``torch.Generator`` seeded with ``seed``.
     """
@@ -72,7 +73,8 @@ class LareComputer:
 
     @torch.no_grad()
     def __call__(self, images_B3HW: Tensor, prompts: list[str], seeds: list[int]) -> Tensor:
-        """LaRE maps [B, 4, h, w], float32, on ``device``, of images already in [-1, 1] (docs/method.md §1.2: 256 x 256)."""
+        """LaRE maps [B, 4, h, w], float32, on ``device``, of images already in [-1, 1]
+        (docs/method.md §1.2: 256 x 256)."""
         if images_B3HW.ndim != 4 or images_B3HW.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {tuple(images_B3HW.shape)}")
         batch = images_B3HW.shape[0]

@@ -23,8 +23,8 @@ from typing import Sequence
 from lare2.shared.cache import CacheError, FeatureCache
 from lare2.shared.config import ClasslessError, ExtractConfig, current_keys, diff_identity
 from lare2.shared.logs import get_logger
-from lare2.shared.manifest import CACHE_COLUMNS, read_manifest_metadata, read_selection
-from lare2.shared.wording import counted
+from lare2.shared.manifest import CACHE_COLUMNS, empty_manifest_error, read_manifest_metadata, read_selection
+from lare2.shared.wording import counted, shown
 
 log = get_logger(__name__)
 
@@ -65,6 +65,8 @@ class ExtractionPlan:
 def selected_rows(cfg: ExtractConfig) -> tuple[dict, Path]:
     """(manifest columns of the selection, the images' root); CacheError for an empty selection."""
     table = read_selection(cfg.manifest, split=cfg.split, generators=cfg.generators, limit=cfg.limit)
+    if table.num_rows == 0 and read_selection(cfg.manifest).num_rows == 0:
+        raise empty_manifest_error(cfg.manifest)
     if table.num_rows == 0:
         raise CacheError(f"{cfg.manifest}: no rows for split={cfg.split or 'all'} "
                          f"generators={','.join(cfg.generators) or 'all'}; check --split and --generator "
@@ -110,11 +112,6 @@ def check_out(out: Path) -> None:
         raise CacheError(f"{out}: {parent} is a file, not a folder; choose another --out")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CacheError(f"{out}: cannot write into {parent} (permission denied); choose another --out")
-
-
-def shown(value) -> str:
-    """A setting's value in a message: ``'jpeg:50'``; ``none`` for a setting a cache does not record."""
-    return "none" if value is None else repr(value)
 
 
 def mismatch_error(out: Path, differing: dict[str, tuple]) -> CacheError:

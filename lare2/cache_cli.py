@@ -1,9 +1,9 @@
 """``lare2 cache ...``: see what a cache holds and prove it whole.
 
-info, ls, show, verify, repair, progress, diff, stats, export, pack. Each prints rich tables, or with ``--json`` one
-JSON document on stdout for scripts. Exit codes (``lare2.shared.cli_errors``): 0 fine, 1 problems
-found (verify) or runs that disagree (diff), 2 bad usage (no such cache, not a cache, unknown id,
-bad option) with one ``error:`` line on stderr.
+info, ls, show, verify, repair, diff, stats here; progress, pack and export (a cache on a cluster) in
+``lare2.cache_cli_cluster``. Each prints rich tables, or with ``--json`` one JSON document on stdout for
+scripts. Exit codes (``lare2.shared.cli_errors``): 0 fine, 1 problems found (verify) or runs that disagree
+(diff), 2 bad usage (no such cache, not a cache, unknown id, bad option) with one ``error:`` line on stderr.
 The logic lives in the ``lare2.shared.cache`` package (summary, verify, diff, plots, export, pack),
 imported inside the commands so that ``lare2 --help`` stays fast.
 """
@@ -15,9 +15,9 @@ from typing import Optional
 
 import typer
 
-from lare2.shared.cli_errors import EXIT_PROBLEMS, check_device, check_out_folder, fail, run_commands, user_errors
+from lare2.shared.cli_errors import EXIT_PROBLEMS, check_device, fail, run_commands, user_errors
+from lare2.shared.wording import shown
 
-EXPORT_FORMATS = ("webdataset",)
 MAX_ITEMS_SHOWN = 10
 
 CACHE_HELP = "Inspect a feature cache: counts, samples, verification, run-to-run diff, plots, export."
@@ -27,11 +27,9 @@ JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document to std
 
 # ---- output -------------------------------------------------------------------------------------
 def _console():
-    from rich.console import Console
+    from lare2.shared.logs import output_console
 
-    console = Console()
-    # piped to a file or a pager: wide tables beat folded cells
-    return console if console.is_terminal else Console(width=200)
+    return output_console()  # piped to a file or a pager: whole rows, no folded cells
 
 
 def _check_png(png: Path | None) -> None:
@@ -341,7 +339,7 @@ def diff(
         for column, ids in report["metadata_differs"].items():
             console.print(f"metadata {column!r} differs for {len(ids)} samples: {ids[:MAX_ITEMS_SHOWN]}")
         for key, (va, vb) in report["identity_differs"].items():
-            console.print(f"identity {key}: {va!r} vs {vb!r}")
+            console.print(f"identity {key}: {shown(va)} vs {shown(vb)}", highlight=False)
         console.print("[green]the caches agree[/]" if report["agree"] else "[red]the caches differ[/]")
     if not report["agree"]:
         raise typer.Exit(EXIT_PROBLEMS)
@@ -384,91 +382,9 @@ def stats(
         console.print(f"wrote {summary['png']['png']} ({summary['png']['pixels'][0]}x{summary['png']['pixels'][1]} px)")
 
 
-def export(
-    path: Path = CACHE_ARGUMENT,
-    out: Path = typer.Option(..., help="Output folder for the shards, sizes.json and cache_attrs.json."),
-    export_format: str = typer.Option("webdataset", "--format", help=f"Export format: {', '.join(EXPORT_FORMATS)}."),
-    shard_size: int = typer.Option(1000, help="Samples per shard."),
-    status: str = typer.Option("ok", help="ok: samples with arrays; all: also failed samples (json only)."),
-    json_out: bool = JSON_OPTION,
-) -> None:
-    """Export the cache to another format (WebDataset tar shards)."""
-    from lare2.shared.cache.export import export_webdataset
-
-    if export_format not in EXPORT_FORMATS:
-        fail(f"--format {export_format!r}: choose from {list(EXPORT_FORMATS)}")
-    check_out_folder(out, "--out", "the export")
-    with user_errors():
-        summary = export_webdataset(path, out, shard_size=shard_size, status=status, progress=not json_out)
-    if json_out:
-        from lare2.shared.jsonio import print_json
-
-        print_json(summary)
-        return
-    _console().print(f"wrote {sum(summary['sizes'].values())} samples in {len(summary['shards'])} shards to "
-                     f"{summary['out']} (exported {summary['exported']}, skipped {summary['skipped']})")
-
-
-def pack(
-    path: Path = CACHE_ARGUMENT,
-    out: Path = typer.Argument(..., help="Folder for the packed copy (must not exist)."),
-    pack_blocks: int = typer.Option(64, "--pack-blocks", help="Blocks (chunks) per packed file."),
-    shard_blocks: Optional[int] = typer.Option(None, "--shard-blocks", hidden=True,
-                                               help="Old spelling of --pack-blocks."),
-    json_out: bool = JSON_OPTION,
-) -> None:
-    """Copy a finished cache into packed files of many blocks each: far fewer files, same values."""
-    from lare2.shared.cache import pack_cache
-    from lare2.shared.cache.chunks import folder_file_count
-
-    with user_errors():
-        pack_blocks = pack_blocks if shard_blocks is None else shard_blocks
-        packed = pack_cache(path, out, pack_blocks=pack_blocks, progress=not json_out)
-    summary = {"source": str(path), "out": str(out), "pack_blocks": pack_blocks, "samples": len(packed),
-               "files_before": folder_file_count(path), "files_after": folder_file_count(out)}
-    if json_out:
-        from lare2.shared.jsonio import print_json
-
-        print_json(summary)
-        return
-    _console().print(f"packed {summary['samples']} samples from {path} into {out}: {summary['files_before']} files -> "
-                     f"{summary['files_after']} ({pack_blocks} blocks per file)")
-
-
-def progress(
-    path: Path = CACHE_ARGUMENT,
-    num_shards: Optional[int] = typer.Option(None, help="Shards of the array (default: as the cache was created)."),
-    json_out: bool = JSON_OPTION,
-) -> None:
-    """Blocks and samples done per shard, the rate from recent done marks, an ETA and the shards left
-    (as `sbatch --array=` takes them); safe while an array of jobs writes the cache."""
-    from dataclasses import asdict
-
-    from rich.table import Table
-
-    from lare2.shared.cache.progress import cache_progress, summary_lines
-
-    with user_errors():
-        report = cache_progress(path, num_shards)
-    if json_out:
-        from lare2.shared.jsonio import print_json
-
-        print_json({**asdict(report), "complete": report.complete})
-        return
-    console = _console()
-    table = Table(title="shards with pending blocks" if report.num_shards > 64 else "shards", title_justify="left")
-    for column in ("shard", "blocks done", "samples done"):
-        table.add_column(column, justify="right")
-    for shard in report.shards:
-        if report.num_shards <= 64 or shard.blocks_done < shard.blocks:
-            table.add_row(str(shard.shard), f"{shard.blocks_done}/{shard.blocks}",
-                          f"{shard.samples_done}/{shard.samples}")
-    console.print(table)
-    for line in summary_lines(report):
-        console.print(line, highlight=False)
-
-
 def register(app: typer.Typer) -> None:
+    from lare2.cache_cli_cluster import export, pack, progress  # that module imports this one's options
+
     cache_app = typer.Typer(help=CACHE_HELP, no_args_is_help=True)
     for command in (info, ls, show, verify, repair, progress, diff, stats, export, pack):
         cache_app.command(command.__name__)(command)

@@ -171,8 +171,9 @@ def kept_rows(scored: int, total: int, out: Path | None) -> str:
 
 def print_table(results: list, title: str) -> None:
     """The rows as a table on stdout."""
-    from rich.console import Console
     from rich.table import Table
+
+    from lare2.shared.logs import output_console
 
     table = Table(title=title)
     for column in ("image", "p(fake)", "verdict", "prompt / error"):
@@ -180,8 +181,7 @@ def print_table(results: list, title: str) -> None:
     for r in results:
         verdict = "error" if r.error else ("FAKE" if r.is_fake else "real")
         table.add_row(r.path, "" if r.p_fake is None else f"{r.p_fake:.4f}", verdict, r.error or repr(r.prompt))
-    stdout = Console()
-    (stdout if stdout.is_terminal else Console(width=200)).print(table)
+    output_console().print(table)
 
 
 def register(app: typer.Typer) -> None:

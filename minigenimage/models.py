@@ -100,7 +100,8 @@ class GanGenerator(nn.Module):
         self.project = nn.Linear(2 * config.noise_dim, 8 * w * 4 * 4)
         blocks: list[nn.Module] = []
         for c_in, c_out in ((8 * w, 4 * w), (4 * w, 2 * w), (2 * w, w)):
-            blocks += [nn.BatchNorm2d(c_in), nn.ReLU(), nn.Upsample(scale_factor=2), nn.Conv2d(c_in, c_out, 3, padding=1)]
+            blocks += [nn.BatchNorm2d(c_in), nn.ReLU(), nn.Upsample(scale_factor=2),
+                       nn.Conv2d(c_in, c_out, 3, padding=1)]
         blocks += [nn.BatchNorm2d(w), nn.ReLU(), nn.Upsample(scale_factor=2), nn.Conv2d(w, 3, 3, padding=1), nn.Tanh()]
         self.blocks = nn.Sequential(*blocks)
 

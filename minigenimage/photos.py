@@ -68,7 +68,8 @@ def photo_path(photo: Photo) -> Path:
     spec = importlib.util.find_spec(photo.package)
     if spec is None or spec.origin is None:
         hint = {"skimage": "scikit-image", "sklearn": "scikit-learn"}.get(photo.package, photo.package)
-        raise FileNotFoundError(f"photo {photo.name!r}: package {photo.package!r} is not installed (pip install {hint})")
+        raise FileNotFoundError(f"photo {photo.name!r}: package {photo.package!r} is not installed "
+                                f"(pip install {hint})")
     path = Path(spec.origin).parent / photo.file
     if not path.is_file():
         raise FileNotFoundError(f"photo {photo.name!r}: {path} is missing from the installed {photo.package}")

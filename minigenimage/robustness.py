@@ -37,7 +37,8 @@ def perturbed_test_caches(out: Path, perturbations: Sequence[str]) -> list[str]:
     recorded = FeatureCache.open(clean).attrs["extract_config"]
     paths = [str(clean)]
     for perturbation in perturbations:
-        config = ExtractConfig.from_dict(recorded, perturb=perturbation, out=str(out / "cache" / cache_name(perturbation)))
+        config = ExtractConfig.from_dict(recorded, perturb=perturbation,
+                                         out=str(out / "cache" / cache_name(perturbation)))
         console.print(run_extraction(config).line())
         paths.append(config.out)
     return paths
@@ -52,7 +53,8 @@ def run_robustness(out: str | Path, perturbations: Sequence[str] = PERTURBATIONS
     out = Path(out)
     for needed in (out / "cache" / "test" / "zarr.json", out / "data" / "manifest.parquet"):
         if not needed.exists():
-            raise FileNotFoundError(f"{needed.parent}: no test cache or manifest of a demo; run `lare2 minigenimage demo --out {out}` first")
+            raise FileNotFoundError(f"{needed.parent}: no test cache or manifest of a demo; "
+                                    f"run `lare2 minigenimage demo --out {out}` first")
     models = list(models) if models else [p.name for p in sorted(out.iterdir()) if (p / "config.json").exists()]
     if not models:
         raise FileNotFoundError(f"{out}: no trained detectors (folders with config.json); run the demo first")

@@ -16,7 +16,8 @@ import torch
 
 from lare2.minigenimage.models import IMAGE_SIZE, GanConfig, GanDiscriminator, GanGenerator
 from lare2.minigenimage.photos import CLASS_NAMES
-from lare2.minigenimage.zoo import StepLogger, ZooTrainConfig, batches, log, record_weights, recipe_from_args, training_images
+from lare2.minigenimage.zoo import (StepLogger, ZooTrainConfig, batches, log, record_weights, recipe_from_args,
+                                   training_images)
 from lare2.shared.errors import InputError
 
 

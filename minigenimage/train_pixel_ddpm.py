@@ -15,7 +15,8 @@ import torch
 
 from lare2.minigenimage.models import IMAGE_SIZE, pixel_scheduler_config, pixel_unet
 from lare2.minigenimage.photos import CLASS_NAMES
-from lare2.minigenimage.zoo import StepLogger, ZooTrainConfig, batches, log, optimizer_step, record_weights, recipe_from_args, training_images
+from lare2.minigenimage.zoo import (StepLogger, ZooTrainConfig, batches, log, optimizer_step, record_weights,
+                                   recipe_from_args, training_images)
 
 
 @dataclass(kw_only=True)

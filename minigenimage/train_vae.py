@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from lare2.minigenimage.models import IMAGE_SIZE, tiny_vae
-from lare2.minigenimage.zoo import StepLogger, ZooTrainConfig, batches, log, optimizer_step, record_weights, recipe_from_args, training_images
+from lare2.minigenimage.zoo import (StepLogger, ZooTrainConfig, batches, log, optimizer_step, record_weights,
+                                   recipe_from_args, training_images)
 
 
 @dataclass(kw_only=True)
@@ -46,7 +47,8 @@ def train(config: VaeTrainConfig) -> Path:
 
     vae.eval()
     with torch.no_grad():
-        latents = torch.cat([vae.encode(images_N3HW[i:i + 64]).latent_dist.mean for i in range(0, len(images_N3HW), 64)])
+        latents = torch.cat([vae.encode(images_N3HW[i:i + 64]).latent_dist.mean
+                             for i in range(0, len(images_N3HW), 64)])
     scaling_factor = round(float(1.0 / latents.std()), 5)
     vae.register_to_config(scaling_factor=scaling_factor)
     out = Path(config.zoo) / "ldm-a" / "vae"

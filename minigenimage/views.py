@@ -38,7 +38,8 @@ def run_views(out: str | Path, views: int = 4) -> dict:
     from lare2.train.trainer import run_training
 
     out = Path(out)
-    for needed in (out / "cache" / "train" / "zarr.json", out / "cache" / "val" / "zarr.json", out / "egre" / "config.json"):
+    for needed in (out / "cache" / "train" / "zarr.json", out / "cache" / "val" / "zarr.json",
+                   out / "egre" / "config.json"):
         if not needed.exists():
             raise FileNotFoundError(f"{needed.parent}: not there; run `lare2 minigenimage demo --out {out}` first")
     demo = json.loads((out / "summary.json").read_text())["config"] if (out / "summary.json").exists() else {}

@@ -121,7 +121,8 @@ class Bottleneck(nn.Module):
 
 
 def make_stage(in_channels: int, planes: int, depth: int, stride: int) -> nn.Sequential:
-    """One ResNet stage: a (strided) bottleneck from ``in_channels``, then ``depth - 1`` more; output 4 * planes channels."""
+    """One ResNet stage: a (strided) bottleneck from ``in_channels``, then ``depth - 1`` more; output 4 * planes
+    channels."""
     blocks = [Bottleneck(in_channels, planes, stride)]
     blocks += [Bottleneck(planes * BOTTLENECK_EXPANSION, planes) for _ in range(depth - 1)]
     return nn.Sequential(*blocks)
@@ -142,7 +143,8 @@ class AttentionPool2d(nn.Module):
     def forward(self, x_BCHW: Tensor) -> Tensor:
         B, C, H, W = x_BCHW.shape
         if H * W + 1 != self.positional_embedding.shape[0]:
-            raise ValueError(f"attention pool expects a {self.positional_embedding.shape[0] - 1}-position grid, got {H}x{W}")
+            raise ValueError(f"attention pool expects a {self.positional_embedding.shape[0] - 1}-position grid, "
+                             f"got {H}x{W}")
         tokens_BNC = x_BCHW.flatten(2).transpose(1, 2)  # [B, HW, C]
         tokens_BTC = torch.cat([tokens_BNC.mean(dim=1, keepdim=True), tokens_BNC], dim=1)
         tokens_BTC = tokens_BTC + self.positional_embedding.to(tokens_BTC.dtype)

@@ -1,4 +1,5 @@
-"""CLIP ModifiedResNet weights, for both stages: files, named seeded towers, and their fingerprint (docs/method.md §2.3).
+"""CLIP ModifiedResNet weights, for both stages: files, named seeded towers, and their fingerprint
+(docs/method.md §2.3).
 
 ``load_tower(spec)`` is what ``extract/clip_resnet.py::load_backbone`` and stage 2's
 ``--train-backbone-top`` both call, so the same ``spec`` gives the same float32 weights and the
@@ -15,7 +16,8 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from lare2.shared.clip_blocks import HEAD_WIDTH, ModifiedResNet, ModifiedResNetConfig, rn50_config, small_config, tiny_config
+from lare2.shared.clip_blocks import (HEAD_WIDTH, ModifiedResNet, ModifiedResNetConfig, rn50_config, small_config,
+                                     tiny_config)
 from lare2.shared.errors import InputError, UserError
 from lare2.shared.provenance import fingerprint_state_dict
 from lare2.shared.weights import read_state_dict
@@ -70,7 +72,8 @@ def read_backbone_state(path: Path) -> dict[str, Tensor]:
     """The tensors of a backbone file, keys as stored (``visual.*`` or bare)."""
     suffix = path.suffix.lower()
     if suffix not in STATE_DICT_SUFFIXES:
-        raise BackboneSourceError(f"{path}: unsupported backbone file type {suffix!r}; expected one of {STATE_DICT_SUFFIXES}")
+        raise BackboneSourceError(f"{path}: unsupported backbone file type {suffix!r}; "
+                                  f"expected one of {STATE_DICT_SUFFIXES}")
     if suffix != ".safetensors" and _is_torchscript(path):
         # Only the archive's tensors are used; its methods are never called (loading still deserialises it).
         return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
@@ -89,12 +92,14 @@ def visual_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def load_state_strict(module: nn.Module, state: Mapping[str, Tensor], where: str,
                       what: str = "a CLIP ModifiedResNet") -> None:
-    """``load_state_dict(strict=True)`` with an error that names the file, ``what`` it should be and a few offending keys."""
+    """``load_state_dict(strict=True)`` with an error that names the file, ``what`` it should be and a few offending
+    keys."""
     expected = set(module.state_dict())
     # BatchNorm fills a missing num_batches_tracked itself; every other key must match.
     missing = sorted(k for k in expected - set(state) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state) - expected)
-    wrong_shape = sorted(k for k in expected & set(state) if tuple(state[k].shape) != tuple(module.state_dict()[k].shape))
+    wrong_shape = sorted(k for k in expected & set(state)
+                         if tuple(state[k].shape) != tuple(module.state_dict()[k].shape))
     if missing or unexpected or wrong_shape:
         def few(keys: list[str]) -> str:
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")

@@ -86,19 +86,17 @@ def show(
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Counts per split x generator x label (and errors), and the root."""
-    from rich.console import Console
     from rich.table import Table
 
-    from lare2.shared.logs import get_logger
-    from lare2.shared.manifest import (LABEL_FAKE, LABEL_REAL, count_rows, read_manifest, read_manifest_metadata,
-                                       split_warnings)
+    from lare2.shared.logs import get_logger, output_console
+    from lare2.shared.manifest import (LABEL_FAKE, LABEL_REAL, count_rows, empty_manifest_error, read_manifest,
+                                       read_manifest_metadata, split_warnings)
 
     with user_errors():
         meta = read_manifest_metadata(path)
         table, root = read_manifest(path)
-    if table.num_rows == 0:  # as for every command that needs rows: bad input, not a finding
-        fail(f"{path}: an empty manifest (0 rows); build it again from a folder of images with "
-             f"`lare2 manifest build KIND SRC -o {path}`")
+        if table.num_rows == 0:  # as for every command that needs rows: bad input, not a finding
+            raise empty_manifest_error(path)
     counts = count_rows(table)
     summary = {
         "manifest": str(path),
@@ -122,13 +120,15 @@ def show(
         cell = pivot.setdefault((c["split"], c["generator"]), {LABEL_REAL: 0, LABEL_FAKE: 0, "errors": 0})
         cell[c["label"]] = c["count"]
         cell["errors"] += c["errors"]
-    grid = Table(title=f"{path}: {summary['num_rows']} images, {summary['num_errors']} errors ({meta['builder']})",
-                 caption=f"root: {root}")
+    title = f"{path}: {summary['num_rows']} images, {summary['num_errors']} errors ({meta['builder']})"
+    grid = Table(title=title, min_width=len(title))  # a title wider than the cells would wrap at their width
     for column in ("split", "generator", "real", "fake", "errors"):
         grid.add_column(column, justify="left" if column in ("split", "generator") else "right")
     for (split_name, generator_name), cell in pivot.items():
         grid.add_row(split_name, generator_name, str(cell[LABEL_REAL]), str(cell[LABEL_FAKE]), str(cell["errors"]))
-    Console().print(grid)
+    console = output_console()
+    console.print(grid)
+    console.print(f"root: {root}", highlight=False)  # a line of its own: a caption would wrap at the table's width
 
 
 AUDIT_HELP = (

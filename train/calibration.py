@@ -100,7 +100,8 @@ def calibrate_run(run_dir: str | Path, val: str | Path, target_fpr: float | None
     backbone = run_dir / REFERENCE_BACKBONE_FILE
     used = current_keys(split.cache.attrs.get("extract_config") or {}).get("clip", "")
     if backbone.exists() and (not used or Path(used).resolve() != backbone.resolve()):
-        logger.warning(f"{val} was extracted with --clip {used!r}, not the checkpoint's fine-tuned {backbone}: "
+        clip_used = f"with --clip {used!r}" if used else "with no recorded --clip"
+        logger.warning(f"{val} was extracted {clip_used}, not the checkpoint's fine-tuned {backbone}: "
                        f"the threshold is set on other features. Extract val with --clip {backbone} "
                        "and calibrate again.")
     fpr = target_fpr if target_fpr is not None else (config.target_fpr or DEFAULT_TARGET_FPR)

@@ -28,6 +28,7 @@ from lare2.shared.cache import CacheLayout
 from lare2.shared.config import SCORING_IGNORES, ExtractConfig, diff_identity, identity_fingerprint
 from lare2.shared.errors import UserError
 from lare2.shared.jsonio import write_json
+from lare2.shared.wording import shown
 from lare2.train.config import RESUME_FREE_KEYS, TrainConfig
 from lare2.train.models import ModelConfig, build_model
 
@@ -147,7 +148,7 @@ def identity_differences(first: Mapping | None, second: Mapping | None, names: t
     if not isinstance(first, Mapping) or not isinstance(second, Mapping):
         return ""
     differing = {k: v for k, v in diff_identity(dict(first), dict(second)).items() if k not in SCORING_IGNORES}
-    return "; ".join(f"{key}: {names[0]} has {a!r}, {names[1]} {b!r}" for key, (a, b) in differing.items())
+    return "; ".join(f"{key}: {names[0]} has {shown(a)}, {names[1]} {shown(b)}" for key, (a, b) in differing.items())
 
 
 def check_compatible(config: DetectorConfig, fingerprint: str, layout: CacheLayout, cache_path: str | Path,

@@ -28,7 +28,7 @@ import numpy as np
 from lare2.shared.atomic import atomic_write
 from lare2.shared.errors import InputError
 from lare2.shared.jsonio import write_json
-from lare2.shared.logs import console, get_logger
+from lare2.shared.logs import get_logger, output_console
 from lare2.shared.perturbations import chain_text, parse_chain
 from lare2.train.checkpoint import check_compatible, load_detector
 from lare2.train.data import CacheSplit
@@ -160,7 +160,6 @@ def percent(value) -> str:
 
 
 def print_table(rows: Sequence[dict], mean: dict, threshold: float) -> None:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
@@ -172,7 +171,7 @@ def print_table(rows: Sequence[dict], mean: dict, threshold: float) -> None:
         cells = [escape(percent(row[c])) for c in ("generator", *TABLE_COLUMNS, "n_real", "n_fake", "reals_from")]
         table.add_row(*cells, end_section=row is rows[-1] if rows else False)
     # the table is the command's output: stdout, and not squeezed to 80 columns when piped
-    Console(width=None if console.is_terminal else 140).print(table)
+    output_console().print(table)
 
 
 def write_plots(curves: dict[str, tuple[np.ndarray, np.ndarray]], rows: Sequence[dict], report_dir: Path) -> list[Path]:

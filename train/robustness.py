@@ -40,7 +40,7 @@ import numpy as np
 
 from lare2.shared.errors import InputError
 from lare2.shared.jsonio import write_json
-from lare2.shared.logs import console, get_logger
+from lare2.shared.logs import get_logger, output_console
 from lare2.shared.perturbations import parse_chain
 from lare2.train.report import CLEAN, GROUPING_RULE, TABLE_COLUMNS, ScoredCache, generator_rows, mean_row, percent
 
@@ -154,7 +154,6 @@ def _cell(row: dict | None, metric: str) -> str:
 
 
 def print_robustness(groups: Sequence[PerturbationGroup], metric: str, threshold: float) -> None:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
@@ -168,9 +167,7 @@ def print_robustness(groups: Sequence[PerturbationGroup], metric: str, threshold
     for name in names:  # escaped: "sd [test]" is a row name, not rich markup
         table.add_row(escape(name), *[_cell(g.row(name), metric) for g in groups], end_section=name == names[-1])
     table.add_row("mean", *[_cell(g.mean, metric) for g in groups])
-    # piped: as wide as the table needs (a cell is up to 25 characters), so that no cell wraps onto two lines
-    needed = max(len(n) for n in [*names, "generator"]) + 4 + sum(max(len(g.perturb), 25) + 3 for g in groups)
-    Console(width=None if console.is_terminal else max(140, needed)).print(table)
+    output_console().print(table)  # piped: as wide as the table needs, so that no cell wraps onto two lines
 
 
 def write_robustness_csv(groups: Sequence[PerturbationGroup], path: Path) -> Path:

@@ -42,8 +42,9 @@ def _manifest_rows(cache: FeatureCache, manifest: Path, damaged: list[int]) -> d
             intact[cache.block_slice(block)] = False
         same = bool((stored[intact] == np.asarray(ids, dtype=object)[intact]).all())
     if not same:
-        raise CacheError(f"{manifest}: its selection (split={cfg.get('split')!r}, {len(ids)} rows) is not the one "
-                         f"{cache.path} was made from ({len(cache)} samples); pass the original with --manifest")
+        raise CacheError(f"{manifest}: its selection (split={cfg.get('split') or 'all'}, {len(ids)} rows) is not "
+                         f"the one {cache.path} was made from ({len(cache)} samples); pass the original with "
+                         "--manifest")
     return rows
 
 

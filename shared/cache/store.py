@@ -171,8 +171,8 @@ class FeatureCache:
                              "re-extract it with `lare2 extract`") from err
         version = group.attrs.get("lare2_cache_format")
         if version is None:
-            raise CacheError(f"{path}: a Zarr store but not a lare2 cache (its zarr.json records no lare2_cache_format); "
-                             "pass a folder that `lare2 extract` wrote, or create one with `lare2 extract`")
+            raise CacheError(f"{path}: a Zarr store but not a lare2 cache (its zarr.json records no "
+                             "lare2_cache_format); pass a cache that `lare2 extract` made, or make one with it")
         if version != CACHE_FORMAT_VERSION:
             raise CacheError(f"{path}: cache format {version!r}, written by another lare2 version; this lare2 reads "
                              f"format {CACHE_FORMAT_VERSION}: re-extract it with `lare2 extract`, or read it with the "

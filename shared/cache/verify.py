@@ -317,7 +317,8 @@ def _check_fingerprints(cache: FeatureCache, report: VerifyReport) -> None:
     differing = sorted(k for k in set(in_identity) | set(fingerprints) if in_identity.get(k) != fingerprints.get(k))
     if differing:
         report.add("fingerprints", "error", "identity and fingerprints disagree on "
-                   + ", ".join(f"{k} ({in_identity.get(k)} vs {fingerprints.get(k)})" for k in differing), differing)
+                   + ", ".join(f"{k} ({in_identity.get(k) or 'none'} vs {fingerprints.get(k) or 'none'})"
+                               for k in differing), differing)
 
 
 def compare_recomputed(cache: FeatureCache, indices: np.ndarray, recomputed: Mapping[str, np.ndarray],

@@ -24,10 +24,10 @@ import numpy as np
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from lare2.shared.errors import InputError
-from lare2.shared.logs import console, progress_bar
+from lare2.shared.logs import output_console, progress_bar
 from lare2.shared.manifest.built import map_with_progress
 from lare2.shared.manifest.sources import read_image_bytes, split_tar_path
-from lare2.shared.manifest.table import SPLITS, ManifestError, read_manifest, select_rows
+from lare2.shared.manifest.table import SPLITS, ManifestError, empty_manifest_error, read_manifest, select_rows
 
 SHORTCUT_AUC_BOUND = 0.75
 """CV ROC AUC of the metadata-only classifier above which the audit reports a shortcut.
@@ -68,7 +68,8 @@ def ijg_quantization_table(quality: int, base: np.ndarray = IJG_LUMINANCE, basel
 
 
 # every Q's luminance table, both clamps: (2, 100, 64); row q - 1 is quality q
-_IJG_TABLES = np.stack([np.stack([ijg_quantization_table(q, baseline=b) for q in range(1, 101)]) for b in (True, False)])
+_IJG_TABLES = np.stack([np.stack([ijg_quantization_table(q, baseline=b) for q in range(1, 101)])
+                       for b in (True, False)])
 
 
 def estimate_jpeg_quality(quantization: Mapping[int, Sequence[int]] | None) -> int | None:
@@ -136,7 +137,8 @@ def read_image_meta(root: Path, row: Mapping) -> ImageMeta:
                              jpeg_quality=estimate_jpeg_quality(getattr(image, "quantization", None)),
                              subsampling=jpeg_subsampling(image), file_bytes=file_bytes)
     except OSError as err:  # missing, unreadable, not an image: counted and named, never a crash
-        reason = "not an image Pillow can identify" if isinstance(err, UnidentifiedImageError) else err.strerror or str(err)
+        unidentified = isinstance(err, UnidentifiedImageError)
+        reason = "not an image Pillow can identify" if unidentified else err.strerror or str(err)
         return ImageMeta(**known, error=f"unreadable: {reason}")
     except Exception as err:  # noqa: BLE001 - a header Pillow chokes on (bomb guard, bad marker) is recorded too
         return ImageMeta(**known, error=f"header unreadable: {type(err).__name__}: {err}")
@@ -156,7 +158,9 @@ class Spread:
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Spread | None:
-        return cls(min=float(np.min(values)), median=float(np.median(values)), max=float(np.max(values))) if len(values) else None
+        if not len(values):
+            return None
+        return cls(min=float(np.min(values)), median=float(np.median(values)), max=float(np.max(values)))
 
 
 def _shares(values: Sequence[str]) -> dict[str, float]:
@@ -196,7 +200,8 @@ def group_stats(metas: Sequence[ImageMeta]) -> list[GroupStats]:
         groups.setdefault((meta.split, meta.generator, meta.label), []).append(meta)
     split_order = {s: i for i, s in enumerate(SPLITS)}
     stats = []
-    for (split, generator, label), members in sorted(groups.items(), key=lambda kv: (split_order.get(kv[0][0], 9), kv[0])):
+    for (split, generator, label), members in sorted(groups.items(),
+                                                     key=lambda kv: (split_order.get(kv[0][0], 9), kv[0])):
         ok = [m for m in members if not m.error]
         jpegs = [m for m in ok if m.jpeg_quality is not None]
         sizes = Counter(f"{m.width}x{m.height}" for m in ok)
@@ -206,7 +211,8 @@ def group_stats(metas: Sequence[ImageMeta]) -> list[GroupStats]:
             split=split, generator=generator, label=label, count=len(members), unreadable=len(members) - len(ok),
             formats=_shares([m.format for m in ok]), width=Spread.of([m.width for m in ok]),
             height=Spread.of([m.height for m in ok]), distinct_sizes=len(sizes), most_common_size=top_size,
-            most_common_size_share=top_count / len(ok) if ok else 0.0, jpeg_quality=Spread.of([m.jpeg_quality for m in jpegs]),
+            most_common_size_share=top_count / len(ok) if ok else 0.0,
+            jpeg_quality=Spread.of([m.jpeg_quality for m in jpegs]),
             most_common_jpeg_quality=qualities.most_common(1)[0][0] if jpegs else None,
             subsampling=_shares([m.subsampling for m in jpegs if m.subsampling]),
             bytes_per_pixel=Spread.of([m.bytes_per_pixel for m in ok])))
@@ -323,9 +329,10 @@ def metadata_shortcut(metas: Sequence[ImageMeta], *, bound: float = SHORTCUT_AUC
     n_fake, n_real = int(y.sum()), int(len(y) - y.sum())
     folds = min(CV_FOLDS, n_real, n_fake)
     if folds < 2:
-        return ShortcutResult(auc=None, bound=bound, shortcut=False, features=[], feature_aucs=[], folds=0, num_images=len(ok),
-                              chance_se=None, note=f"not cross-validated: {n_real} readable real and {n_fake} fake images "
-                                                   "(needs at least 2 of each)")
+        return ShortcutResult(auc=None, bound=bound, shortcut=False, features=[], feature_aucs=[], folds=0,
+                              num_images=len(ok), chance_se=None,
+                              note=f"not cross-validated: {n_real} readable real and {n_fake} fake images "
+                                   "(needs at least 2 of each)")
     if len(ok) > CLASSIFIER_MAX_ROWS:
         from sklearn.model_selection import train_test_split
 
@@ -387,8 +394,8 @@ def audit_manifest(path: Path | str, *, split: str | None = None, bound: float =
     if split is not None and split in SPLITS and split not in present:
         raise ManifestError(f"{path}: no {split!r} rows; the manifest has the splits {present}")
     rows = select_rows(table, split=split).select(["path", "label", "generator", "split"]).to_pylist()
-    if not rows:
-        raise ManifestError(f"{path}: no rows to audit")
+    if not rows:  # the split is present (checked above): the manifest has no rows at all
+        raise empty_manifest_error(path)
     metas = read_all_meta(root, rows, workers=workers, progress=progress)
     return AuditReport(manifest=str(path), root=str(root), split=split, splits=[split] if split else present,
                        num_images=len(metas), unreadable=[{"path": m.path, "error": m.error} for m in metas if m.error],
@@ -407,11 +414,9 @@ def _share_text(shares: dict[str, float]) -> str:
 
 def print_audit_report(report: AuditReport, examples: int = 10) -> None:
     """The groups, the unreadable images and the classifier as rich tables on stderr (the log's stream)."""
-    from rich.console import Console
     from rich.table import Table
 
-    # 12 columns: not squeezed to 80 when stderr is not a terminal (a log file, a CI job)
-    out = Console(stderr=True, width=None if console.is_terminal else 200)
+    out = output_console(stderr=True)  # 12 columns: not squeezed to 80 off a terminal (a log file, a CI job)
 
     grid = Table(title=f"{report.manifest}: header metadata of {report.num_images} images "
                        f"({', '.join(report.splits)}); spreads are min–median–max")
@@ -419,7 +424,8 @@ def print_audit_report(report: AuditReport, examples: int = 10) -> None:
                    "JPEG quality", "subsampling", "bytes/pixel"):
         grid.add_column(column, justify="right" if column in ("images", "unreadable") else "left")
     for g in report.groups:
-        sizes = f"{g.distinct_sizes} (top {g.most_common_size} {g.most_common_size_share:.0%})" if g.distinct_sizes else "-"
+        sizes = (f"{g.distinct_sizes} (top {g.most_common_size} {g.most_common_size_share:.0%})"
+                 if g.distinct_sizes else "-")
         grid.add_row(g.split, g.generator, "fake" if g.label else "real", str(g.count), str(g.unreadable),
                      _share_text(g.formats), _spread(g.width), _spread(g.height), sizes, _spread(g.jpeg_quality),
                      _share_text(g.subsampling), _spread(g.bytes_per_pixel, 2))

@@ -125,7 +125,8 @@ def build_folders(src: Path | str, *, generator: str | None = None, split: str |
                                 "for a flat <src>/{0_real,1_fake} layout")
         for file in images_under(label_dir, skipped):
             refs.append(ImageRef(path=file.relative_to(root).as_posix(), label=FOLDER_LABELS[label_dir.name],
-                                 generator=row_generator, split=row_split, class_name=class_name_from_filename(file.name)))
+                                 generator=row_generator, split=row_split,
+                                 class_name=class_name_from_filename(file.name)))
     rows = describe_all(root, refs, workers, progress)
     args = {"src": str(src), "generator": generator, "split": split, "keep_duplicates": keep_duplicates}
     return finish_build(rows, root=root, builder="folders", builder_args=args, skipped=skipped,
@@ -223,9 +224,11 @@ def _read_shard_rows(root: Path, shard: Path, defaults: Mapping[str, object]) ->
             where = f"{shard}::{member.name}"
             if is_image_name(member.name.rpartition("/")[2]):
                 data = tar.extractfile(member).read()
-                images.append((key, member.name, describe_bytes(data, f"{shard_path}{TAR_MEMBER_SEPARATOR}{member.name}")))
+                member_path = f"{shard_path}{TAR_MEMBER_SEPARATOR}{member.name}"
+                images.append((key, member.name, describe_bytes(data, member_path)))
             elif ext == "cls":
-                sidecars.setdefault(key, {})["label"] = parse_label(tar.extractfile(member).read().decode().strip(), where)
+                label_text = tar.extractfile(member).read().decode().strip()
+                sidecars.setdefault(key, {})["label"] = parse_label(label_text, where)
             elif ext == "json":
                 try:
                     info = json.loads(tar.extractfile(member).read())

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import pyarrow.compute as pc
 
-from lare2.shared.logs import console
+from lare2.shared.logs import output_console
 from lare2.shared.manifest.built import BuiltManifest
 
 
 def print_build_report(built: BuiltManifest, examples: int = 5) -> None:
-    """Duplicates and unreadable images as rich tables, a few examples each, on the log console."""
+    """Duplicates and unreadable images as rich tables, a few examples each, on stderr beside the log."""
     from rich.table import Table
+
+    console = output_console(stderr=True)
 
     if built.duplicates:
         table = Table(title=f"{len(built.duplicates)} images occur more than once ({built.num_dropped} copies dropped)")

@@ -81,7 +81,8 @@ def describe_file(root: Path, ref: ImageRef) -> dict:
     try:
         data = (root / ref.path).read_bytes()
     except OSError as err:
-        return manifest_row(ref, ImageHeader(sample_id=no_content_id(ref.path), error=f"unreadable: {err.strerror or err}"))
+        header = ImageHeader(sample_id=no_content_id(ref.path), error=f"unreadable: {err.strerror or err}")
+        return manifest_row(ref, header)
     return manifest_row(ref, describe_bytes(data, ref.path))
 
 

@@ -46,8 +46,8 @@ from lare2.shared.errors import InputError, UserError
 __all__ = [
     "CACHE_COLUMNS", "COLUMNS", "LABEL_FAKE", "LABEL_REAL", "LABEL_WORDS", "MANIFEST_FORMAT_VERSION", "MANIFEST_SCHEMA",
     "META_BUILDER", "META_BUILDER_ARGS", "META_FORMAT", "META_PROVENANCE", "META_ROOT", "SPLITS", "ManifestError",
-    "count_rows", "parse_label", "read_manifest", "read_manifest_metadata", "read_selection", "select_rows",
-    "write_manifest",
+    "count_rows", "empty_manifest_error", "parse_label", "read_manifest", "read_manifest_metadata", "read_selection",
+    "select_rows", "write_manifest",
 ]
 
 MANIFEST_FORMAT_VERSION = 1
@@ -121,6 +121,12 @@ def write_manifest(path: Path | str, rows: pa.Table | Mapping[str, Sequence], *,
     return path
 
 
+def empty_manifest_error(path: Path | str) -> ManifestError:
+    """The refusal of a manifest without rows: bad input for every command, as each one needs rows."""
+    return ManifestError(f"{path}: an empty manifest (0 rows); build it again from a folder of images with "
+                         f"`lare2 manifest build KIND SRC -o {path}`")
+
+
 def read_manifest_metadata(path: Path | str) -> dict:
     """``{"root", "builder", "builder_args", "provenance", "format"}`` of a manifest."""
     path = Path(path)
@@ -134,8 +140,11 @@ def read_manifest_metadata(path: Path | str) -> dict:
     if META_ROOT not in meta:
         raise ManifestError(f"{path}: not a lare2 manifest (no '{META_ROOT}' in the parquet metadata); "
                             "build one with `lare2 manifest build`")
-    if meta.get(META_FORMAT) != str(MANIFEST_FORMAT_VERSION):
-        raise ManifestError(f"{path}: manifest format {meta.get(META_FORMAT)!r}, this lare2 reads {MANIFEST_FORMAT_VERSION}")
+    version = meta.get(META_FORMAT)
+    if version != str(MANIFEST_FORMAT_VERSION):
+        written = "records no format" if version is None else f"is format {version}, written by another lare2 version"
+        raise ManifestError(f"{path}: the manifest {written}; this lare2 reads format {MANIFEST_FORMAT_VERSION}: "
+                            "build it again with `lare2 manifest build`")
     return {
         "root": meta[META_ROOT],
         "builder": meta.get(META_BUILDER, ""),
@@ -192,8 +201,10 @@ def count_rows(table: pa.Table) -> list[dict]:
     """Rows and errors per (split, generator, label), sorted: ``[{split, generator, label, count, errors}]``."""
     with_errors = table.select(["split", "generator", "label"]).append_column(
         "has_error", pc.cast(pc.not_equal(table["error"], ""), pa.int64()))
-    grouped = with_errors.group_by(["split", "generator", "label"]).aggregate([("has_error", "count"), ("has_error", "sum")])
+    grouped = with_errors.group_by(["split", "generator", "label"]).aggregate(
+        [("has_error", "count"), ("has_error", "sum")])
     counts = [{"split": r["split"], "generator": r["generator"], "label": int(r["label"]),
                "count": int(r["has_error_count"]), "errors": int(r["has_error_sum"] or 0)} for r in grouped.to_pylist()]
     split_order = {s: i for i, s in enumerate(SPLITS)}
-    return sorted(counts, key=lambda c: (split_order.get(c["split"], len(SPLITS)), c["split"], c["generator"], c["label"]))
+    return sorted(counts,
+                  key=lambda c: (split_order.get(c["split"], len(SPLITS)), c["split"], c["generator"], c["label"]))

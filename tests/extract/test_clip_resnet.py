@@ -65,7 +65,8 @@ def official_visual_shapes(layers=(3, 4, 6, 3), width=64, output_dim=1024, grid=
     return shapes
 
 
-def random_official_state(shapes: dict[str, tuple], seed: int = 0, with_text_tower: bool = True) -> dict[str, torch.Tensor]:
+def random_official_state(shapes: dict[str, tuple], seed: int = 0,
+                          with_text_tower: bool = True) -> dict[str, torch.Tensor]:
     """Random tensors under the official names; BN variances positive; plus keys of CLIP's text tower."""
     generator = torch.Generator().manual_seed(seed)
     state = {}
@@ -214,7 +215,8 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path: Path) -> None:
     del state["visual.layer2.0.bn1.weight"]
     state["visual.layer2.0.extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "broken.pt")
-    with pytest.raises(ValueError, match=r"broken\.pt.*missing 1: layer2\.0\.bn1\.weight; unexpected 1: layer2\.0\.extra\.weight"):
+    with pytest.raises(ValueError,
+                       match=r"broken\.pt.*missing 1: layer2\.0\.bn1\.weight; unexpected 1: layer2\.0\.extra\.weight"):
         load_backbone(tmp_path / "broken.pt")
 
 

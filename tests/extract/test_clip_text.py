@@ -20,7 +20,8 @@ from lare2.extract.clip_text import (
 from lare2.extract.tiny_models import SPECIAL_TOKENS, toy_vocab
 
 BLOCK_KEYS = ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias", "ln_1.weight",
-              "ln_1.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias", "ln_2.weight", "ln_2.bias")
+              "ln_1.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias", "ln_2.weight",
+              "ln_2.bias")
 
 
 def official_text_shapes(vocab=49408, context=77, width=512, layers=12, embed=1024) -> dict[str, tuple]:
@@ -28,7 +29,8 @@ def official_text_shapes(vocab=49408, context=77, width=512, layers=12, embed=10
     shapes = {"token_embedding.weight": (vocab, width), "positional_embedding": (context, width),
               "text_projection": (width, embed), "ln_final.weight": (width,), "ln_final.bias": (width,)}
     per_block = dict(zip(BLOCK_KEYS, [(3 * width, width), (3 * width,), (width, width), (width,), (width,), (width,),
-                                      (4 * width, width), (4 * width,), (width, 4 * width), (width,), (width,), (width,)]))
+                                      (4 * width, width), (4 * width,), (width, 4 * width), (width,), (width,),
+                                      (width,)]))
     for i in range(layers):
         shapes.update({f"transformer.resblocks.{i}.{k}": v for k, v in per_block.items()})
     return shapes

@@ -47,7 +47,8 @@ def test_tiny_has_sd_geometry_and_schedule() -> None:
         ids = model.tokenizer(["a photo of a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
         text = model.text_encoder(ids)[0]
         assert text.shape == (1, 77, model.unet.config.cross_attention_dim)
-        out = model.unet(torch.randn(2, 4, 32, 32), torch.tensor([200, 200]), encoder_hidden_states=text.repeat(2, 1, 1))
+        out = model.unet(torch.randn(2, 4, 32, 32), torch.tensor([200, 200]),
+                         encoder_hidden_states=text.repeat(2, 1, 1))
         assert out.sample.shape == (2, 4, 32, 32)
 
 
@@ -103,7 +104,8 @@ def no_network(monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
 
 
-REMEDY = "pass a diffusers folder (vae/ unet/ text_encoder/ tokenizer/ scheduler/), a .safetensors/.ckpt file, or 'tiny'"
+REMEDY = ("pass a diffusers folder (vae/ unet/ text_encoder/ tokenizer/ scheduler/), a .safetensors/.ckpt file, "
+          "or 'tiny'")
 
 
 def one_line_error(error: pytest.ExceptionInfo) -> str:
@@ -116,7 +118,8 @@ def test_missing_path_names_what_was_expected(tmp_path: Path, no_network) -> Non
     with pytest.raises(FileNotFoundError, match=r"not a folder or file on disk.*unet/.*\.safetensors.*tiny") as info:
         load_latent_diffusion(tmp_path / "no_such_model")
     assert one_line_error(info) == (f"latent diffusion model {str(tmp_path / 'no_such_model')!r}: not a folder or file "
-                                    f"on disk; not a hub id either ('org/name', without a path prefix or file suffix); {REMEDY}")
+                                    "on disk; not a hub id either ('org/name', without a path prefix or file suffix); "
+                                    f"{REMEDY}")
 
 
 def test_hub_id_offline_is_one_clear_error(no_network) -> None:
@@ -157,7 +160,8 @@ def test_unreachable_hub_is_one_attempt_and_one_line(monkeypatch) -> None:
         load_latent_diffusion("someorg/some-model")
     assert one_line_error(info) == ("latent diffusion model 'someorg/some-model': not a folder or file on disk "
                                     f"(no {Path('someorg/some-model').resolve()}); as a hub id: hub unreachable "
-                                    f"(https://hub.invalid: Name or service not known), and not in the local hub cache; {REMEDY}")
+                                    "(https://hub.invalid: Name or service not known), and not in the local hub cache; "
+                                    f"{REMEDY}")
     assert len(calls) == 1 and calls[0][1] <= 5  # one short probe, no retries
 
 
@@ -177,8 +181,10 @@ def test_a_hub_model_in_the_local_cache_loads_without_a_hub(tmp_path: Path, monk
     import diffusers
     import transformers
 
-    for owner, name in ((diffusers.AutoencoderKL, "from_pretrained"), (diffusers.UNet2DConditionModel, "from_pretrained"),
-                        (transformers.CLIPTextModel, "from_pretrained"), (transformers.CLIPTokenizer, "from_pretrained")):
+    for owner, name in ((diffusers.AutoencoderKL, "from_pretrained"),
+                        (diffusers.UNet2DConditionModel, "from_pretrained"),
+                        (transformers.CLIPTextModel, "from_pretrained"),
+                        (transformers.CLIPTokenizer, "from_pretrained")):
         monkeypatch.setattr(owner, name, from_cache(getattr(owner, name)))
     scheduler_from = models.ddpm_scheduler_from
 
@@ -200,14 +206,16 @@ def test_folder_without_unet_names_the_missing_subfolder(tmp_path: Path, tiny_fo
     with pytest.raises(FileNotFoundError, match=r"missing subfolder\(s\) unet/") as info:
         load_latent_diffusion(folder)
     assert str(folder) in str(info.value)
-    assert one_line_error(info).startswith(f"{folder}: not a diffusers model folder, missing subfolder(s) unet/ (expected")
+    assert one_line_error(info).startswith(f"{folder}: not a diffusers model folder, "
+                                           "missing subfolder(s) unet/ (expected")
 
     (folder / "v1-5-pruned.safetensors").write_bytes(b"")  # the user meant the checkpoint inside
     shutil.rmtree(folder / "vae")
     with pytest.raises(ModelSourceError) as info:
         load_latent_diffusion(folder)
     message = one_line_error(info)
-    assert "missing subfolder(s) vae/, unet/ " in message and message.endswith("it holds v1-5-pruned.safetensors: pass that file instead")
+    assert "missing subfolder(s) vae/, unet/ " in message
+    assert message.endswith("it holds v1-5-pruned.safetensors: pass that file instead")
 
 
 def test_missing_or_unknown_backbone_names_the_argument_and_the_forms(tmp_path: Path, monkeypatch) -> None:
@@ -222,10 +230,12 @@ def test_missing_or_unknown_backbone_names_the_argument_and_the_forms(tmp_path: 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelSourceError) as info:
         load_backbone("RN101")
-    assert one_line_error(info) == f"backbone 'RN101' not found: not a file on disk ({tmp_path.resolve() / 'RN101'}) nor a named backbone; {forms}"
+    assert one_line_error(info) == (f"backbone 'RN101' not found: not a file on disk ({tmp_path.resolve() / 'RN101'}) "
+                                    f"nor a named backbone; {forms}")
     with pytest.raises(ModelSourceError) as info:
         load_backbone("models/RN50.pt")
-    assert one_line_error(info) == f"backbone 'models/RN50.pt' not found: no such file ({tmp_path.resolve() / 'models/RN50.pt'}); {forms}"
+    assert one_line_error(info) == ("backbone 'models/RN50.pt' not found: "
+                                    f"no such file ({tmp_path.resolve() / 'models/RN50.pt'}); {forms}")
     with pytest.raises(ModelSourceError) as info:
         load_backbone(tmp_path)
     assert one_line_error(info) == f"backbone {str(tmp_path)!r} not found: a folder, not a weight file; {forms}"
@@ -283,7 +293,8 @@ def to_ldm_layout(model) -> dict[str, torch.Tensor]:
 
     def unet_resnet(src: str, dst: str) -> None:
         for ours, theirs in (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
-                             ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")):
+                             ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
+                             ("conv_shortcut", "skip_connection")):
             copy(unet, f"{src}.{ours}", f"{u}{dst}.{theirs}")
 
     for ours, theirs in (("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
@@ -309,7 +320,8 @@ def to_ldm_layout(model) -> dict[str, torch.Tensor]:
             if "CrossAttn" in kind:
                 copy(unet, f"up_blocks.{i}.attentions.{j}", f"{u}output_blocks.{block}.1")
             if j == per_block and i < levels - 1:
-                copy(unet, f"up_blocks.{i}.upsamplers.0.conv", f"{u}output_blocks.{block}.{2 if 'CrossAttn' in kind else 1}.conv")
+                upsampler = 2 if "CrossAttn" in kind else 1  # after the attention, when there is one
+                copy(unet, f"up_blocks.{i}.upsamplers.0.conv", f"{u}output_blocks.{block}.{upsampler}.conv")
             block += 1
 
     vae, v = model.vae.state_dict(), "first_stage_model."
@@ -322,7 +334,8 @@ def to_ldm_layout(model) -> dict[str, torch.Tensor]:
     def vae_mid(side: str) -> None:
         vae_resnet(f"{side}.mid_block.resnets.0", f"{side}.mid.block_1")
         vae_resnet(f"{side}.mid_block.resnets.1", f"{side}.mid.block_2")
-        for ours, theirs in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+        for ours, theirs in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
+                             ("to_out.0", "proj_out")):
             for part in ("weight", "bias"):
                 value = vae[f"{side}.mid_block.attentions.0.{ours}.{part}"]
                 out[f"{v}{side}.mid.attn_1.{theirs}.{part}"] = value[..., None, None] if value.ndim == 2 else value

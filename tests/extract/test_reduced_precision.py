@@ -68,6 +68,7 @@ def test_half_precision_on_gpu_is_within_tolerance_of_float32_on_cpu(float32_mod
     lare_images, backbone_images = random_images(0)
     seeds = list(range(NUM_IMAGES))
     want = compute_images(float32_models, lare_images, backbone_images, PROMPTS, seeds, CPU)
-    got = compute_images(models, lare_images.pin_memory(), backbone_images.pin_memory(), PROMPTS, seeds, torch.device("cuda"))
+    got = compute_images(models, lare_images.pin_memory(), backbone_images.pin_memory(), PROMPTS, seeds,
+                         torch.device("cuda"))
     for name, tolerance in TOLERANCE.items():  # float16 keeps 3 more mantissa bits than bfloat16: inside its bound
         assert worst_relative_error(got[name], want[name]) < tolerance, name

@@ -108,8 +108,8 @@ def _interrupt_mid_run(out: Path, interrupts: dict[int, Callable[[], object]], s
 def _runs(log: Path) -> list[tuple[int, int]]:
     """(images computed, blocks already done) of each run a task log records."""
     text = log.read_text()
-    return [(int(a), int(b)) for a, b in re.findall(r"computed (\d+) images?.*?(\d+)\s+blocks?\s+w(?:as|ere)\s+already\s+done",
-                                                  text, flags=re.DOTALL)]
+    runs = re.findall(r"computed (\d+) images?.*?(\d+)\s+blocks?\s+w(?:as|ere)\s+already\s+done", text, flags=re.DOTALL)
+    return [(int(a), int(b)) for a, b in runs]
 
 
 def test_submit_requeue_only_missing(private_slurm, manifest, reference, tmp_path, monkeypatch):

@@ -114,7 +114,8 @@ def test_blur_equals_a_2d_convolution_with_opencvs_sigma_0_kernel(kernel):
     assert math.isclose(weights.sum(), 1.0) and np.array_equal(weights, weights[::-1]) and len(weights) == kernel
     assert np.all(np.diff(weights[: kernel // 2 + 1]) > 0)
     kernel_2d = np.outer(weights, weights)
-    blurred = np.stack([ndimage.convolve(crop[..., c].astype(np.float64), kernel_2d, mode="mirror") for c in range(3)], -1)
+    blurred = np.stack([ndimage.convolve(crop[..., c].astype(np.float64), kernel_2d, mode="mirror")
+                        for c in range(3)], -1)
     expected = np.clip(np.floor(blurred + 0.5), 0, 255).astype(np.uint8)  # mirror = reflect-101; halves up
     got = apply_view(crop, _draws(operation="blur", kernel=kernel), None)
     np.testing.assert_array_equal(got, expected)
@@ -304,7 +305,8 @@ def test_two_processes_give_the_same_views(world, tmp_path):
     out = tmp_path / "two_processes"
     sets = [arg for key, value in {**SETTINGS, "batch_size": 2}.items() for arg in ("--set", f"{key}={value}")]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lare2.extract",
-               "--manifest", str(manifest), "--split", "train", "--out", str(out), "--preset", "debug", "--device", "cpu",
+               "--manifest", str(manifest), "--split", "train", "--out", str(out), "--preset", "debug",
+               "--device", "cpu",
                "--views", str(K), *sets, "--json"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD_ENV})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -438,7 +440,8 @@ def test_validation_and_scoring_read_the_evaluation_view(tmp_path):
         np.testing.assert_array_equal(batch.pooled.numpy(), stored["pooled"][batch.index].astype(np.float32))
     # memory: the views are held besides the evaluation view (float16: 2 bytes a value)
     extra = int(cache.ok_mask().sum()) * 4 * (6 + 5 * 3 * 3) * 2
-    assert CacheSplit(cache.path, NAMES, views=True).memory_bytes() == CacheSplit(cache.path, NAMES).memory_bytes() + extra
+    plain_bytes = CacheSplit(cache.path, NAMES).memory_bytes()
+    assert CacheSplit(cache.path, NAMES, views=True).memory_bytes() == plain_bytes + extra
 
 
 def test_a_detector_trains_on_views_and_validates_on_a_plain_cache(world, tmp_path):

@@ -33,11 +33,13 @@ def test_demo_detects_ldm_a_on_unseen_photographs(tmp_path, capsys):
 
     # every generator is evaluated, with its own held-out reals and fakes
     assert sorted(egre) == sorted(GENERATORS)
-    assert all(row["n_real"] == 120 and row["n_fake"] == 120 and row["reals_from"] == "generator" for row in egre.values())
+    assert all(row["n_real"] == 120 and row["n_fake"] == 120 and row["reals_from"] == "generator"
+               for row in egre.values())
     # the calibrated threshold comes from validation reals only
     assert reports["egre"]["target_fpr"] == pytest.approx(0.05)
 
-    figures = {model: {r["generator"]: {k: round(r[k], 3) for k in ("acc", "real_acc", "fake_acc", "ap", "auc")} for r in rep["rows"]}
+    figures = {model: {r["generator"]: {k: round(r[k], 3) for k in ("acc", "real_acc", "fake_acc", "ap", "auc")}
+                       for r in rep["rows"]}
                for model, rep in reports.items()}
     with capsys.disabled():  # the figures of every generator, in the CI log
         print("\nMiniGenImage demo (seed 0):", json.dumps(figures, indent=1))

@@ -18,7 +18,8 @@ from PIL import Image
 
 from lare2.minigenimage.build import BuildConfig, build, fake_plan, png_bytes, preset
 from lare2.minigenimage.build import SPLIT_POOL, real_images
-from lare2.minigenimage.photos import CLASS_NAMES, PHOTOS, file_sha256, photo_path, photos_of, random_crops, training_crops
+from lare2.minigenimage.photos import (CLASS_NAMES, PHOTOS, file_sha256, photo_path, photos_of, random_crops,
+                                      training_crops)
 from lare2.minigenimage.pools import POOL_COLUMNS, POOLS, SUBJECT_GROUPS, assign_pools, read_pools
 from lare2.minigenimage.sampling import CHUNK, load_sampler, sample
 from lare2.minigenimage.zoo import GENERATORS, ZOO_DIR, read_record
@@ -166,7 +167,8 @@ def test_ldm_a_is_a_stable_diffusion_folder_with_sd_schedule():
     for component in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
         assert component in index and (folder / component).is_dir(), component
     scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"))
-    assert (scheduler.config.beta_schedule, scheduler.config.beta_start, scheduler.config.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    schedule = (scheduler.config.beta_schedule, scheduler.config.beta_start, scheduler.config.beta_end)
+    assert schedule == ("scaled_linear", 0.00085, 0.012)
     assert scheduler.config.num_train_timesteps == 1000 and scheduler.config.prediction_type == "epsilon"
     vae = AutoencoderKL.from_pretrained(str(folder / "vae")).eval()
     with torch.no_grad():
@@ -249,7 +251,8 @@ def test_generated_images_are_not_real_crops(bench: Path):
     train_crops = np.concatenate([random_crops(p, 3, 64, seed=0) for p in photos_of("zoo")])
     reals = np.concatenate([reals, train_crops]).astype(np.float32)
     # RMS distance (0..255 scale) from each fake to its nearest real image
-    d2 = (fakes ** 2).sum((1, 2, 3))[:, None] + (reals ** 2).sum((1, 2, 3))[None] - 2 * np.einsum("nhwc,mhwc->nm", fakes, reals)
+    d2 = ((fakes ** 2).sum((1, 2, 3))[:, None] + (reals ** 2).sum((1, 2, 3))[None]
+          - 2 * np.einsum("nhwc,mhwc->nm", fakes, reals))
     nearest_rms = np.sqrt(np.maximum(d2.min(axis=1), 0) / fakes[0].size)
     assert nearest_rms.min() > 8.0, np.sort(nearest_rms)[:5]
     # and they are not all alike (a collapsed generator would repeat one image)
@@ -273,9 +276,12 @@ def test_cli_registers_build_and_zoo():
     assert [description.strip() for _, description in listed] == [
         "Sample the zoo and crop the photographs into GenImage's layout, with a manifest.",
         "Train the generator zoo on the CPU (the VAE first: ldm-a and ldm-b decode with it).",
-        "The whole method on MiniGenImage: build, extract with ldm-a, train 4 detectors (egre, linear, lare-only, egre-zero-lare), evaluate on 4 generators.",
-        "After the demo: audit its manifest, extract its test split under each perturbation and evaluate every detector on them.",
-        "After the demo (and robustness): train EGRE on augmented views, with and without the backbone top; compare with the demo's egre."]
+        "The whole method on MiniGenImage: build, extract with ldm-a, train 4 detectors "
+        "(egre, linear, lare-only, egre-zero-lare), evaluate on 4 generators.",
+        "After the demo: audit its manifest, extract its test split under each perturbation "
+        "and evaluate every detector on them.",
+        "After the demo (and robustness): train EGRE on augmented views, with and without the backbone top; "
+        "compare with the demo's egre."]
 
 
 def test_demo_samples_and_extracts_with_the_zoo_it_is_given(tmp_path: Path, monkeypatch):
@@ -291,7 +297,8 @@ def test_demo_samples_and_extracts_with_the_zoo_it_is_given(tmp_path: Path, monk
 
     app = typer.Typer()
     register(app)
-    missing = CliRunner().invoke(app, ["minigenimage", "demo", "--zoo", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
+    missing = CliRunner().invoke(app, ["minigenimage", "demo", "--zoo", str(tmp_path / "nowhere"),
+                                       "--out", str(tmp_path / "run")])
     assert missing.exit_code != 0 and "no ldm-a/unet" in missing.output
     nowhere = str(tmp_path / "nowhere")
     assert missing.exit_code == 2 and missing.stderr.splitlines() == [  # one line naming the zoo and the way out
@@ -369,7 +376,8 @@ def test_robustness_after_a_tiny_demo_perturbs_only_the_test_images(tmp_path: Pa
 
     app = typer.Typer()
     register(app)
-    result = CliRunner().invoke(app, ["minigenimage", "robustness", "--out", str(out), "--perturb", "jpeg:50", "--json"])
+    result = CliRunner().invoke(app, ["minigenimage", "robustness", "--out", str(out), "--perturb", "jpeg:50",
+                                      "--json"])
     assert result.exit_code == 0, result.output
     assert [g["perturb"] for g in json.loads(result.stdout)["egre"]["perturbations"]] == ["clean", "jpeg:50"]
 
@@ -378,7 +386,8 @@ def test_robustness_after_a_tiny_demo_perturbs_only_the_test_images(tmp_path: Pa
 
     views = run_views(out, views=2)
     assert list(views) == ["egre", "egre-views2", "egre-views2-top"]
-    assert all([g["perturb"] for g in report["perturbations"]] == ["clean", "jpeg:50", "blur:2"] for report in views.values())
+    assert all([g["perturb"] for g in report["perturbations"]] == ["clean", "jpeg:50", "blur:2"]
+               for report in views.values())
     cache = FeatureCache.open(out / "cache" / "train-views2")
     assert cache.group["pooled_views"].shape[:2] == (len(cache), 2)
     top = json.loads((out / "egre-views2-top" / "config.json").read_text())

@@ -44,3 +44,28 @@ def test_records_are_plain_lines_off_a_terminal_and_rich_columns_on_one() -> Non
     terminal = io.StringIO()
     LogHandler(console=Console(file=terminal, width=80, force_terminal=True), show_path=False).emit(record)
     assert terminal.getvalue().count("\n") > 1  # wrapped into rich's message column
+
+
+def test_tables_are_not_folded_through_a_pipe(tmp_path: Path) -> None:
+    """Off a terminal a table is as wide as its cells need: a long path stays on one line, on stderr (the build's
+    duplicates) as on stdout (``manifest show``)."""
+    src = tmp_path / ("a-folder-with-a-name-long-enough-to-push-a-table-cell-past-eighty-columns" * 2)
+    for k, label in enumerate(("0_real", "1_fake")):
+        (src / "train" / label).mkdir(parents=True)
+        for i in range(2):
+            (src / "train" / label / f"{label}-{i}.png").write_bytes(good_rgb(seed=10 * k + i, size=(16, 16)))
+    copy = "train/0_real/" + "a-copy-with-a-name-long-enough-to-fold" * 3 + ".png"
+    (src / copy).write_bytes((src / "train" / "0_real" / "0_real-0.png").read_bytes())
+    out = tmp_path / "manifest.parquet"
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}  # rich's width when not a tty: 80
+    lare2 = str(Path(sys.executable).with_name("lare2"))
+    built = subprocess.run([lare2, "manifest", "build", "folders", str(src), "-o", str(out)], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    assert "occur more than once" in built.stderr, built.stderr
+    assert sum(copy in line for line in built.stderr.splitlines()) == 2, built.stderr  # in copies, in dropped
+    shown = subprocess.run([lare2, "manifest", "show", str(out)], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert any(line.strip() == f"root: {src}" for line in shown.stdout.splitlines()), shown.stdout
+    assert len(str(src)) > 150

@@ -187,7 +187,8 @@ def test_genimage_rows_labels_splits_and_class_names(tmp_path: Path) -> None:
         assert row["error"] == ""
     # a real image of a subset carries that subset's generator: both classes per generator and split
     per_generator = Counter((r["generator"], r["split"] == "test", r["label"]) for r in rows.values())
-    assert all(per_generator[(g, t, lab)] > 0 for g in ("ADM", "stable_diffusion_v_1_4") for t in (True, False) for lab in (0, 1))
+    assert all(per_generator[(g, t, lab)] > 0
+               for g in ("ADM", "stable_diffusion_v_1_4") for t in (True, False) for lab in (0, 1))
 
 
 def test_val_holdout_is_deterministic_disjoint_and_follows_the_hash(tmp_path: Path) -> None:
@@ -204,7 +205,8 @@ def test_val_holdout_is_deterministic_disjoint_and_follows_the_hash(tmp_path: Pa
     assert val and train and not val & train and val | train == genimage_train
     assert val == {i for i in genimage_train if holdout_score(i) < 0.4}
     assert {r["sample_id"] for r in smaller if r["split"] == "val"} <= val
-    assert {r["sample_id"] for r in first if r["split"] == "test"} == {r["sample_id"] for r in none if r["split"] == "test"}
+    assert ({r["sample_id"] for r in first if r["split"] == "test"}
+            == {r["sample_id"] for r in none if r["split"] == "test"})
 
 
 def test_holdout_score_is_uniform_enough() -> None:
@@ -250,7 +252,8 @@ def test_folders_split_level_and_flat_layout(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("separator", ["\t", ",", " "])
 def test_list_relative_absolute_and_missing(tmp_path: Path, separator: str) -> None:
-    inside = _write(tmp_path / "lists/imgs/a b.png" if separator != " " else tmp_path / "lists/imgs/ab.png", _image_bytes(7))
+    inside_name = "lists/imgs/a b.png" if separator != " " else "lists/imgs/ab.png"
+    inside = _write(tmp_path / inside_name, _image_bytes(7))
     outside = _write(tmp_path / "elsewhere/c.png", _image_bytes(8))
     lines = ["path" + separator + "label" if separator != " " else "# path label",
              f"imgs/{inside.name}{separator}1", f"{outside}{separator}real", f"imgs/missing.png{separator}0",
@@ -374,8 +377,10 @@ def test_unreadable_images_are_kept_with_an_error(tmp_path: Path) -> None:
     built = build_folders(root, generator="g", progress=False)
     rows = {r["path"].rsplit("/", 1)[1]: r for r in built.table.to_pylist()}
     assert built.num_errors == 3 and len(rows) == 4 and not built.duplicates
-    assert "not an image" in rows["text.png"]["error"] and rows["text.png"]["sample_id"] == _sha_id(b"this is not a png\n")
-    assert rows["empty1.png"]["error"] == "empty file" and rows["empty1.png"]["sample_id"] != rows["empty2.png"]["sample_id"]
+    assert "not an image" in rows["text.png"]["error"]
+    assert rows["text.png"]["sample_id"] == _sha_id(b"this is not a png\n")
+    assert rows["empty1.png"]["error"] == "empty file"
+    assert rows["empty1.png"]["sample_id"] != rows["empty2.png"]["sample_id"]
     assert (rows["text.png"]["width"], rows["text.png"]["format"]) == (0, "")
     assert rows["ok.png"]["error"] == "" and rows["ok.png"]["width"] == 12
 
@@ -433,7 +438,8 @@ def test_select_rows(tmp_path: Path) -> None:
     table = build_genimage(tmp_path / "g", progress=False).table
     test_adm = select_rows(table, split="test", generators=["ADM"])
     assert test_adm.num_rows == 4
-    assert set(test_adm.column("split").to_pylist()) == {"test"} and set(test_adm.column("generator").to_pylist()) == {"ADM"}
+    assert set(test_adm.column("split").to_pylist()) == {"test"}
+    assert set(test_adm.column("generator").to_pylist()) == {"ADM"}
     assert select_rows(table, limit=5).column("path").to_pylist() == table.column("path").to_pylist()[:5]
     assert select_rows(table).num_rows == table.num_rows
     with pytest.raises(ValueError, match="not in the manifest"):
@@ -482,7 +488,8 @@ def test_cli_fails_clearly(tmp_path: Path) -> None:
     assert not (tmp_path / "m.parquet").exists()
 
     (tmp_path / "empty").mkdir()
-    result = runner.invoke(app, ["manifest", "build", "genimage", str(tmp_path / "empty"), "-o", str(tmp_path / "m.parquet")])
+    result = runner.invoke(app, ["manifest", "build", "genimage", str(tmp_path / "empty"),
+                                 "-o", str(tmp_path / "m.parquet")])
     assert result.exit_code == 2 and "no images found" in result.output
     assert _error_line(result.stderr).startswith(f"error: {tmp_path / 'empty'}: no images found (genimage layout")
 
@@ -500,13 +507,14 @@ def test_cli_fails_clearly(tmp_path: Path) -> None:
 
 def test_cli_refuses_options_that_do_not_apply(tmp_path: Path) -> None:
     _write(tmp_path / "g/ADM/train/ai/1_adm_1.png", _image_bytes(40))
-    result = CliRunner().invoke(app, ["manifest", "build", "genimage", str(tmp_path / "g"), "-o", str(tmp_path / "m.parquet"),
-                                      "--split", "test"])
+    result = CliRunner().invoke(app, ["manifest", "build", "genimage", str(tmp_path / "g"),
+                                      "-o", str(tmp_path / "m.parquet"), "--split", "test"])
     assert result.exit_code == 2 and "--split" in result.output and not (tmp_path / "m.parquet").exists()
-    assert _error_line(result.stderr) == "error: --split do(es) not apply to the genimage builder (it takes --val-fraction)"
+    assert _error_line(result.stderr) == ("error: --split do(es) not apply to the genimage builder "
+                                          "(it takes --val-fraction)")
 
-    result = CliRunner().invoke(app, ["manifest", "build", "folders", str(tmp_path / "g"), "-o", str(tmp_path / "m.parquet"),
-                                      "--val-fraction", "0.2", "--label", "1"])
+    result = CliRunner().invoke(app, ["manifest", "build", "folders", str(tmp_path / "g"),
+                                      "-o", str(tmp_path / "m.parquet"), "--val-fraction", "0.2", "--label", "1"])
     assert result.exit_code == 2 and not (tmp_path / "m.parquet").exists()
     assert _error_line(result.stderr) == ("error: --label, --val-fraction do(es) not apply to the folders builder "
                                           "(it takes --generator, --split)")

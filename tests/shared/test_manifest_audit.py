@@ -241,7 +241,8 @@ def test_bad_invocations_are_one_error_line(tmp_path: Path, args: list[str], nam
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    _write(tmp_path / "images" / "gen-x" / "train" / "0_real" / "a.png", _encode(_picture(np.random.default_rng(0), (8, 8)), "PNG"))
+    _write(tmp_path / "images" / "gen-x" / "train" / "0_real" / "a.png",
+           _encode(_picture(np.random.default_rng(0), (8, 8)), "PNG"))
     paths = {"missing": tmp_path / "absent.parquet", "not_manifest": tmp_path / "not_a_manifest.parquet",
              "images": tmp_path / "images",
              "manifest": write_built(tmp_path / "m.parquet", build_folders(tmp_path / "images", progress=False))}

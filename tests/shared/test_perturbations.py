@@ -104,7 +104,8 @@ def test_each_operation_equals_pillow_and_numpy_by_hand():
 def test_chains_apply_their_steps_in_order():
     image = _image(48, 36, seed=1)
     halved = _jpeg_by_hand(image, 100).resize((24, 18), Image.BICUBIC).resize((48, 36), Image.BICUBIC)
-    np.testing.assert_array_equal(_pixels(apply_chain(image, parse_chain("jpeg:100+resize:0.5"), seed=0)), _pixels(halved))
+    np.testing.assert_array_equal(_pixels(apply_chain(image, parse_chain("jpeg:100+resize:0.5"), seed=0)),
+                                  _pixels(halved))
     swapped = apply_chain(image, parse_chain("resize:0.5+jpeg:100"), seed=0)
     assert not np.array_equal(_pixels(swapped), _pixels(halved))
 
@@ -155,7 +156,8 @@ def _write_tree(root: Path) -> None:
             folder = root / "gen-x" / split / ("0_real" if real else "1_fake")
             folder.mkdir(parents=True, exist_ok=True)
             image = _image(40 + 3 * i, 36 + 2 * i, seed=100 * (split == "val") + i)
-            image.save(folder / f"{i % 3 + 1}_{split}_{i}.{'png' if real else 'jpg'}", **({} if real else {"quality": 75}))
+            image.save(folder / f"{i % 3 + 1}_{split}_{i}.{'png' if real else 'jpg'}",
+                       **({} if real else {"quality": 75}))
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +240,8 @@ def test_normalize_feeds_both_labels_a_jpeg_q96_reencode(world):
     assert formats == {(0, "PNG"), (1, "JPEG")}  # the bias the normalisation removes
 
 
-@pytest.mark.parametrize("key, overrides", [("normalize", {"normalize": "jpeg:96"}), ("perturb", {"perturb": "blur:1"})])
+@pytest.mark.parametrize("key, overrides", [("normalize", {"normalize": "jpeg:96"}),
+                                            ("perturb", {"perturb": "blur:1"})])
 def test_extracting_into_a_cache_of_another_chain_is_refused_naming_it(world, key, overrides):
     from lare2.extract.run import run_extraction
     from lare2.shared.cache import CacheError
@@ -293,7 +296,8 @@ def test_a_run_scores_new_images_with_its_normalisation_never_a_perturbation(wor
 
     with caplog.at_level(logging.WARNING):
         run_training(train_debug(model="egre", train=configs["norm"].out, val=val.out, out=str(tmp / "run"), epochs=1))
-    assert any("validation images perturbed 'jpeg:50', training images 'none'" in r.getMessage() for r in caplog.records)
+    assert any("validation images perturbed 'jpeg:50', training images 'none'" in r.getMessage()
+               for r in caplog.records)
     detector = Detector.from_run(tmp / "run", device="cpu", num_workers=0)
     assert (detector.extraction.perturb, detector.extraction.normalize) == ("", "jpeg:96")
 
@@ -328,6 +332,7 @@ def test_noise_drawn_in_row_blocks_equals_one_whole_image_draw(monkeypatch):
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 23, 3), dtype=np.uint8))
     rng = np.random.default_rng([5, perturbations.NOISE_STREAM, 1])
-    whole_HW3 = np.clip(np.round(np.asarray(image, np.float64) + rng.normal(0.0, 4.0, (37, 23, 3))), 0, 255).astype(np.uint8)
+    noisy = np.round(np.asarray(image, np.float64) + rng.normal(0.0, 4.0, (37, 23, 3)))
+    whole_HW3 = np.clip(noisy, 0, 255).astype(np.uint8)
     monkeypatch.setattr(perturbations, "NOISE_BLOCK_VALUES", 23 * 3 * 4)  # 4 rows at a time, the last block short
     np.testing.assert_array_equal(np.asarray(perturbations.add_noise(image, 4.0, 5, 1)), whole_HW3)

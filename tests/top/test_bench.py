@@ -1,5 +1,5 @@
 """The benchmark code (bench/): the DIRE-style DDIM pair, the reference-style loop, FLOP counts,
-the host-side figures and gpu_bench's CPU smoke mode."""
+the host-side and cache-writer figures, bench.json's carried-over sections and gpu_bench's CPU smoke mode."""
 
 from __future__ import annotations
 

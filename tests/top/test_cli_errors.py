@@ -59,6 +59,12 @@ def world(tmp_path_factory) -> SimpleNamespace:
         (tmp / "plain/train/0_real").mkdir(parents=True, exist_ok=True)
         (tmp / f"plain/train/0_real/holiday-{i}.png").write_bytes(good_rgb(seed=i, size=(24, 24)))
     classless = write_built(tmp / "classless.parquet", build_folders(tmp / "plain", progress=False))
+    from lare2.shared.manifest import COLUMNS, write_manifest
+
+    write_manifest(tmp / "empty.parquet", {column: [] for column in COLUMNS}, root=tmp, builder="folders")
+    zarr.open_group(tmp / "foreign", mode="w").attrs["made_by"] = "another tool"  # a Zarr group, not a lare2 cache
+    shutil.copytree(tmp / "val", tmp / "format9")
+    zarr.open_group(tmp / "format9", mode="r+").attrs["lare2_cache_format"] = 9
     run = tmp / "run"
     trained = invoke("train", "--preset", "debug", "--train", tmp / "train", "--val", tmp / "val", "--out", run,
                      "--epochs", "1", "--set", "progress=false", "--set", "head_dim=8")
@@ -76,7 +82,8 @@ def world(tmp_path_factory) -> SimpleNamespace:
                            images=tiny.root, other=other.path, corrupt=corrupt, damaged=damaged, train=tmp / "train",
                            val=tmp / "val", stranger=tmp / "stranger", testsplit=tmp / "testsplit",
                            badperturb=tmp / "badperturb", run=run, converted=tmp / "converted",
-                           ckpt=tmp / "reference.pth", classless=classless)
+                           ckpt=tmp / "reference.pth", classless=classless, empty=tmp / "empty.parquet",
+                           foreign=tmp / "foreign", format9=tmp / "format9")
 
 
 def _extract(*args: str) -> list[str]:
@@ -102,6 +109,8 @@ CASES = [
     ("manifest-audit-absent-split", ["manifest", "audit", "{manifest}", "--split", "test"], 2, "'test'"),
     ("manifest-audit-bound-range", ["manifest", "audit", "{manifest}", "--bound", "1.5"], 2, "--bound"),
     ("manifest-build-out-a-folder", ["manifest", "build", "folders", "{images}", "-o", "{tmp}"], 2, "--out {tmp}: a folder"),
+    ("manifest-show-empty", ["manifest", "show", "{empty}"], 2, "{empty}: an empty manifest (0 rows); build it again"),
+    ("manifest-audit-empty", ["manifest", "audit", "{empty}"], 2, "{empty}: an empty manifest (0 rows)"),
     ("manifest-build-not-a-tar", ["manifest", "build", "webdataset", "{manifest}", "-o", "{tmp}/m.parquet", "--split", "train"],
      2, "{manifest}: not a readable tar shard"),
     # extract
@@ -149,12 +158,18 @@ CASES = [
                                        "--out", "{images}", "--device", "cpu"], 2, "{images}: a folder holding other files"),
     ("extract-out-under-a-file", ["extract", "--manifest", "{manifest}", "--split", "train", "--preset", "debug", "--out",
                                   "{manifest}/cache", "--device", "cpu"], 2, "is a file, not a folder"),
+    ("extract-empty-manifest", ["extract", "--manifest", "{empty}", "--preset", "debug", "--out", "{tmp}/x", "--device",
+                                "cpu"], 2, "{empty}: an empty manifest (0 rows)"),
     ("extract-set-perturb-bad", _extract("--set", "perturb=blur:0"), 2, "perturb 'blur:0'"),
     # cache
     ("cache-info-missing", ["cache", "info", "{missing}"], 2, "{missing}"),
     ("cache-info-parquet", ["cache", "info", "{manifest}"], 2, "{manifest}"),
     ("cache-info-a-run", ["cache", "info", "{run}"], 2, "{run}"),
     ("cache-info-corrupt", ["cache", "info", "{corrupt}"], 2, "{corrupt}"),
+    ("cache-info-foreign-zarr", ["cache", "info", "{foreign}"], 2,
+     "{foreign}: a Zarr store but not a lare2 cache (its zarr.json records no lare2_cache_format); pass a cache"),
+    ("cache-info-other-format", ["cache", "info", "{format9}"], 2,
+     "{format9}: cache format 9, written by another lare2 version; this lare2 reads format 1: re-extract it"),
     ("cache-ls-bad-status", ["cache", "ls", "{cache}", "--status", "bogus"], 2, "bogus"),
     ("cache-show-unknown-id", ["cache", "show", "{cache}", "nosuchid"], 2, "nosuchid"),
     ("cache-stats-corrupt", ["cache", "stats", "{corrupt}"], 2, "{corrupt}"),
@@ -168,6 +183,10 @@ CASES = [
     ("cache-diff-differs", ["cache", "diff", "{cache}", "{other}"], 1, "differ"),
     ("cache-export-bad-format", ["cache", "export", "{cache}", "--out", "{tmp}/wds", "--format", "zip"], 2, "zip"),
     ("cache-export-parquet", ["cache", "export", "{manifest}", "--out", "{tmp}/wds"], 2, "{manifest}"),
+    ("cache-export-out-a-file", ["cache", "export", "{cache}", "--out", "{manifest}"], 2,
+     "--out {manifest}: a file, not a folder; the export needs a folder: choose another --out"),
+    ("cache-export-out-under-a-file", ["cache", "export", "{cache}", "--out", "{manifest}/wds"], 2,
+     "--out {manifest}/wds: under {manifest}, which is a file, not a folder"),
     ("cache-pack-pending", ["cache", "pack", "{cache}", "{tmp}/packed"], 2, "{cache}"),
     ("cache-pack-missing", ["cache", "pack", "{missing}", "{tmp}/packed"], 2, "{missing}"),
     ("cache-progress-missing", ["cache", "progress", "{missing}"], 2, "{missing}"),
@@ -185,6 +204,11 @@ CASES = [
     ("train-bad-preset", _train("--preset", "huge"), 2, "huge"),
     ("train-no-resume-existing", ["train", "--preset", "debug", "--train", "{train}", "--val", "{val}", "--out", "{run}", "--no-resume"], 2, "{run}"),
     ("train-cuda", _train("--device", "cuda"), 2, "cuda"),
+    ("train-out-a-file", ["train", "--preset", "debug", "--train", "{train}", "--val", "{val}", "--out", "{manifest}"],
+     2,
+     "--out {manifest}: a file, not a folder; the run needs a folder: choose another --out"),
+    ("train-out-under-a-file", ["train", "--preset", "debug", "--train", "{train}", "--val", "{val}", "--out",
+                                "{manifest}/run"], 2, "--out {manifest}/run: under {manifest}, which is a file"),
     ("train-val-is-train", ["train", "--preset", "debug", "--train", "{train}", "--val", "{train}", "--out", "{tmp}/r"], 2,
      "shares 64 sample ids with the training cache"),
     ("train-test-split-as-val", ["train", "--preset", "debug", "--train", "{train}", "--val", "{testsplit}", "--out", "{tmp}/r"], 2,
@@ -208,6 +232,8 @@ CASES = [
     ("eval-glob-matches-nothing", ["eval", "{run}", "--test", "{tmp}/nomatch_*"], 2, "nomatch_*"),
     ("eval-no-test", ["eval", "{run}"], 2, "--test"),
     ("eval-uncalibrated", ["eval", "{converted}", "--test", "{val}"], 2, "{converted}"),
+    ("eval-report-a-file", ["eval", "{run}", "--test", "{val}", "--report", "{manifest}"], 2,
+     "--report {manifest}: a file, not a folder; the report needs a folder: choose another --report"),
     ("eval-cuda", ["eval", "{run}", "--test", "{val}", "--device", "cuda"], 2, "cuda"),
     ("eval-metric-without-robustness", ["eval", "{run}", "--test", "{val}", "--metric", "ap"], 2,
      "--metric ap: only the robustness table has a shown metric; add --robustness"),
@@ -303,6 +329,7 @@ def test_bad_invocation_fails_in_one_line(world, request, argv: list[str], code:
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1, output
         assert wanted in errors[0], (wanted, errors[0])
+        assert "None" not in errors[0], errors[0]  # a value the input lacks is named, never printed as None
     else:  # found problems: the report says so
         assert wanted in output
 

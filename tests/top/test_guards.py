@@ -88,7 +88,7 @@ def test_train_names_the_setting_that_differs_between_train_and_val(world, tmp_p
     line = error_line(invoke("train", "--preset", "debug", "--train", world / "train", "--val", world / "t100",
                              "--out", tmp_path / "r", "--epochs", "1"))
     assert f"{world / 't100'}: extraction fingerprint differs from {world / 'train'}'s (timestep: val has 100, " \
-           "train None)" in line
+           "train none)" in line
 
 
 @pytest.mark.parametrize("command", ["eval", "calibrate"])
@@ -96,7 +96,7 @@ def test_eval_and_calibrate_name_the_setting_that_differs_from_the_run(world, co
     argv = ["--test", world / "t100", "--report", tmp_path / "r"] if command == "eval" else ["--val", world / "t100"]
     line = error_line(invoke(command, world / "run", *argv))
     assert f"{world / 't100'}: extraction fingerprint differs from the detector's (timestep: the cache has 100, " \
-           "the run None)" in line
+           "the run none)" in line
 
 
 def test_a_run_without_a_recorded_identity_rebuilds_it_from_its_extraction_config():

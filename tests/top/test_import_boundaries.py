@@ -14,7 +14,8 @@ import pytest
 PROBE = """
 import importlib, json, pkgutil, sys
 package = importlib.import_module({package!r})
-names = [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".") if not m.name.endswith("__main__")]
+names = [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+         if not m.name.endswith("__main__")]
 for name in names:
     importlib.import_module(name)
 print(json.dumps({{"modules": names, "loaded": sorted(sys.modules)}}))
