@@ -295,7 +295,7 @@ def test_a_resumed_extraction_equals_one_run(world, tmp_path):
     for name, values in want.items():
         assert got[name].tobytes() == values.tobytes(), name
 
-    with pytest.raises(CacheError, match="views: cache has None, this run 3"):
+    with pytest.raises(CacheError, match="views: cache has none, this run 3"):
         run_extraction(_config(manifest, Path(configs["plain"].out), views=K))
 
 

@@ -247,7 +247,7 @@ def test_extracting_into_a_cache_of_another_chain_is_refused_naming_it(world, ke
     from lare2.shared.cache import CacheError
 
     tmp, manifest, _ = world
-    with pytest.raises(CacheError, match=rf"{key}: cache has None, this run '"):
+    with pytest.raises(CacheError, match=rf"{key}: cache has none, this run '"):
         run_extraction(_config(manifest, tmp / "clean", **overrides))
 
 
