@@ -121,7 +121,7 @@ zoo: setup ## retrain the MiniGenImage generator zoo on the CPU (~45 min; the we
 minigenimage: setup ## build the MiniGenImage benchmark into data/minigenimage
 	$(LARE2) minigenimage build --out data/minigenimage
 
-bench: setup ## speed, cost-ratio, FLOP and disk figures into bench/results/ (~6 min on 2 CPU cores); FULL=1 adds the full-size DIRE-style/LaRE ratio (~6 min more)
+bench: setup ## speed, cost-ratio, FLOP and disk figures into bench/results/ (~8 min on 2 idle CPU cores, the writer and serve figures included); FULL=1 adds the full-size DIRE-style/LaRE ratio (~6 min more)
 	$(PY) bench/run_bench.py --out bench/results $(if $(filter 1,$(FULL)),--dire-full-size-images 2)
 	$(PY) bench/serve.py --out bench/results
 

@@ -3,7 +3,8 @@
 ``plan_extraction`` reads the manifest selection and the cache at ``cfg.out`` and refuses, as a user error:
 
 - class prompts for rows without an ImageNet class, unless ``classless_prompt=empty`` says to give them the
-  empty prompt (docs/method.md §1.4; how many get it is logged, never silent);
+  empty prompt (docs/method.md §1.4; how many get it is logged, never silent). This check, not the identity,
+  guards a resume: ``classless_prompt`` is no identity key (``ExtractConfig.classless_prompt``);
 - an ``--out`` that cannot hold a cache (a file, a folder holding other files, an unwritable place);
 - a cache there made with other settings or from another selection, naming each key. The models'
   fingerprints are compared once the models load (``lare2.extract.run.open_or_create_cache``).
@@ -115,10 +116,7 @@ def check_out(out: Path) -> None:
 
 
 def mismatch_error(out: Path, differing: dict[str, tuple]) -> CacheError:
-    """The refusal to extract into a cache made otherwise, naming each differing key and both values
-    (``classless_prompt`` only when ``prompt_mode`` is the same: it exists with class prompts only)."""
-    if "prompt_mode" in differing:
-        differing = {k: v for k, v in differing.items() if k != "classless_prompt"}
+    """The refusal to extract into a cache made otherwise, naming each differing key and both values."""
     lines = "; ".join(f"{key}: cache has {shown(ours)}, this run {shown(theirs)}"
                       for key, (ours, theirs) in differing.items())
     return CacheError(f"{out}: refusing to extract into a cache made with another configuration ({lines}). "

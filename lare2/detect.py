@@ -30,9 +30,10 @@ ImageNet class: ``class_name`` when given (checked against the class names, ``ch
 ``"auto"``: CLIP's zero-shot classifier (``extract/clip_text.py``: the text tower of the ``--clip``
 file, the tokenizer of the SD folder), for every image; otherwise the GenImage file-name rule
 (``shared/classnames.py``). An image without such a name gets the empty prompt when the run was
-extracted with ``classless_prompt=empty`` (as its classless training rows did), and is otherwise an
-error row that says so. The same bytes give the same p(fake) whatever the file is called only with
-``fixed``/``empty`` prompts, an explicit class or ``auto``.
+extracted with ``classless_prompt=empty`` (as its classless training rows did; a run recorded before that
+setting existed is read so, ``current_keys``), and is otherwise an error row that says so. The same bytes
+give the same p(fake) whatever the file is called only with ``fixed``/``empty`` prompts, an explicit class
+or ``auto``.
 """
 
 from __future__ import annotations

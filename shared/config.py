@@ -12,8 +12,8 @@ call, so the two are equal bit for bit; the views are extra training material).
 
 One prompt rule (``ExtractConfig.prompt_for``) serves extraction and scoring: with class prompts, an image
 without an ImageNet class is refused unless ``classless_prompt=empty`` says to give it the empty prompt. That
-field is part of the identity only when it changes a prompt (class prompts, ``empty``), so caches made before it
-existed keep their identity, and it travels with the extraction config into the run.
+field is recorded with the extraction config (in the cache and the run, so scoring applies it) but is no part of
+the identity: a cache holds the same features for the same rows under either value (see the field).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Mapping, get_args
 
 from lare2.shared.devices import DeviceName
+from lare2.shared.errors import InputError
 from lare2.shared.perturbations import Step, chain_text, parse_chain
 from lare2.shared.settings import SettingsError, check_fields, check_range, field_types, make_config, pick_preset
 
@@ -78,7 +79,14 @@ class ExtractConfig:
     """``prompt_mode=class`` only: what a row without an ImageNet class gets. ``refuse`` (default): ``lare2
     extract`` refuses a selection holding such rows before any model loads, and ``lare2 score`` / ``Detector``
     make such an image an error row; ``empty``: the empty prompt, at extraction and (recorded in the run) at
-    scoring alike. Never a silent fallback: extraction logs how many rows got the empty prompt."""
+    scoring alike. Never a silent fallback: extraction logs how many rows got the empty prompt.
+
+    Recorded in the cache's and the run's extraction config, but no part of the identity or fingerprint: under
+    ``refuse`` a cache has no classless rows, so for the same rows both values give the same features. Resuming
+    a cache with the other value is therefore allowed (the selection is part of the check, so no rows can be
+    added); the cache keeps the value it was created with, and a resume under ``refuse`` of a cache holding
+    classless rows is refused like a new extraction. A stored class-prompt config without this key (made before
+    it existed, when classless rows silently got the empty prompt) is read as ``empty`` (``current_keys``)."""
     seed: int = 0
     """Run seed; each image's generator is seeded from (seed, sample_id)."""
 
@@ -137,14 +145,14 @@ class ExtractConfig:
         """``perturb`` as steps (``lare2.shared.perturbations.Step``); SettingsError for a bad chain."""
         try:
             return parse_chain(self.perturb, what="perturb")
-        except ValueError as err:
+        except InputError as err:
             raise SettingsError(str(err)) from None
 
     def normalize_steps(self) -> tuple[Step, ...]:
         """``normalize`` as steps; ``size:N`` allowed. SettingsError for a bad chain."""
         try:
             return parse_chain(self.normalize, allow_size=True, what="normalize")
-        except ValueError as err:
+        except InputError as err:
             raise SettingsError(str(err)) from None
 
     def image_steps(self) -> tuple[Step, ...]:
@@ -155,8 +163,9 @@ class ExtractConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "ExtractConfig":
         """Rebuild a stored config (a cache's ``attrs["extract_config"]``, a run's ``extraction``) with
-        ``overrides`` applied; old key names are read as today's (``RENAMED_KEYS``), keys this lare2 does not
-        know are refused, naming them."""
+        ``overrides`` applied; old key names are read as today's (``RENAMED_KEYS``), a class-prompt config from
+        before ``classless_prompt`` as ``empty`` (``current_keys``), keys this lare2 does not know are refused,
+        naming them."""
         known = field_types(cls)
         data = current_keys(data)
         unknown = sorted(k for k in {**data, **overrides} if k not in known)
@@ -185,8 +194,6 @@ class ExtractConfig:
         """What must match to append to an existing cache: settings + model fingerprints."""
         ident = {k: getattr(self, k) for k in self.IDENTITY_KEYS}
         ident.update({k: getattr(self, k) for k in self.IMAGE_KEYS if getattr(self, k)})
-        if self.prompt_mode == "class" and self.classless_prompt != "refuse":  # only when it changes a prompt
-            ident["classless_prompt"] = self.classless_prompt
         ident.update({f"fingerprint.{k}": v for k, v in sorted(fingerprints.items())})
         return ident
 
@@ -209,10 +216,14 @@ class ExtractConfig:
 
 def current_keys(stored: Mapping[str, Any]) -> dict:
     """A stored extraction config (or part of one) with the field names of ``ExtractConfig.RENAMED_KEYS`` read
-    as today's; a today's name present too wins."""
+    as today's (a today's name present too wins), and, for a class-prompt config written before
+    ``classless_prompt`` existed, ``classless_prompt="empty"``: what its classless rows got."""
     renamed = ExtractConfig.RENAMED_KEYS
-    return {**{renamed[k]: v for k, v in stored.items() if k in renamed},
-            **{k: v for k, v in stored.items() if k not in renamed}}
+    current = {**{renamed[k]: v for k, v in stored.items() if k in renamed},
+               **{k: v for k, v in stored.items() if k not in renamed}}
+    if current.get("prompt_mode") == "class" and "classless_prompt" not in current:
+        current["classless_prompt"] = "empty"
+    return current
 
 
 SCORING_IGNORES = ("perturb", "views")

@@ -90,7 +90,8 @@ def score_caches(run_dir: str | Path, test_paths: Sequence[str | Path], batch_si
     for path in test_paths:
         # scoring reads the cache block by block: two threads read ahead, as in training (same values, same order)
         split = CacheSplit(path, type(model).input_names, allow_pending=allow_pending, read=SCORING_READ)
-        check_compatible(config, split.fingerprint, split.cache.layout, path, identity=split.cache.attrs.get("identity"))
+        check_compatible(config, split.fingerprint, split.cache.layout, path,
+                         identity=split.cache.attrs.get("identity"))
         warn_test_overlap(split.cache, config.train_ids_digest, config.extra.get("train_cache"), allow_overlap)
         perturb = perturbation_of(split.cache.attrs, path)
         labels, scores, index = score_split(model, split, batch_size)

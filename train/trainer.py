@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lare2.shared.cache import CacheError
+from lare2.shared.config import current_keys
 from lare2.shared.errors import InputError
 from lare2.shared.logs import get_logger, progress_bar, rate_text
 from lare2.shared.seeding import seed_everything
@@ -378,7 +379,7 @@ def class_prompt_warning(extract_config: dict) -> str:
     """A warning when features were extracted with class prompts, which images in the wild can only approximate."""
     if extract_config.get("prompt_mode") != "class":
         return ""
-    if extract_config.get("classless_prompt") == "empty":
+    if current_keys(extract_config).get("classless_prompt") == "empty":  # a cache from before the key: empty
         return ("this detector is trained on LaRE maps made with class prompts, and the empty prompt for images "
                 "without a GenImage-style class name (classless_prompt=empty); lare2 score does the same, so a "
                 "name decides an image's prompt; for images in the wild, extract with --prompt-mode empty")

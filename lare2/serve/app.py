@@ -26,7 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
 from lare2.serve.batching import BatchScorer, QueueFull
-from lare2.serve.guards import BearerToken, UploadLimits
+from lare2.serve.guards import BearerToken, ByteBudget, UploadLimits
 from lare2.serve.metrics import MetricsMiddleware, ServeMetrics
 
 if TYPE_CHECKING:
@@ -63,12 +63,31 @@ class ServeSettings:
     """Images waiting for a batch at most; a request that does not fit answers 503 with Retry-After."""
     max_upload_mb: float = 20.0
     """Request body limit, MiB; over it: 413."""
+    max_inflight_mb: float | None = None
+    """Upload bytes held at once by all requests together, MiB (None: 4 x ``max_upload_mb``); a request that does
+    not fit answers 503 with Retry-After. With ``max_queue``, this bounds the memory that uploads take."""
     token: str | None = None
     """With a token, every route but /healthz needs ``Authorization: Bearer <token>``."""
+
+    def __post_init__(self) -> None:
+        from lare2.shared.errors import InputError
+
+        for option, value in (("--max-upload-mb", self.max_upload_mb), ("--max-inflight-mb", self.max_inflight_mb)):
+            if value is not None and not value > 0:  # 0 would refuse every request
+                raise InputError(f"{option} {value:g}: expected > 0 (MiB); give a positive size")
+        if self.max_inflight_mb is not None and self.max_inflight_mb < self.max_upload_mb:
+            raise InputError(f"--max-inflight-mb {self.max_inflight_mb:g}: below --max-upload-mb "
+                             f"{self.max_upload_mb:g}, so an upload within the limit could never be let in; "
+                             "raise --max-inflight-mb or lower --max-upload-mb")
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+    @property
+    def max_inflight_bytes(self) -> int:
+        mib = self.max_inflight_mb if self.max_inflight_mb is not None else 4 * self.max_upload_mb
+        return int(mib * 2**20)
 
 
 @dataclass
@@ -132,9 +151,10 @@ def build_app(settings: ServeSettings, detector: Detector | None = None) -> Fast
         return get_swagger_ui_html(openapi_url=app.openapi_url, title="lare2 serve: API",
                                    swagger_js_url="/docs-assets/swagger-ui-bundle.js",
                                    swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="")
-    # outermost first: count every answer, then the token, then the upload limits
+    # outermost first: count every answer, then the token, then the upload limits and the in-flight bytes
     app.add_middleware(UploadLimits, max_bytes=settings.max_upload_bytes, room=service.room,
-                       retry_after=service.retry_after)
+                       retry_after=service.retry_after,
+                       inflight=ByteBudget(settings.max_inflight_bytes, service.metrics.inflight_bytes))
     app.add_middleware(BearerToken, token=settings.token)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
     return app
@@ -250,7 +270,8 @@ def run_info(service: Service) -> dict:
         "extraction_fingerprint": detector.config.extraction_fingerprint,
         "model_fingerprints": detector.models.fingerprints, "device": str(detector.device),
         "limits": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
-                   "max_queue": settings.max_queue, "max_upload_mb": settings.max_upload_mb},
+                   "max_queue": settings.max_queue, "max_upload_mb": settings.max_upload_mb,
+                   "max_inflight_mb": settings.max_inflight_bytes / 2**20},
         "versions": package_versions(TRACKED_PACKAGES + SERVICE_PACKAGES),
     })
 

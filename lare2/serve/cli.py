@@ -2,7 +2,9 @@
 
 The CLI only parses options, loads the ``Detector`` (a bad run or other weights: one ``error:`` line,
 exit 2, before anything listens), binds the socket (a port in use: the same) and hands the app to
-uvicorn. SIGTERM or Ctrl-C: stop accepting, answer every request already in, finish the queue, exit 0.
+uvicorn, saying where it listens (the real port, so ``--port 0`` works). A server that does not start: one
+``error:`` line, exit 2. SIGTERM or Ctrl-C: stop accepting, answer every request already in, finish the queue,
+exit 0.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from lare2.shared.cli_errors import check_device, run_commands, user_errors
+from lare2.shared.cli_errors import check_device, fail, run_commands, user_errors
 
 SERVE_HELP = ("Serve a trained detector over HTTP: POST /v1/score (multipart files -> lare2 score's rows), a web "
               "page at /, /v1/info, /healthz, /readyz, /metrics, /docs. Binds to 127.0.0.1 unless --host says "
@@ -45,7 +47,10 @@ def serve(
                                       help="How long a batch waits for more images after its first, ms."),
     max_queue: int = typer.Option(256, min=1,
                                   help="Images waiting for a batch, at most; beyond: 503 with Retry-After."),
-    max_upload_mb: float = typer.Option(20.0, min=0.0, help="Request body limit in MiB; beyond: 413, unread."),
+    max_upload_mb: float = typer.Option(20.0, help="Request body limit in MiB (> 0); beyond: 413, unread."),
+    max_inflight_mb: Optional[float] = typer.Option(
+        None, help="Uploads held at once, MiB, all requests together (default: 4 x --max-upload-mb); a request "
+                   "that does not fit: 503 with Retry-After, unread."),
     token_file: Optional[Path] = typer.Option(None, help="File holding a bearer token that every route but /healthz "
                                                          "requires."),
 ) -> None:
@@ -55,14 +60,16 @@ def serve(
 
         settings = ServeSettings(run=str(run_dir), sd=sd, clip=clip, device=device, threshold=threshold,
                                  workers=workers, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                                 max_upload_mb=max_upload_mb, token=read_token(token_file) if token_file else None)
+                                 max_upload_mb=max_upload_mb, max_inflight_mb=max_inflight_mb,
+                                 token=read_token(token_file) if token_file else None)
         listener = bind(host, port)  # before the models load: a port in use fails fast
         try:
             detector = load_detector(settings)
         except BaseException:
             listener.close()
             raise
-    run_server(build_app(settings, detector), listener, limit_concurrency=max_queue + CONNECTION_HEADROOM)
+    where = f"run {Path(settings.run).resolve().name}, threshold {detector.threshold:.4g}"
+    run_server(build_app(settings, detector), listener, limit_concurrency=max_queue + CONNECTION_HEADROOM, what=where)
 
 
 def read_token(path: Path) -> str:
@@ -92,8 +99,17 @@ def bind(host: str, port: int) -> socket.socket:
     return listener
 
 
-def run_server(app, listener: socket.socket, limit_concurrency: int) -> None:
+def listening_url(listener: socket.socket) -> str:
+    """``http://HOST:PORT/`` of the bound socket: its real port (``--port 0`` picks one), IPv6 hosts bracketed."""
+    host, port = listener.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+
+def run_server(app, listener: socket.socket, limit_concurrency: int, what: str) -> None:
+    """Serve ``app`` on ``listener`` until SIGTERM/Ctrl-C, first printing ``listening on URL (what)``."""
     import uvicorn
+
+    from lare2.shared.logs import output_console
 
     config = uvicorn.Config(app, limit_concurrency=limit_concurrency, timeout_graceful_shutdown=DRAIN_SECONDS,
                             log_level="info")
@@ -101,9 +117,12 @@ def run_server(app, listener: socket.socket, limit_concurrency: int) -> None:
     # uvicorn re-raises the signal that stopped it once it has drained; handled here, that ends in exit 0
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, lambda *_: None)
+    url = listening_url(listener)
+    # uvicorn says where it runs only when it binds the socket itself; it is bound here
+    output_console().print(f"listening on {url} ({what})", soft_wrap=True, highlight=False)
     server.run(sockets=[listener])
     if not server.started:
-        raise typer.Exit(1)
+        fail(f"{url}: the server did not start (the log above says why); fix that, or choose another --host/--port")
 
 
 def register(app: typer.Typer) -> None:

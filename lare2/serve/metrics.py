@@ -1,8 +1,8 @@
 """Prometheus metrics of the service (``GET /metrics``), in a registry of its own per app.
 
-Requests by route and status, request latency, scoring batch sizes, the queue depth and the images
-scored; the route label is the route's template (``/v1/score``), ``other`` for unknown paths, so a
-client cannot grow the label set.
+Requests by route and status, request latency, scoring batch sizes, the queue depth, the upload bytes
+in flight and the images scored; the route label is the route's template (``/v1/score``), ``other`` for
+unknown paths, so a client cannot grow the label set.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ class ServeMetrics:
         self.batch_images = Histogram("lare2_batch_images", "Images per scoring batch (one model call).",
                                       buckets=BATCH_BUCKETS, registry=self.registry)
         self.queue_images = Gauge("lare2_queue_images", "Images waiting for a scoring batch.", registry=self.registry)
+        self.inflight_bytes = Gauge("lare2_upload_bytes_in_flight", "Upload bytes held by requests being answered "
+                                    "(declared lengths, or counted as bodies stream).", registry=self.registry)
         self.images_scored = Counter("lare2_images_scored", "Images scored, by row status (ok or error).",
                                      ("status",), registry=self.registry)
 

@@ -4,6 +4,7 @@
 - :mod:`.sources`: image bytes of a row (plain files, tar members), content ids, headers.
 - :mod:`.builders`: the four layouts (genimage, folders, list, webdataset) -> :mod:`.built` results.
 - :mod:`.report`: the rich report of a build.
+- :mod:`.jpeg_header`: the JPEG quality (from the IJG tables) and chroma subsampling of a header.
 - :mod:`.audit`: the bias audit (formats, sizes, JPEG quality; a metadata-only classifier).
 
 The table names are imported here; the others on first use, so that the cache store, which
@@ -25,9 +26,9 @@ _LAZY = {
     "builders": ("BUILDERS", "FOLDER_LABELS", "GENIMAGE_LABELS", "GENIMAGE_SPLITS", "build_folders", "build_genimage",
                  "build_list", "build_manifest", "build_webdataset"),
     "report": ("MIN_SPLIT_IMAGES", "print_build_report", "split_warnings"),
+    "jpeg_header": ("IJG_LUMINANCE", "estimate_jpeg_quality", "ijg_quantization_table", "jpeg_subsampling"),
     "audit": ("FEATURE_GROUPS", "SHORTCUT_AUC_BOUND", "AuditReport", "GroupStats", "ImageMeta", "ShortcutResult",
-              "audit_manifest", "estimate_jpeg_quality", "group_stats", "ijg_quantization_table", "jpeg_subsampling",
-              "metadata_shortcut", "print_audit_report", "read_image_meta"),
+              "audit_manifest", "group_stats", "metadata_shortcut", "print_audit_report", "read_image_meta"),
 }
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 

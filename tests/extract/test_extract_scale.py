@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from lare2.extract.plan import shard_blocks
 from lare2.extract.run import rank_blocks, remove_stale_staging, run_extraction, staging_folders
 from lare2.shared.cache import ARRAY_NAMES, STATUS_PENDING, FeatureCache
 from lare2.shared.config import debug
+from tests.helpers import one_thread_runs
 from tests.helpers.bad_images import truncated
+from tests.helpers.one_thread_runs import cache_contents, image_tree_manifest, one_torch_thread
 
 NUM_GOOD, CHUNK = 16, 3  # + 1 broken image = 17 samples = 6 blocks, the last one short
 SETTINGS = {"chunk_samples": CHUNK, "batch_size": 2, "image_size": 64, "ensemble": 2, "num_workers": 0}
@@ -50,35 +51,21 @@ def _last_json(stdout: str) -> dict:
     return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
 
 
-@pytest.fixture
-def one_thread():
-    """In-process runs use one thread, like each process of the subprocess runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = one_thread_runs.one_thread  # the fixture, found by name in this module
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
-    from tests.conftest import build_manifest, write_image_tree
-
-    folder = tmp_path_factory.mktemp("scale")
-    images = write_image_tree(folder / "images", n_good=NUM_GOOD, with_bad=False)
-    (images / "gen-x" / "train" / "1_fake" / "5_broken.jpg").write_bytes(truncated())  # an error row, same everywhere
-    return build_manifest(images, folder / "manifest.parquet")
+    broken = {"gen-x/train/1_fake/5_broken.jpg": truncated()}  # an error row, the same everywhere
+    return image_tree_manifest(tmp_path_factory.mktemp("scale"), NUM_GOOD, extra_files=broken)
 
 
 @pytest.fixture(scope="module")
 def reference(manifest) -> dict:
     """One uninterrupted single-process run: arrays + metadata of every sample."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = manifest.parent / "reference"
+    out = manifest.parent / "reference"
+    with one_torch_thread():
         summary = run_extraction(_config(manifest, out))
-    finally:
-        torch.set_num_threads(before)
     cache = FeatureCache.open(out)
     assert summary.computed == len(cache) == NUM_GOOD + 1 and summary.failed == 1
     assert cache.num_blocks == 6 and len(range(*cache.block_slice(5).indices(len(cache)))) == 2
@@ -86,9 +73,7 @@ def reference(manifest) -> dict:
 
 
 def _contents(path: Path) -> dict:
-    cache = FeatureCache.open(path)
-    return {"arrays": cache.read(slice(None)), "meta": cache.metadata().to_pylist(), "done": cache.done_blocks(),
-            "counts": cache.attrs.get("counts")}
+    return {**cache_contents(path), "counts": FeatureCache.open(path).attrs.get("counts")}
 
 
 def _assert_same_cache(path: Path, reference: dict) -> None:

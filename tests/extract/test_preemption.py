@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from lare2.extract.preemption import stop_on_signals
 from lare2.extract.run import run_extraction
@@ -24,35 +23,23 @@ from lare2.shared.cache import ARRAY_NAMES, FeatureCache
 from lare2.shared.cache.verify import verify_cache
 from lare2.shared.cli_errors import EXIT_PREEMPTED
 from lare2.shared.config import debug
+from tests.helpers import one_thread_runs
+from tests.helpers.one_thread_runs import cache_contents, image_tree_manifest
 
 NUM_GOOD, CHUNK = 20, 4  # 5 blocks of 4 batches each (batch 1): a signal mostly lands inside a block
 SETTINGS = {"chunk_samples": CHUNK, "batch_size": 1, "image_size": 64, "ensemble": 2, "num_workers": 1}
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = one_thread_runs.one_thread  # the fixture, found by name in this module
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
-    from tests.conftest import build_manifest, write_image_tree
-
-    folder = tmp_path_factory.mktemp("preemption")
-    return build_manifest(write_image_tree(folder / "images", n_good=NUM_GOOD, with_bad=False),
-                          folder / "manifest.parquet")
+    return image_tree_manifest(tmp_path_factory.mktemp("preemption"), NUM_GOOD)
 
 
 def _config(manifest: Path, out: Path):
     return debug(manifest=str(manifest), out=str(out), device="cpu", **SETTINGS)
-
-
-def _contents(path: Path) -> dict:
-    cache = FeatureCache.open(path)
-    return {"arrays": cache.read(slice(None)), "meta": cache.metadata().to_pylist(), "done": cache.done_blocks()}
 
 
 def _samples_in(cache: FeatureCache, blocks) -> int:
@@ -119,7 +106,7 @@ def test_sigterm_mid_block_loses_at_most_that_block_then_resume_equals_one_run(m
 
     reference = tmp_path / "reference"
     run_extraction(_config(manifest, reference))
-    got, want = _contents(out), _contents(reference)
+    got, want = cache_contents(out), cache_contents(reference)
     assert got["done"].all() and got["meta"] == want["meta"]
     for name in ARRAY_NAMES:
         np.testing.assert_array_equal(got["arrays"][name], want["arrays"][name], err_msg=name)

@@ -18,16 +18,16 @@ from typing import Callable
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from lare2.cli import app
 from lare2.extract.run import run_extraction
 from lare2.extract.submit import job_folder
-from lare2.shared.cache import ARRAY_NAMES, FeatureCache
+from lare2.shared.cache import ARRAY_NAMES
 from lare2.shared.cache.progress import cache_progress
 from lare2.shared.config import debug
 from tests.helpers import slurm as slurm_fixtures
+from tests.helpers.one_thread_runs import cache_contents, image_tree_manifest, one_torch_thread
 from tests.helpers.slurm import Slurm
 
 private_slurm = slurm_fixtures.private_slurm  # the fixture, found by name in this module
@@ -40,33 +40,20 @@ TASK_TIMEOUT_S = 600
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
-    from tests.conftest import build_manifest, write_image_tree
-
-    folder = tmp_path_factory.mktemp("slurm")
-    return build_manifest(write_image_tree(folder / "images", n_good=NUM_IMAGES, with_bad=False),
-                          folder / "manifest.parquet")
-
-
-def _contents(path: Path) -> dict:
-    cache = FeatureCache.open(path)
-    return {"arrays": cache.read(slice(None)), "meta": cache.metadata().to_pylist(), "done": cache.done_blocks()}
+    return image_tree_manifest(tmp_path_factory.mktemp("slurm"), NUM_IMAGES)
 
 
 @pytest.fixture(scope="module")
 def reference(manifest) -> dict:
     """One uninterrupted one-process extraction, one thread (as each task runs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = manifest.parent / "reference"
+    out = manifest.parent / "reference"
+    with one_torch_thread():
         run_extraction(debug(manifest=str(manifest), out=str(out), device="cpu", **SETTINGS))
-    finally:
-        torch.set_num_threads(before)
-    return _contents(out)
+    return cache_contents(out)
 
 
 def _assert_equals_reference(out: Path, reference: dict) -> None:
-    got = _contents(out)
+    got = cache_contents(out)
     assert got["done"].all()
     assert got["meta"] == reference["meta"]
     for name in ARRAY_NAMES:

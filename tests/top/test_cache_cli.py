@@ -83,7 +83,8 @@ def test_info_counts_arrays_config_and_provenance(tiny):
     assert report["blocks"] == {"total": 6, "done": 5, "pending": 1}
     # one group: train x sdv14 x fake x ok, counted from the rows the cache was built from
     expected = sum(1 for i in ok_indices() if tiny.rows["generator"][i] == "sdv14" and tiny.rows["split"][i] == "train")
-    group = [g for g in report["groups"] if (g["split"], g["generator"], g["label"], g["status"]) == ("train", "sdv14", 1, "ok")]
+    group = [g for g in report["groups"]
+             if (g["split"], g["generator"], g["label"], g["status"]) == ("train", "sdv14", 1, "ok")]
     assert group[0]["count"] == expected
     assert sum(g["count"] for g in report["groups"]) == NUM_SAMPLES
 
@@ -136,7 +137,8 @@ def test_ls_filters_and_limit(tiny):
     assert {r["label"] for r in listing["rows"]} == {0}
 
     code, listing = run_json("ls", tiny.path, "--status", "error")
-    assert {r["sample_id"] for r in listing["rows"]} == {tiny.ids[i] for i in ERROR_INDICES if i // CHUNK != PENDING_BLOCK}
+    assert {r["sample_id"] for r in listing["rows"]} == {
+        tiny.ids[i] for i in ERROR_INDICES if i // CHUNK != PENDING_BLOCK}
     assert all(r["error"].startswith("ImageError") for r in listing["rows"])
 
     failed = [i for i in ERROR_INDICES if i // CHUNK != PENDING_BLOCK]
@@ -175,8 +177,9 @@ def test_show_statistics_match_the_stored_arrays(tiny, tmp_path):
     assert code == 0 and "LaRE" in out and str(png) in out
     # the tables print the stored arrays' statistics, 4 significant digits
     assert f"LaRE (mean {lare.mean():.4g})" in out
-    assert table_rows(out, 5) == [[str(c), *(f"{v:.4g}" for v in (lare[c].mean(), lare[c].std(), lare[c].min(), lare[c].max()))]
-                                  for c in range(4)]
+    assert table_rows(out, 5) == [
+        [str(c), *(f"{v:.4g}" for v in (lare[c].mean(), lare[c].std(), lare[c].min(), lare[c].max()))]
+        for c in range(4)]
     key_values = table_rows(out, 2)
     assert ["sample_id", tiny.ids[index]] in key_values and ["status", "ok"] in key_values
     assert ["generator", tiny.rows["generator"][index]] in key_values
@@ -236,7 +239,8 @@ def test_show_error_sample_and_unknown_id(tiny):
     prefix = next(p for p in (s[:1] for s in tiny.ids) if sum(s.startswith(p) for s in tiny.ids) > 1)
     code, _, err = run("show", tiny.path, prefix)
     matches = sum(s.startswith(prefix) for s in tiny.ids)
-    assert code == 2 and error_line(err).startswith(f"error: {tiny.path}: id prefix {prefix!r} matches {matches} samples")
+    assert code == 2 and error_line(err).startswith(
+        f"error: {tiny.path}: id prefix {prefix!r} matches {matches} samples")
 
 
 @pytest.mark.parametrize("command", ["info", "ls", "show", "verify", "stats", "diff"])
@@ -269,7 +273,8 @@ def test_verify_passes_an_intact_cache_and_warns_about_pending(tiny):
     key_values = table_rows(out, 2)
     for key in ("chunks_read", "ok_samples_scanned", "manifest_rows", "manifest"):
         assert [key, str(report["checked"][key])] in key_values
-    assert ["ok_samples_scanned", str(len(ok_indices()))] in key_values and ["manifest", str(tiny.manifest)] in key_values
+    assert ["ok_samples_scanned", str(len(ok_indices()))] in key_values
+    assert ["manifest", str(tiny.manifest)] in key_values
 
 
 def _errors(report: dict, check: str) -> list:
@@ -390,13 +395,15 @@ def test_verify_recompute_matches_bit_for_bit(tiny, monkeypatch):
 def test_verify_recompute_catches_a_one_ulp_mismatch(tiny, monkeypatch):
     recompute, _ = _fake_recompute(change_index=ok_indices()[0])
     monkeypatch.setattr(cache_cli, "_load_recompute_fn", lambda: recompute)
-    code, report = run_json("verify", tiny.path, "--allow-pending", "--recompute", str(len(ok_indices())))  # all ok samples
+    # all ok samples
+    code, report = run_json("verify", tiny.path, "--allow-pending", "--recompute", str(len(ok_indices())))
     assert code == 1
     assert _errors(report, "recompute") == [tiny.ids[ok_indices()[0]]]
     assert 0 < report["recompute"]["arrays"]["lare"]["max_abs_diff"] < 1e-6
     assert report["recompute"]["arrays"]["fmap"]["mismatched"] == []
     # another device or dtype: a relative tolerance accepts rounding, not a real change
-    code, report = run_json("verify", tiny.path, "--allow-pending", "--recompute", str(len(ok_indices())), "--tolerance", "1e-4")
+    code, report = run_json("verify", tiny.path, "--allow-pending", "--recompute", str(len(ok_indices())),
+                            "--tolerance", "1e-4")
     assert code == 0 and report["recompute"]["tolerance"] == 1e-4
 
 
@@ -440,7 +447,8 @@ def test_verify_recompute_with_the_real_extractor(tmp_path):
         (tmp_path / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "images" / rel)
     write_tiny_manifest(tmp_path / "manifest.parquet", rows, tmp_path / "images")
-    run_extraction(debug(manifest=str(tmp_path / "manifest.parquet"), out=str(tmp_path / "cache"), device="cpu", image_size=64))
+    run_extraction(debug(manifest=str(tmp_path / "manifest.parquet"), out=str(tmp_path / "cache"), device="cpu",
+                         image_size=64))
 
     code, report = run_json("verify", tmp_path / "cache", "--recompute", "6")
     assert code == 0 and report["checked"]["recomputed_samples"] == 6
@@ -452,9 +460,11 @@ def test_verify_recompute_with_the_real_extractor(tmp_path):
     assert code == 1 and _errors(report, "recompute") == [rows["sample_id"][4]]
 
     code, report = run_json("verify", tmp_path / "cache", "--recompute", "2", "--sd-model", tmp_path / "no_such_model")
-    assert code == 0 and any(w["message"].startswith("skipped:") for w in report["warnings"] if w["check"] == "recompute")
+    assert code == 0 and any(w["message"].startswith("skipped:")
+                             for w in report["warnings"] if w["check"] == "recompute")
 
-    # a cache computed in float16 (on a GPU): on this CPU, skipped with the way out; recomputed in float32 within a tolerance
+    # a cache computed in float16 (on a GPU): on this CPU, skipped with the way out;
+    # recomputed in float32 within a tolerance
     group.attrs["extract_config"] = {**group.attrs["extract_config"], "compute_dtype": "float16"}
     code, report = run_json("verify", tmp_path / "cache", "--recompute", "2", "--device", "cpu")
     (skipped,) = [w for w in report["warnings"] if w["check"] == "recompute"]
@@ -487,8 +497,9 @@ def test_diff_reports_the_differing_sample(tiny, tiny_copy):
     code, out, _ = run("diff", tiny.path, tiny_copy)
     assert code == 1 and "differ" in out and tiny.ids[index][:10] in out
     shown = {r[0]: r[1:] for r in table_rows(out, 5)}
-    assert shown == {name: [f"{r['max_abs_diff']:.4g}", str(len(r["samples_differing"])), str(len(r["nan_on_one_side"])),
-                            r["worst_sample"] or "-"] for name, r in report["arrays"].items()}
+    assert shown == {name: [f"{r['max_abs_diff']:.4g}", str(len(r["samples_differing"])),
+                            str(len(r["nan_on_one_side"])), r["worst_sample"] or "-"]
+                     for name, r in report["arrays"].items()}
     assert shown["lare"] == ["0.5", "1", "0", tiny.ids[index]]
     assert shown["pooled"][2] == "1" and shown["fmap"] == ["0", "0", "0", "-"]
     assert f"{NUM_SAMPLES} samples compared (atol 0)" in out and lines(out)[-1] == "the caches differ"

@@ -48,7 +48,8 @@ def world(tmp_path_factory) -> SimpleNamespace:
     write_synthetic_cache(tmp / "val", num_samples=32, signal="lare", seed=2, layout=LAYOUT)
     write_synthetic_cache(tmp / "stranger", num_samples=32, signal="lare", seed=3, layout=LAYOUT, identity={"seed": 9})
     shutil.copytree(tmp / "val", tmp / "testsplit")  # the val cache, relabelled as extracted from the test split
-    zarr.open_group(tmp / "testsplit", mode="r+")["meta/split"][:] = np.array(["test"] * 32, dtype=np.dtypes.StringDType())
+    zarr.open_group(tmp / "testsplit", mode="r+")["meta/split"][:] = np.array(["test"] * 32,
+                                                                           dtype=np.dtypes.StringDType())
     shutil.copytree(tmp / "val", tmp / "badperturb")  # a recorded perturbation this lare2 cannot read
     bad_attrs = zarr.open_group(tmp / "badperturb", mode="r+").attrs
     bad_attrs["extract_config"] = {**bad_attrs.get("extract_config", {}), "perturb": "jpeg:500"}
@@ -78,9 +79,9 @@ def world(tmp_path_factory) -> SimpleNamespace:
     assert converted.exit_code == 0, converted.output
     badweights = shutil.copytree(run, tmp / "badweights")  # the run with its weights file overwritten
     (badweights / "model.safetensors").write_bytes(b"not safetensors")
-    return SimpleNamespace(badweights=badweights, tmp=tmp, missing=tmp / "no_such_thing", cache=tiny.path, manifest=tiny.manifest,
-                           images=tiny.root, other=other.path, corrupt=corrupt, damaged=damaged, train=tmp / "train",
-                           val=tmp / "val", stranger=tmp / "stranger", testsplit=tmp / "testsplit",
+    return SimpleNamespace(badweights=badweights, tmp=tmp, missing=tmp / "no_such_thing", cache=tiny.path,
+                           manifest=tiny.manifest, images=tiny.root, other=other.path, corrupt=corrupt, damaged=damaged,
+                           train=tmp / "train", val=tmp / "val", stranger=tmp / "stranger", testsplit=tmp / "testsplit",
                            badperturb=tmp / "badperturb", run=run, converted=tmp / "converted",
                            ckpt=tmp / "reference.pth", classless=classless, empty=tmp / "empty.parquet",
                            foreign=tmp / "foreign", format9=tmp / "format9")
@@ -98,9 +99,11 @@ def _train(*args: str) -> list[str]:
 # (id, argv with {name} placeholders from `world`, exit code, what the message must name)
 CASES = [
     # manifest
-    ("manifest-build-missing-src", ["manifest", "build", "folders", "{missing}", "-o", "{tmp}/m.parquet"], 2, "{missing}"),
+    ("manifest-build-missing-src", ["manifest", "build", "folders", "{missing}", "-o", "{tmp}/m.parquet"],
+     2, "{missing}"),
     ("manifest-build-unknown-kind", ["manifest", "build", "imagenet", "{tmp}", "-o", "{tmp}/m.parquet"], 2, "imagenet"),
-    ("manifest-build-stray-option", ["manifest", "build", "genimage", "{images}", "-o", "{tmp}/m.parquet", "--split", "test"], 2, "--split"),
+    ("manifest-build-stray-option", ["manifest", "build", "genimage", "{images}", "-o", "{tmp}/m.parquet", "--split",
+                                     "test"], 2, "--split"),
     ("manifest-show-missing", ["manifest", "show", "{missing}"], 2, "{missing}"),
     ("manifest-show-a-cache", ["manifest", "show", "{cache}"], 2, "{cache}"),
     ("manifest-audit-missing", ["manifest", "audit", "{missing}"], 2, "{missing}"),
@@ -108,14 +111,17 @@ CASES = [
     ("manifest-audit-bad-split", ["manifest", "audit", "{manifest}", "--split", "dev"], 2, "dev"),
     ("manifest-audit-absent-split", ["manifest", "audit", "{manifest}", "--split", "test"], 2, "'test'"),
     ("manifest-audit-bound-range", ["manifest", "audit", "{manifest}", "--bound", "1.5"], 2, "--bound"),
-    ("manifest-build-out-a-folder", ["manifest", "build", "folders", "{images}", "-o", "{tmp}"], 2, "--out {tmp}: a folder"),
+    ("manifest-build-out-a-folder", ["manifest", "build", "folders", "{images}", "-o", "{tmp}"],
+     2, "--out {tmp}: a folder"),
     ("manifest-show-empty", ["manifest", "show", "{empty}"], 2, "{empty}: an empty manifest (0 rows); build it again"),
     ("manifest-audit-empty", ["manifest", "audit", "{empty}"], 2, "{empty}: an empty manifest (0 rows)"),
-    ("manifest-build-not-a-tar", ["manifest", "build", "webdataset", "{manifest}", "-o", "{tmp}/m.parquet", "--split", "train"],
-     2, "{manifest}: not a readable tar shard"),
+    ("manifest-build-not-a-tar", ["manifest", "build", "webdataset", "{manifest}", "-o", "{tmp}/m.parquet", "--split",
+                                  "train"], 2, "{manifest}: not a readable tar shard"),
     # extract
-    ("extract-missing-manifest", ["extract", "--manifest", "{missing}", "--preset", "debug", "--out", "{tmp}/x"], 2, "{missing}"),
-    ("extract-cache-as-manifest", ["extract", "--manifest", "{cache}", "--preset", "debug", "--out", "{tmp}/x"], 2, "{cache}"),
+    ("extract-missing-manifest", ["extract", "--manifest", "{missing}", "--preset", "debug", "--out", "{tmp}/x"],
+     2, "{missing}"),
+    ("extract-cache-as-manifest", ["extract", "--manifest", "{cache}", "--preset", "debug", "--out", "{tmp}/x"],
+     2, "{cache}"),
     ("extract-bad-set-key", _extract("--set", "colour=blue"), 2, "colour"),
     ("extract-set-seed-x", _extract("--set", "seed=x"), 2, "seed=x"),
     ("extract-set-image-size-abc", _extract("--set", "image_size=abc"), 2, "image_size=abc"),
@@ -128,36 +134,40 @@ CASES = [
     ("extract-bad-preset", ["extract", "--manifest", "{manifest}", "--preset", "huge"], 2, "huge"),
     ("extract-missing-sd", _extract("--sd", "{missing}", "--clip", "tiny"), 2, "{missing}"),
     ("extract-missing-clip", _extract("--sd", "tiny", "--clip", "{missing}"), 2, "{missing}"),
-    ("extract-no-resume-existing", ["extract", "--manifest", "{manifest}", "--split", "train", "--preset", "debug", "--out", "{cache}",
-                                    "--no-resume"], 2, "{cache}"),
-    ("extract-several-splits-no-split", ["extract", "--manifest", "{manifest}", "--preset", "debug", "--out", "{tmp}/x"], 2,
-     "pass --split SPLIT"),
+    ("extract-no-resume-existing", ["extract", "--manifest", "{manifest}", "--split", "train", "--preset", "debug",
+                                    "--out", "{cache}", "--no-resume"], 2, "{cache}"),
+    ("extract-several-splits-no-split", ["extract", "--manifest", "{manifest}", "--preset", "debug", "--out",
+                                         "{tmp}/x"], 2, "pass --split SPLIT"),
     ("extract-split-and-all-splits", _extract("--all-splits"), 2, "--all-splits"),
     ("extract-cuda", _extract("--device", "cuda"), 2, "cuda"),
     ("extract-perturb-bad-quality", _extract("--perturb", "jpeg:500"), 2, "--perturb 'jpeg:500': bad part 'jpeg:500'"),
     ("extract-perturb-unknown-kind", _extract("--perturb", "jpeg:75+sharpen:2"), 2, "bad part 'sharpen:2'"),
-    ("extract-perturb-size-is-normalize", _extract("--perturb", "size:256"), 2, "size:N is a normalisation (--normalize)"),
+    ("extract-perturb-size-is-normalize", _extract("--perturb", "size:256"),
+     2, "size:N is a normalisation (--normalize)"),
     ("extract-normalize-unknown-kind", _extract("--normalize", "png:9"), 2, "--normalize 'png:9': bad part 'png:9'"),
     ("extract-normalize-size-too-small", _extract("--normalize", "size:4"), 2, "an integer >= 8"),
     ("extract-views-negative", _extract("--views", "-1"), 2, "views=-1: expected >= 0"),
-    ("extract-views-into-plain-cache", ["extract", "--manifest", "{manifest}", "--split", "train", "--preset", "debug", "--out",
-                                        "{cache}", "--device", "cpu", "--views", "2"], 2, "views: cache has none, this run 2"),
-    ("extract-perturb-into-clean-cache", ["extract", "--manifest", "{manifest}", "--split", "train", "--preset", "debug",
-                                          "--out", "{cache}", "--device", "cpu", "--perturb", "jpeg:50"], 2,
-     "perturb: cache has none, this run 'jpeg:50'"),
-    ("extract-classless-rows", ["extract", "--manifest", "{classless}", "--preset", "paper", "--sd", "tiny", "--clip", "tiny",
-                                "--out", "{tmp}/cl", "--device", "cpu"], 2,
-     "{classless}: 2 of 2 selected rows have no ImageNet class for prompt_mode=class"),
-    ("extract-classless-remedy", ["extract", "--manifest", "{classless}", "--sd", "tiny", "--clip", "tiny", "--out", "{tmp}/cl",
-                                  "--device", "cpu", "--set", "classless_prompt=refuse", "--preset", "debug"], 2,
-     "or --set classless_prompt=empty to give only those rows the empty prompt"),
+    ("extract-views-into-plain-cache", ["extract", "--manifest", "{manifest}", "--split", "train", "--preset", "debug",
+                                        "--out", "{cache}", "--device", "cpu", "--views", "2"],
+     2, "views: cache has none, this run 2"),
+    ("extract-perturb-into-clean-cache", ["extract", "--manifest", "{manifest}", "--split", "train", "--preset",
+                                          "debug", "--out", "{cache}", "--device", "cpu", "--perturb", "jpeg:50"],
+     2, "perturb: cache has none, this run 'jpeg:50'"),
+    ("extract-classless-rows", ["extract", "--manifest", "{classless}", "--preset", "paper", "--sd", "tiny", "--clip",
+                                "tiny", "--out", "{tmp}/cl", "--device", "cpu"],
+     2, "{classless}: 2 of 2 selected rows have no ImageNet class for prompt_mode=class"),
+    ("extract-classless-remedy", ["extract", "--manifest", "{classless}", "--sd", "tiny", "--clip", "tiny", "--out",
+                                  "{tmp}/cl", "--device", "cpu", "--set", "classless_prompt=refuse", "--preset",
+                                  "debug"],
+     2, "or --set classless_prompt=empty to give only those rows the empty prompt"),
     ("extract-set-classless-bad-choice", _extract("--set", "classless_prompt=guess"), 2, "guess"),
     ("extract-out-is-a-file", ["extract", "--manifest", "{manifest}", "--split", "train", "--preset", "debug", "--out",
                                "{manifest}", "--device", "cpu"], 2, "{manifest}: a file, not a cache folder"),
     ("extract-out-holds-other-files", ["extract", "--manifest", "{manifest}", "--split", "train", "--preset", "debug",
-                                       "--out", "{images}", "--device", "cpu"], 2, "{images}: a folder holding other files"),
-    ("extract-out-under-a-file", ["extract", "--manifest", "{manifest}", "--split", "train", "--preset", "debug", "--out",
-                                  "{manifest}/cache", "--device", "cpu"], 2, "is a file, not a folder"),
+                                       "--out", "{images}", "--device", "cpu"],
+     2, "{images}: a folder holding other files"),
+    ("extract-out-under-a-file", ["extract", "--manifest", "{manifest}", "--split", "train", "--preset", "debug",
+                                  "--out", "{manifest}/cache", "--device", "cpu"], 2, "is a file, not a folder"),
     ("extract-empty-manifest", ["extract", "--manifest", "{empty}", "--preset", "debug", "--out", "{tmp}/x", "--device",
                                 "cpu"], 2, "{empty}: an empty manifest (0 rows)"),
     ("extract-set-perturb-bad", _extract("--set", "perturb=blur:0"), 2, "perturb 'blur:0'"),
@@ -192,35 +202,45 @@ CASES = [
     ("cache-progress-missing", ["cache", "progress", "{missing}"], 2, "{missing}"),
     ("cache-progress-a-manifest", ["cache", "progress", "{manifest}"], 2, "{manifest}"),
     # train
-    ("train-missing-cache", ["train", "--preset", "debug", "--train", "{missing}", "--val", "{val}", "--out", "{tmp}/r"], 2, "{missing}"),
-    ("train-parquet-as-cache", ["train", "--preset", "debug", "--train", "{manifest}", "--val", "{val}", "--out", "{tmp}/r"], 2, "{manifest}"),
-    ("train-run-as-cache", ["train", "--preset", "debug", "--train", "{train}", "--val", "{run}", "--out", "{tmp}/r"], 2, "{run}"),
-    ("train-corrupt-cache", ["train", "--preset", "debug", "--train", "{corrupt}", "--val", "{val}", "--out", "{tmp}/r"], 2, "{corrupt}"),
-    ("train-incompatible-val", ["train", "--preset", "debug", "--train", "{train}", "--val", "{stranger}", "--out", "{tmp}/r"], 2, "{stranger}"),
+    ("train-missing-cache", ["train", "--preset", "debug", "--train", "{missing}", "--val", "{val}", "--out",
+                             "{tmp}/r"], 2, "{missing}"),
+    ("train-parquet-as-cache", ["train", "--preset", "debug", "--train", "{manifest}", "--val", "{val}", "--out",
+                                "{tmp}/r"], 2, "{manifest}"),
+    ("train-run-as-cache", ["train", "--preset", "debug", "--train", "{train}", "--val", "{run}", "--out", "{tmp}/r"],
+     2, "{run}"),
+    ("train-corrupt-cache", ["train", "--preset", "debug", "--train", "{corrupt}", "--val", "{val}", "--out",
+                             "{tmp}/r"], 2, "{corrupt}"),
+    ("train-incompatible-val", ["train", "--preset", "debug", "--train", "{train}", "--val", "{stranger}", "--out",
+                                "{tmp}/r"], 2, "{stranger}"),
     ("train-bad-set-key", _train("--set", "colour=blue"), 2, "colour"),
     ("train-set-seed-x", _train("--set", "seed=x"), 2, "seed=x"),
     ("train-set-bad-choice", _train("--set", "select_metric=f1"), 2, "f1"),
     ("train-bad-model", _train("--model", "resnet"), 2, "resnet"),
     ("train-bad-preset", _train("--preset", "huge"), 2, "huge"),
-    ("train-no-resume-existing", ["train", "--preset", "debug", "--train", "{train}", "--val", "{val}", "--out", "{run}", "--no-resume"], 2, "{run}"),
+    ("train-no-resume-existing", ["train", "--preset", "debug", "--train", "{train}", "--val", "{val}", "--out",
+                                  "{run}", "--no-resume"], 2, "{run}"),
     ("train-cuda", _train("--device", "cuda"), 2, "cuda"),
     ("train-out-a-file", ["train", "--preset", "debug", "--train", "{train}", "--val", "{val}", "--out", "{manifest}"],
      2,
      "--out {manifest}: a file, not a folder; the run needs a folder: choose another --out"),
     ("train-out-under-a-file", ["train", "--preset", "debug", "--train", "{train}", "--val", "{val}", "--out",
                                 "{manifest}/run"], 2, "--out {manifest}/run: under {manifest}, which is a file"),
-    ("train-val-is-train", ["train", "--preset", "debug", "--train", "{train}", "--val", "{train}", "--out", "{tmp}/r"], 2,
-     "shares 64 sample ids with the training cache"),
-    ("train-test-split-as-val", ["train", "--preset", "debug", "--train", "{train}", "--val", "{testsplit}", "--out", "{tmp}/r"], 2,
-     "{testsplit}: the validation cache holds 32 samples of the test split"),
-    ("train-pending-cache", ["train", "--preset", "debug", "--train", "{cache}", "--val", "{val}", "--out", "{tmp}/r"], 2,
-     "--allow-pending"),
-    ("train-top-lare-only", _train("--train-backbone-top", "--model", "lare-only"), 2, "the lare-only model reads no backbone features"),
-    ("train-clip-without-top", _train("--clip", "tiny"), 2, "--clip tiny: only --train-backbone-top reads backbone weights"),
-    ("train-top-lr-scale-0", _train("--train-backbone-top", "--set", "backbone_top_lr_scale=0"), 2, "backbone_top_lr_scale=0.0"),
+    ("train-val-is-train", ["train", "--preset", "debug", "--train", "{train}", "--val", "{train}", "--out", "{tmp}/r"],
+     2, "shares 64 sample ids with the training cache"),
+    ("train-test-split-as-val", ["train", "--preset", "debug", "--train", "{train}", "--val", "{testsplit}", "--out",
+                                 "{tmp}/r"], 2, "{testsplit}: the validation cache holds 32 samples of the test split"),
+    ("train-pending-cache", ["train", "--preset", "debug", "--train", "{cache}", "--val", "{val}", "--out", "{tmp}/r"],
+     2, "--allow-pending"),
+    ("train-top-lare-only", _train("--train-backbone-top", "--model", "lare-only"),
+     2, "the lare-only model reads no backbone features"),
+    ("train-clip-without-top", _train("--clip", "tiny"),
+     2, "--clip tiny: only --train-backbone-top reads backbone weights"),
+    ("train-top-lr-scale-0", _train("--train-backbone-top", "--set", "backbone_top_lr_scale=0"),
+     2, "backbone_top_lr_scale=0.0"),
     ("train-top-synthetic-cache", _train("--train-backbone-top"), 2, "{train}: records no backbone fingerprint"),
-    ("train-top-other-weights", ["train", "--preset", "debug", "--train", "{cache}", "--val", "{cache}", "--out", "{tmp}/r",
-                                 "--allow-pending", "--train-backbone-top", "--clip", "small"], 2, "--clip small: its fingerprint"),
+    ("train-top-other-weights", ["train", "--preset", "debug", "--train", "{cache}", "--val", "{cache}", "--out",
+                                 "{tmp}/r", "--allow-pending", "--train-backbone-top", "--clip", "small"],
+     2, "--clip small: its fingerprint"),
     # eval
     ("eval-missing-run", ["eval", "{missing}", "--test", "{val}"], 2, "{missing}"),
     ("eval-cache-as-run", ["eval", "{cache}", "--test", "{val}"], 2, "{cache}"),
@@ -239,11 +259,13 @@ CASES = [
      "--metric ap: only the robustness table has a shown metric; add --robustness"),
     ("eval-unknown-metric", ["eval", "{run}", "--test", "{val}", "--robustness", "--metric", "f1"], 2,
      "--metric f1: choose from auc, acc, acc@thr, ap"),
-    ("eval-bad-recorded-perturb", ["eval", "{run}", "--test", "{badperturb}"], 2, "{badperturb}: extract_config perturb 'jpeg:500'"),
+    ("eval-bad-recorded-perturb", ["eval", "{run}", "--test", "{badperturb}"],
+     2, "{badperturb}: extract_config perturb 'jpeg:500'"),
     # convert-reference / calibrate
     ("convert-missing-ckpt", ["convert-reference", "{missing}", "--out", "{tmp}/c"], 2, "{missing}"),
     ("convert-parquet-as-ckpt", ["convert-reference", "{manifest}", "--out", "{tmp}/c"], 2, "{manifest}"),
-    ("convert-old-val-option", ["convert-reference", "{ckpt}", "--out", "{tmp}/c", "--val", "{val}"], 2, "lare2 calibrate"),
+    ("convert-old-val-option", ["convert-reference", "{ckpt}", "--out", "{tmp}/c", "--val", "{val}"],
+     2, "lare2 calibrate"),
     ("calibrate-missing-run", ["calibrate", "{missing}", "--val", "{val}"], 2, "{missing}"),
     ("calibrate-cache-as-run", ["calibrate", "{cache}", "--val", "{val}"], 2, "{cache}"),
     ("calibrate-parquet-as-val", ["calibrate", "{run}", "--val", "{manifest}"], 2, "{manifest}"),
@@ -256,12 +278,15 @@ CASES = [
      "{train}: the calibration cache is the run's training cache"),
     ("cache-show-png-no-folder", ["cache", "show", "{cache}", "0", "--png", "{missing}/s.png"], 2, "{missing}"),
     ("cache-stats-png-no-folder", ["cache", "stats", "{cache}", "--png", "{missing}/s.png"], 2, "{missing}"),
-    ("cache-show-png-not-png", ["cache", "show", "{cache}", "0", "--png", "{tmp}/s.txt"], 2, "--png {tmp}/s.txt: not a .png"),
+    ("cache-show-png-not-png", ["cache", "show", "{cache}", "0", "--png", "{tmp}/s.txt"],
+     2, "--png {tmp}/s.txt: not a .png"),
     ("cache-show-png-a-folder", ["cache", "show", "{cache}", "0", "--png", "{tmp}"], 2, "--png {tmp}: a folder"),
-    ("cache-stats-png-not-png", ["cache", "stats", "{cache}", "--png", "{tmp}/s.pdf"], 2, "--png {tmp}/s.pdf: not a .png"),
+    ("cache-stats-png-not-png", ["cache", "stats", "{cache}", "--png", "{tmp}/s.pdf"],
+     2, "--png {tmp}/s.pdf: not a .png"),
     ("cache-verify-negative-recompute", ["cache", "verify", "{cache}", "--recompute", "-1"], 2,
      "Invalid value for '--recompute'"),
-    ("cache-diff-negative-atol", ["cache", "diff", "{cache}", "{other}", "--atol", "-1"], 2, "Invalid value for '--atol'"),
+    ("cache-diff-negative-atol", ["cache", "diff", "{cache}", "{other}", "--atol", "-1"],
+     2, "Invalid value for '--atol'"),
     ("eval-corrupt-weights", ["eval", "{badweights}", "--test", "{val}"], 2,
      "{badweights}/model.safetensors: not readable safetensors"),
     ("calibrate-corrupt-weights", ["calibrate", "{badweights}", "--val", "{val}"], 2,
@@ -284,13 +309,19 @@ CASES = [
     # minigenimage
     ("minigenimage-build-bad-preset", ["minigenimage", "build", "--preset", "huge", "--out", "{tmp}/mg"], 2, "huge"),
     ("minigenimage-zoo-bad-family", ["minigenimage", "zoo", "--family", "vqgan"], 2, "vqgan"),
-    ("minigenimage-demo-bad-prompt-mode", ["minigenimage", "demo", "--prompt-mode", "poem", "--out", "{tmp}/demo"], 2, "poem"),
-    ("minigenimage-robustness-no-demo", ["minigenimage", "robustness", "--out", "{missing}"], 2, "{missing}: no such folder"),
-    ("minigenimage-robustness-bad-perturb", ["minigenimage", "robustness", "--out", "{tmp}", "--perturb", "jpeg:0"], 2, "jpeg:0"),
-    ("minigenimage-robustness-not-a-demo", ["minigenimage", "robustness", "--out", "{tmp}"], 2, "no test cache or manifest of a demo"),
-    ("minigenimage-views-zero", ["minigenimage", "views", "--out", "{tmp}", "--views", "0"], 2, "--views 0: expected >= 1"),
+    ("minigenimage-demo-bad-prompt-mode", ["minigenimage", "demo", "--prompt-mode", "poem", "--out", "{tmp}/demo"],
+     2, "poem"),
+    ("minigenimage-robustness-no-demo", ["minigenimage", "robustness", "--out", "{missing}"],
+     2, "{missing}: no such folder"),
+    ("minigenimage-robustness-bad-perturb", ["minigenimage", "robustness", "--out", "{tmp}", "--perturb", "jpeg:0"],
+     2, "jpeg:0"),
+    ("minigenimage-robustness-not-a-demo", ["minigenimage", "robustness", "--out", "{tmp}"],
+     2, "no test cache or manifest of a demo"),
+    ("minigenimage-views-zero", ["minigenimage", "views", "--out", "{tmp}", "--views", "0"],
+     2, "--views 0: expected >= 1"),
     ("minigenimage-views-not-a-demo", ["minigenimage", "views", "--out", "{tmp}"], 2, "run `lare2 minigenimage demo"),
-    ("minigenimage-demo-missing-zoo", ["minigenimage", "demo", "--zoo", "{missing}", "--out", "{tmp}/demo"], 2, "{missing}"),
+    ("minigenimage-demo-missing-zoo", ["minigenimage", "demo", "--zoo", "{missing}", "--out", "{tmp}/demo"],
+     2, "{missing}"),
     # serve (--port 0: any free port, so that no test depends on 8000 being free)
     ("serve-missing-run", ["serve", "{missing}", "--port", "0"], 2, "{missing}"),
     ("serve-missing-token-file", ["serve", "{run}", "--token-file", "{missing}", "--port", "0"], 2,
@@ -430,7 +461,8 @@ def modules_restored(monkeypatch):
     import sys
 
     before = dict(sys.modules)
-    attributes = {name: getattr(module, "__dict__", {}).copy() for name, module in before.items() if name.startswith("lare2")}
+    attributes = {name: getattr(module, "__dict__", {}).copy()
+                  for name, module in before.items() if name.startswith("lare2")}
     yield monkeypatch
     monkeypatch.undo()
     for name in [m for m in sys.modules if m not in before]:
@@ -449,11 +481,12 @@ def test_a_missing_extra_is_named_with_its_install_command(world, modules_restor
     monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now fails as if not installed
     for module in ("lare2.extract.models", "lare2.extract.tiny_models"):
         monkeypatch.delitem(sys.modules, module, raising=False)
-    result = invoke("extract", "--manifest", world.manifest, "--split", "train", "--preset", "debug", "--out", f"{world.tmp}/no-diffusers",
-                    "--device", "cpu")
+    result = invoke("extract", "--manifest", world.manifest, "--split", "train", "--preset", "debug",
+                    "--out", f"{world.tmp}/no-diffusers", "--device", "cpu")
     assert result.exit_code == 2, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: this command needs diffusers, which is not installed: pip install 'lare2[extract]'"], result.output
+    assert errors == [
+        "error: this command needs diffusers, which is not installed: pip install 'lare2[extract]'"], result.output
 
 
 @pytest.mark.slow
@@ -468,8 +501,8 @@ def test_ctrl_c_exits_130_saying_what_was_kept(world, tmp_path) -> None:
     out = tmp_path / "slow-cache"
     # a long extraction (64 draws of 512 px per image), so that the signal lands while it computes
     process = subprocess.Popen(
-        [sys.executable, "-m", "lare2.extract", "--manifest", str(world.manifest), "--split", "train", "--preset", "debug",
-         "--out", str(out), "--device", "cpu", "--ensemble", "64", "--image-size", "512"],
+        [sys.executable, "-m", "lare2.extract", "--manifest", str(world.manifest), "--split", "train",
+         "--preset", "debug", "--out", str(out), "--device", "cpu", "--ensemble", "64", "--image-size", "512"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "300"})
     deadline = time.monotonic() + 300
     while not (out / "zarr.json").exists() and process.poll() is None and time.monotonic() < deadline:
@@ -478,6 +511,6 @@ def test_ctrl_c_exits_130_saying_what_was_kept(world, tmp_path) -> None:
     _, stderr = process.communicate(timeout=300)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert process.returncode == 130 and len(errors) == 1, stderr
-    assert errors[0].startswith(f"error: {out}: interrupted (Ctrl-C); the ") and "blocks marked done are kept; rerun the " \
-        "same command to compute the rest" in errors[0], errors[0]
+    assert errors[0].startswith(f"error: {out}: interrupted (Ctrl-C); the ") and (
+        "blocks marked done are kept; rerun the same command to compute the rest" in errors[0]), errors[0]
     assert "Traceback" not in stderr, stderr

@@ -10,27 +10,19 @@ import shutil
 import numpy as np
 import pytest
 import zarr
-from typer.testing import CliRunner
 
-from lare2.cli import app
 from lare2.shared.cache import CacheLayout
 from tests.helpers.caches import write_synthetic_cache
+from tests.helpers.cli_results import error_line as one_error_line
+from tests.helpers.cli_results import invoke
 
 LAYOUT = CacheLayout(pooled_dim=16, fmap_shape=(16, 7, 7), lare_shape=(4, 16, 16), chunk_samples=16)
 SYNTHETIC_IDENTITY = {"synthetic": True, "pattern_seed": 1234}  # write_synthetic_cache's default
-runner = CliRunner()
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return result
 
 
 def error_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
+    assert result.exit_code == 2, result.output
+    return one_error_line(result)
 
 
 @pytest.fixture(scope="module")

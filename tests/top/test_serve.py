@@ -292,17 +292,37 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_run, detector):
     assert 'lare2_http_requests_total{route="/v1/score",status="503"} 1.0' in metrics
 
 
+def test_uploads_in_flight_are_bounded_together(tiny_run, detector):
+    """Two uploads within --max-upload-mb but over --max-inflight-mb together: the second is a 503, unread,
+    while the first holds its bytes; once the first is answered, the same upload fits."""
+    run, _ = tiny_run
+    part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n\r\n'
+    body = part + b"\0" * 400_000 + b"\r\n--b--\r\n"
+    second = upload([("big.png", b"\0" * 400_000)])
+    with serving(build(run, detector, max_upload_mb=0.5, max_inflight_mb=0.75)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as first:
+            first.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                          b"Content-Type: multipart/form-data; boundary=b\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(body) + body[:1000])
+            wait_for(lambda: metrics_value(httpx.get(f"{url}/metrics").text, "lare2_upload_bytes_in_flight")
+                     == len(body), "the first upload to hold its bytes")
+            refused = httpx.post(f"{url}/v1/score", timeout=60, **second)
+            first.sendall(body[1000:])
+            answer = b"".join(iter(lambda: first.recv(65536), b""))
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert metrics_value(httpx.get(f"{url}/metrics").text, "lare2_upload_bytes_in_flight") == 0
+        again = httpx.post(f"{url}/v1/score", timeout=60, **second)
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+    assert "--max-inflight-mb" in refused.json()["detail"]
+    assert again.status_code == 200 and again.json()["results"][0]["status"] == "error"
+
+
 def wait_for(condition, what: str, seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def refused(port: int) -> bool:
@@ -318,13 +338,17 @@ def test_sigterm_stops_accepting_finishes_the_queue_and_exits_0(tiny_run, tmp_pa
     from concurrent.futures import ThreadPoolExecutor
 
     run, images = tiny_run
-    port = free_port()
     log = open(tmp_path / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "lare2.serve.cli", str(run), "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "lare2.serve.cli", str(run), "--port", "0",
                                "--device", "cpu", "--max-batch", "64", "--max-wait-ms", "5000"],
-                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
+                              stdout=subprocess.PIPE, stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
+        # the server says where it listens (the port it was given for --port 0), then the access log follows
+        said = server.stdout.readline().decode()
+        threading.Thread(target=lambda: log.write(server.stdout.read()), daemon=True).start()
+        heard = re.fullmatch(r"listening on http://127\.0\.0\.1:(\d+)/ \(run (\S+), threshold (\S+)\)\n", said)
+        assert heard and heard[2] == run.name, said
+        port, url = int(heard[1]), f"http://127.0.0.1:{heard[1]}"
         wait_for(lambda: server.poll() is None and not refused(port), "the server to listen", 120)
         with ThreadPoolExecutor(2) as pool:
             pending = [pool.submit(httpx.post, f"{url}/v1/score", timeout=120, **upload(images[i:i + 2]))

@@ -10,26 +10,12 @@ import logging
 import pytest
 import zarr
 from lare2.shared.cache import CacheLayout, FeatureCache
-from typer.testing import CliRunner
 
-from lare2.cli import app
-from tests.helpers.log_records import Logged
 from tests.helpers.caches import NUM_SAMPLES, build_tiny_cache, manifest_rows, write_synthetic_cache
+from tests.helpers.cli_results import error_line, invoke
+from tests.helpers.log_records import Logged
 
 LAYOUT = CacheLayout(pooled_dim=16, fmap_shape=(16, 7, 7), lare_shape=(4, 16, 16), chunk_samples=16)
-runner = CliRunner()
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return result
-
-
-def error_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

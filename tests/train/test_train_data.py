@@ -8,6 +8,7 @@ import pytest
 
 from lare2.shared.cache import CacheError, CacheLayout
 from lare2.train.data import CacheSplit
+from tests.helpers.block_reads import blocks_read
 from tests.helpers.caches import write_synthetic_cache
 
 LAYOUT = CacheLayout(pooled_dim=8, fmap_shape=(8, 7, 7), lare_shape=(4, 8, 8), chunk_samples=8)
@@ -23,18 +24,8 @@ def split(tmp_path_factory):
 
 def batches_of(split: CacheSplit, **kwargs) -> tuple[list[np.ndarray], list[int]]:
     """Index arrays of the batches one rank yields, and the blocks it read."""
-    read: list[int] = []
-    original = split.read_block
-
-    def recording(block: int):
-        read.append(block)
-        return original(block)
-
-    split.read_block = recording
-    try:
+    with blocks_read(split) as read:
         return [b.index for b in split.epoch_batches(batch_size=BATCH, **kwargs)], read
-    finally:
-        del split.read_block
 
 
 def test_one_rank_sees_every_ok_sample_once_in_a_seeded_order(split):

@@ -19,8 +19,9 @@ from lare2.train.data import Batch, CacheSplit, ReadSettings
 from lare2.train.trainer import hold_splits_in_memory
 from safetensors.torch import load_file
 
-from tests.helpers.log_records import Logged
+from tests.helpers.block_reads import blocks_read
 from tests.helpers.caches import write_synthetic_cache
+from tests.helpers.log_records import Logged
 
 LAYOUT = CacheLayout(pooled_dim=8, fmap_shape=(8, 7, 7), lare_shape=(4, 8, 8), chunk_samples=8, feature_dtype="float16")
 NAMES = ("pooled", "fmap", "lare")
@@ -120,21 +121,14 @@ def test_batches_equal_the_synchronous_reference(cache_path, mode, world_size):
 
 def test_read_ahead_is_bounded_and_stops_with_the_consumer(cache_path):
     split = open_split(cache_path, ReadSettings(workers=2, ahead=2))
-    read: list[int] = []
-    original = split.read_block
-
-    def recording(block: int):
-        read.append(block)
-        return original(block)
-
-    split.read_block = recording
-    windows, _ = split.epoch_windows(epoch=0, seed=0, batch_size=4, shuffle_blocks=2)
-    batches = split.epoch_batches(epoch=0, seed=0, batch_size=4, shuffle_blocks=2)
-    next(batches)
-    time.sleep(0.3)  # time for the workers to run ahead as far as they may
-    # the window in use and two ahead, read first block first
-    assert read and set(read) <= {b for w in windows[:1 + 2] for b in w.blocks}
-    batches.close()  # an abandoned epoch (stop_after_steps) shuts its readers down
+    with blocks_read(split) as read:
+        windows, _ = split.epoch_windows(epoch=0, seed=0, batch_size=4, shuffle_blocks=2)
+        batches = split.epoch_batches(epoch=0, seed=0, batch_size=4, shuffle_blocks=2)
+        next(batches)
+        time.sleep(0.3)  # time for the workers to run ahead as far as they may
+        # the window in use and two ahead, read first block first
+        assert read and set(read) <= {b for w in windows[:1 + 2] for b in w.blocks}
+        batches.close()  # an abandoned epoch (stop_after_steps) shuts its readers down
     assert not [t for t in threading.enumerate() if t.name.startswith("lare2-read")]
 
 
