@@ -26,7 +26,8 @@ JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document to std
 
 
 # ---- output -------------------------------------------------------------------------------------
-def _console():
+def report_console():
+    """Where the cache commands print their tables and report lines (stdout)."""
     from lare2.shared.logs import output_console
 
     return output_console()  # piped to a file or a pager: whole rows, no folded cells
@@ -94,7 +95,7 @@ def info(path: Path = CACHE_ARGUMENT, json_out: bool = JSON_OPTION) -> None:
 
         print_json(report)
         return
-    console = _console()
+    console = report_console()
     blocks = report["blocks"]
     console.print(f"[bold]{report['path']}[/]: {report['num_samples']} samples, format {report['format']}, "
                   f"blocks {blocks['done']}/{blocks['total']} done; status {report['status_counts']}")
@@ -151,7 +152,7 @@ def ls(
         table.add_column(column, overflow="fold")
     for row in listing["rows"]:
         table.add_row(*(str(row[c]) for c in columns))
-    _console().print(table)
+    report_console().print(table)
 
 
 def show(
@@ -188,7 +189,7 @@ def show(
 
         print_json(summary)
         return
-    console = _console()
+    console = report_console()
     console.print(_key_values(f"sample {index}", summary["metadata"]))
     if summary["lare"] is None:
         console.print(f"no arrays: status {summary['metadata']['status']} {summary['metadata']['error']}".rstrip())
@@ -250,7 +251,7 @@ def verify(
     else:
         from rich.markup import escape
 
-        console = _console()
+        console = report_console()
         for finding in report.findings:
             colour = "red" if finding.severity == "error" else "yellow"
             check, message = escape(f"[{finding.check}]"), escape(finding.message)  # text, not markup
@@ -284,7 +285,7 @@ def repair(
 
         print_json(summary)
     else:
-        console = _console()
+        console = report_console()
         verb = "would reset" if dry_run else "reset"
         for block, what in summary["damaged"].items():
             first, last = summary["samples"][block]
@@ -322,7 +323,7 @@ def diff(
 
         print_json(report)
     else:
-        console = _console()
+        console = report_console()
         table = Table(title=f"{report['compared']} samples compared (atol {atol:g})", title_justify="left")
         for column in ("array", "max abs diff", "samples differing", "NaN on one side", "worst sample"):
             table.add_column(column)
@@ -376,18 +377,20 @@ def stats(
     for g in summary["groups"]:
         table.add_row(g["generator"], label_name(g["label"]), str(g["n"]),
                       *(f"{g[k]:.4g}" for k in ("mean", "std", "median", "q05", "q95")))
-    console = _console()
+    console = report_console()
     console.print(table)
     if png is not None:
         console.print(f"wrote {summary['png']['png']} ({summary['png']['pixels'][0]}x{summary['png']['pixels'][1]} px)")
 
 
 def register(app: typer.Typer) -> None:
-    from lare2.cache_cli_cluster import export, pack, progress  # that module imports this one's options
+    """``lare2 cache``: this module's commands, then ``lare2.cache_cli_cluster``'s, in one group."""
+    from lare2.cache_cli_cluster import register as register_cluster  # that module imports this one's options
 
     cache_app = typer.Typer(help=CACHE_HELP, no_args_is_help=True)
-    for command in (info, ls, show, verify, repair, progress, diff, stats, export, pack):
+    for command in (info, ls, show, verify, repair, diff, stats):
         cache_app.command(command.__name__)(command)
+    register_cluster(cache_app)
     app.add_typer(cache_app, name="cache")
 
 

@@ -1,8 +1,8 @@
 """``lare2 cache progress|pack|export``: a cache on a cluster.
 
 progress: how far an array of extraction jobs has got; pack: far fewer files for a shared file system;
-export: WebDataset shards for streaming readers. Registered under ``lare2 cache`` by
-``lare2.cache_cli.register``, with the same options, output and exit codes as the other cache commands.
+export: WebDataset shards for streaming readers. ``register(app)`` adds them to a group: ``lare2.cache_cli.register``
+puts them under ``lare2 cache``, with the same options, output and exit codes as the other cache commands.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Optional
 
 import typer
 
-from lare2.cache_cli import CACHE_ARGUMENT, JSON_OPTION, _console  # one group of commands: the same options
-from lare2.shared.cli_errors import check_out_folder, fail, user_errors
+from lare2.cache_cli import CACHE_ARGUMENT, JSON_OPTION, report_console  # one group: the same options
+from lare2.shared.cli_errors import check_out_folder, fail, run_commands, user_errors
 
 EXPORT_FORMATS = ("webdataset",)
 
@@ -38,7 +38,7 @@ def progress(
 
         print_json({**asdict(report), "complete": report.complete})
         return
-    console = _console()
+    console = report_console()
     table = Table(title="shards with pending blocks" if report.num_shards > 64 else "shards", title_justify="left")
     for column in ("shard", "blocks done", "samples done"):
         table.add_column(column, justify="right")
@@ -72,8 +72,8 @@ def export(
 
         print_json(summary)
         return
-    _console().print(f"wrote {sum(summary['sizes'].values())} samples in {len(summary['shards'])} shards to "
-                     f"{summary['out']} (exported {summary['exported']}, skipped {summary['skipped']})")
+    report_console().print(f"wrote {sum(summary['sizes'].values())} samples in {len(summary['shards'])} shards to "
+                           f"{summary['out']} (exported {summary['exported']}, skipped {summary['skipped']})")
 
 
 def pack(
@@ -98,6 +98,16 @@ def pack(
 
         print_json(summary)
         return
-    _console().print(f"packed {summary['samples']} samples from {path} into {out}: {summary['files_before']} files -> "
-                     f"{summary['files_after']} ({pack_blocks} blocks per file)")
+    report_console().print(f"packed {summary['samples']} samples from {path} into {out}: {summary['files_before']} "
+                           f"files -> {summary['files_after']} ({pack_blocks} blocks per file)")
 
+
+def register(app: typer.Typer) -> None:
+    """Add progress, export and pack to ``app`` (``lare2 cache``'s group, from ``lare2.cache_cli.register``)."""
+    for command in (progress, export, pack):
+        app.command(command.__name__)(command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``main(["progress", PATH])``: one of these commands without the console script; the exit code."""
+    return run_commands(register, argv, prog_name="lare2 cache")

@@ -3,7 +3,8 @@
 Rows (``path, p_fake, is_fake, threshold, prompt, status, error``, and ``heatmap`` with ``--heatmaps``: the
 PNG drawn for the row, ``<row>-<stem>.png``) come in input order and go to ``--out`` (CSV, JSON or JSON Lines,
 by suffix) as they are scored, so an interrupted run keeps what it did; a bad ``--out`` or ``--class-name`` is
-refused before any model loads. Exit 0 when every file was scored, 1 when some are error rows, 2 on bad usage,
+refused before any model loads, and a file already at ``--out`` is replaced only once the detector has loaded
+(a bad run or weights leave it whole). Exit 0 when every file was scored, 1 when some are error rows, 2 on bad usage,
 130 on Ctrl-C (saying how many rows were kept).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -25,15 +27,26 @@ OUT_SUFFIXES = (".csv", ".json", ".jsonl")
 MAX_SKIPPED_SHOWN = 10
 
 
+def check_out(path: Path) -> None:
+    """Refuse an ``--out`` that cannot be written, without touching it (a previous file there stays whole until the
+    detector has loaded and the rows start)."""
+    if path.suffix.lower() not in OUT_SUFFIXES:
+        raise InputError(f"{path}: --out must end in {', '.join(OUT_SUFFIXES)}")
+    if path.is_dir():
+        raise InputError(f"{path}: --out is a folder; name a file in it (e.g. {path / 'scores.csv'})")
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: no folder {path.parent} to write into; create it or choose another --out")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        what = path if path.exists() else f"the folder {path.parent}"
+        raise InputError(f"{path}: cannot write ({what} is not writable); choose another --out")
+
+
 class RowWriter:
     """Rows to ``path`` as they come: CSV, a JSON array (one row a line) or JSON Lines, flushed row by row."""
 
     def __init__(self, path: Path, fields: tuple[str, ...]) -> None:
+        check_out(path)
         self.kind = path.suffix.lower()
-        if self.kind not in OUT_SUFFIXES:
-            raise InputError(f"{path}: --out must end in {', '.join(OUT_SUFFIXES)}")
-        if not path.parent.is_dir():
-            raise InputError(f"{path}: no folder {path.parent} to write into; create it or choose another --out")
         try:
             self.file = open(path, "w", newline="")
         except OSError as err:
@@ -109,7 +122,8 @@ def score(
         if heatmaps is not None:
             heatmaps.mkdir(parents=True, exist_ok=True)
         fields = ROW_FIELDS + (("heatmap",) if heatmaps is not None else ())
-        writer = RowWriter(out, fields) if out else None
+        if out:
+            check_out(out)  # before any model loads; the file is opened once the detector has loaded
     results, rows = [], []
     try:
         with user_errors():
@@ -117,6 +131,7 @@ def score(
                                          num_workers=workers, batch_size=batch_size)
             if class_name == AUTO_CLASS and detector.prompt_mode == "class":
                 detector.prepare_zero_shot()
+            writer = RowWriter(out, fields) if out else None
         if class_name and detector.prompt_mode != "class":
             console.print(f"note: the run uses prompt_mode={detector.prompt_mode!r}; --class-name is ignored")
         started = time.perf_counter()

@@ -119,7 +119,7 @@ def run_server(app, listener: socket.socket, limit_concurrency: int, what: str) 
         signal.signal(stop, lambda *_: None)
     url = listening_url(listener)
     # uvicorn says where it runs only when it binds the socket itself; it is bound here
-    output_console().print(f"listening on {url} ({what})", soft_wrap=True, highlight=False)
+    output_console().print(f"listening on {url} ({what})", soft_wrap=True, highlight=False, markup=False)
     server.run(sockets=[listener])
     if not server.started:
         fail(f"{url}: the server did not start (the log above says why); fix that, or choose another --host/--port")

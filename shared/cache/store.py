@@ -177,7 +177,7 @@ class FeatureCache:
             raise CacheError(f"{path}: cache format {version!r}, written by another lare2 version; this lare2 reads "
                              f"format {CACHE_FORMAT_VERSION}: re-extract it with `lare2 extract`, or read it with the "
                              "lare2 that wrote it")
-        return cls(path=path, group=group, layout=CacheLayout.from_dict(group.attrs["layout"]))
+        return cls(path=path, group=group, layout=stored_layout(path, group.attrs))
 
     # ---- sizes and blocks -----------------------------------------------------------------
     def __len__(self) -> int:
@@ -325,3 +325,12 @@ def open_cache(path: str | Path) -> FeatureCache:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such cache directory")
     return FeatureCache.open(path, mode="r")
+
+
+def stored_layout(path: Path, attrs: Mapping[str, Any]) -> CacheLayout:
+    """The cache's ``layout`` attribute as a ``CacheLayout``; ``CacheError`` naming it when missing or altered."""
+    try:
+        return CacheLayout.from_dict(attrs["layout"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:  # a hand-edited or truncated zarr.json
+        raise CacheError(f"{path}: damaged cache, its 'layout' attribute (zarr.json) cannot be read "
+                         f"({type(err).__name__}: {err}); re-extract it with `lare2 extract`") from None

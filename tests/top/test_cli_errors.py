@@ -66,6 +66,9 @@ def world(tmp_path_factory) -> SimpleNamespace:
     zarr.open_group(tmp / "foreign", mode="w").attrs["made_by"] = "another tool"  # a Zarr group, not a lare2 cache
     shutil.copytree(tmp / "val", tmp / "format9")
     zarr.open_group(tmp / "format9", mode="r+").attrs["lare2_cache_format"] = 9
+    shutil.copytree(tmp / "val", tmp / "badlayout")  # a hand-edited layout attribute
+    (tmp / "folder.csv").mkdir()  # a folder named like an --out file
+    zarr.open_group(tmp / "badlayout", mode="r+").attrs["layout"] = {**LAYOUT.to_dict(), "feature_dtype": "int8"}
     run = tmp / "run"
     trained = invoke("train", "--preset", "debug", "--train", tmp / "train", "--val", tmp / "val", "--out", run,
                      "--epochs", "1", "--set", "progress=false", "--set", "head_dim=8")
@@ -84,7 +87,7 @@ def world(tmp_path_factory) -> SimpleNamespace:
                            train=tmp / "train", val=tmp / "val", stranger=tmp / "stranger", testsplit=tmp / "testsplit",
                            badperturb=tmp / "badperturb", run=run, converted=tmp / "converted",
                            ckpt=tmp / "reference.pth", classless=classless, empty=tmp / "empty.parquet",
-                           foreign=tmp / "foreign", format9=tmp / "format9")
+                           foreign=tmp / "foreign", format9=tmp / "format9", badlayout=tmp / "badlayout")
 
 
 def _extract(*args: str) -> list[str]:
@@ -180,6 +183,8 @@ CASES = [
      "{foreign}: a Zarr store but not a lare2 cache (its zarr.json records no lare2_cache_format); pass a cache"),
     ("cache-info-other-format", ["cache", "info", "{format9}"], 2,
      "{format9}: cache format 9, written by another lare2 version; this lare2 reads format 1: re-extract it"),
+    ("cache-info-bad-layout", ["cache", "info", "{badlayout}"], 2,
+     "{badlayout}: damaged cache, its 'layout' attribute (zarr.json) cannot be read"),
     ("cache-ls-bad-status", ["cache", "ls", "{cache}", "--status", "bogus"], 2, "bogus"),
     ("cache-show-unknown-id", ["cache", "show", "{cache}", "nosuchid"], 2, "nosuchid"),
     ("cache-stats-corrupt", ["cache", "stats", "{corrupt}"], 2, "{corrupt}"),
@@ -298,6 +303,8 @@ CASES = [
     ("score-uncalibrated", ["score", "{converted}", "{manifest}"], 2, "{converted}"),
     ("score-cuda", ["score", "{run}", "{manifest}", "--device", "cuda"], 2, "cuda"),
     ("score-out-no-folder", ["score", "{run}", "{manifest}", "-o", "{tmp}/nodir/v.csv"], 2, "nodir/v.csv"),
+    ("score-out-a-folder", ["score", "{run}", "{manifest}", "-o", "{tmp}/folder.csv"], 2,
+     "{tmp}/folder.csv: --out is a folder"),
     ("score-out-bad-suffix", ["score", "{run}", "{manifest}", "-o", "{tmp}/v.xlsx"], 2, "v.xlsx"),
     ("score-heatmaps-under-a-file", ["score", "{run}", "{manifest}", "--heatmaps", "{manifest}/heat"], 2, "heat"),
     ("score-no-image-files", ["score", "{run}", "{cache}"], 2, "no image files"),
@@ -327,6 +334,10 @@ CASES = [
     ("serve-missing-token-file", ["serve", "{run}", "--token-file", "{missing}", "--port", "0"], 2,
      "{missing}: no such token file"),
     ("serve-port-range", ["serve", "{run}", "--port", "70000"], 2, "Invalid value for '--port'"),
+    ("serve-max-upload-zero", ["serve", "{run}", "--port", "0", "--max-upload-mb", "0"], 2,
+     "--max-upload-mb 0: expected > 0"),
+    ("serve-inflight-below-upload", ["serve", "{run}", "--port", "0", "--max-inflight-mb", "5"], 2,
+     "--max-inflight-mb 5: below --max-upload-mb 20"),
     # parser errors: one line naming the command, the option or argument, and where the help is
     ("parser-unknown-command", ["cahce", "info", "{cache}"], 2, "lare2: No such command 'cahce'"),
     ("parser-unknown-subcommand", ["cache", "inf", "{cache}"], 2, "lare2 cache: No such command 'inf'"),
@@ -363,6 +374,16 @@ def test_bad_invocation_fails_in_one_line(world, request, argv: list[str], code:
         assert "None" not in errors[0], errors[0]  # a value the input lacks is named, never printed as None
     else:  # found problems: the report says so
         assert wanted in output
+
+
+@pytest.mark.parametrize("bad_run", ["missing", "badweights"])
+def test_a_failed_score_leaves_the_previous_out_whole(world, tmp_path, bad_run: str) -> None:
+    """--out is opened only once the detector has loaded: a bad run keeps the rows of the last good one."""
+    previous = tmp_path / "scores.csv"
+    previous.write_text("path,p_fake\na.png,0.9\n")
+    result = invoke("score", getattr(world, bad_run), world.images, "-o", previous)
+    assert result.exit_code == 2, result.output
+    assert previous.read_text() == "path,p_fake\na.png,0.9\n"
 
 
 def test_every_command_is_in_the_table() -> None:

@@ -299,7 +299,10 @@ def test_rows_reach_the_file_as_they_are_scored(tmp_path):
 def test_training_on_class_prompts_warns():
     from lare2.train.trainer import class_prompt_warning
 
-    assert "--class-name auto" in class_prompt_warning({"prompt_mode": "class", "prompt_template": "a photo of a {}"})
+    refused = {"prompt_mode": "class", "prompt_template": "a photo of a {}", "classless_prompt": "refuse"}
+    assert "--class-name auto" in class_prompt_warning(refused)
+    # a cache from before classless_prompt: its classless rows got the empty prompt, and so will scoring
+    assert "classless_prompt=empty" in class_prompt_warning({"prompt_mode": "class"})
     assert class_prompt_warning({"prompt_mode": "empty"}) == ""
 
 

@@ -334,7 +334,7 @@ def refused(port: int) -> bool:
 
 
 @pytest.mark.slow
-def test_sigterm_stops_accepting_finishes_the_queue_and_exits_0(tiny_run, tmp_path):
+def test_sigterm_stops_accepting_finishes_the_queue_and_exits_0(tiny_run, detector, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     run, images = tiny_run
@@ -345,9 +345,10 @@ def test_sigterm_stops_accepting_finishes_the_queue_and_exits_0(tiny_run, tmp_pa
     try:
         # the server says where it listens (the port it was given for --port 0), then the access log follows
         said = server.stdout.readline().decode()
-        threading.Thread(target=lambda: log.write(server.stdout.read()), daemon=True).start()
+        drain = threading.Thread(target=lambda: log.write(server.stdout.read()), daemon=True)
+        drain.start()
         heard = re.fullmatch(r"listening on http://127\.0\.0\.1:(\d+)/ \(run (\S+), threshold (\S+)\)\n", said)
-        assert heard and heard[2] == run.name, said
+        assert heard and heard[2] == run.name and float(heard[3]) == pytest.approx(detector.threshold, rel=1e-3), said
         port, url = int(heard[1]), f"http://127.0.0.1:{heard[1]}"
         wait_for(lambda: server.poll() is None and not refused(port), "the server to listen", 120)
         with ThreadPoolExecutor(2) as pool:
@@ -359,6 +360,7 @@ def test_sigterm_stops_accepting_finishes_the_queue_and_exits_0(tiny_run, tmp_pa
             assert not any(p.done() for p in pending)  # still waiting for their batch while new ones are refused
             answers = [p.result() for p in pending]
         assert server.wait(120) == 0
+        drain.join(60)
     finally:
         if server.poll() is None:
             server.kill()
