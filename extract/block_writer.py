@@ -9,8 +9,9 @@ kill at any moment still leaves only whole, marked blocks or unmarked ones (a re
 A thread, not a process: the write's cost is the float32 -> storage dtype cast, Zstd compression and
 the chunk files, and numpy's casts, numcodecs' Zstd and file writes all release the GIL, so the
 thread runs beside the model's Python (kernel launches) at full speed. A process would first copy
-each block (13 MB of float32 arrays at full size) through a pipe and open its own store, for the
-same overlap (``bench/writer.py`` measures both).
+each block through a pipe (at full size 26 MB of float32: 32 samples x (lare 4 x 32 x 32 + pooled 1024
++ fmap 1024 x 14 x 14) x 4 bytes, fmap alone 25.7 MB) and open its own store, for the same overlap
+(``bench/writer.py`` measures both).
 
 Errors: the first write that fails stops the writer (later blocks are not written); the failure is
 raised, unchanged, in the extraction loop at its next ``check``/``put`` or at ``close``, which also
@@ -28,7 +29,8 @@ from lare2.shared.cache import FeatureCache
 
 WRITER_DEPTH = 2
 """Finished blocks that may wait for the writer: the loop blocks only when the writer is this far behind.
-Memory: the block being written + ``WRITER_DEPTH`` (each 32 x 401 kB float32 ``fmap`` + the rest at full size)."""
+Memory: the block being written + ``WRITER_DEPTH`` (each 26 MB of float32 at full size: 32 x 803 kB ``fmap`` + the
+rest)."""
 
 
 class BlockWriter:

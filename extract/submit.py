@@ -10,14 +10,23 @@ so it can pass that on: the extractor gets ``TERM`` (on which it writes its fini
 exits ``EXIT_PREEMPTED``; a kill loses at most the blocks in flight, as the rerun guarantee says),
 and the task requeues itself to finish its shard. Under ``accelerate launch`` the launcher passes
 the ``TERM`` on to every rank; the script signals only its direct child, never the process group,
-so DataLoader workers are not killed under the extractor. The task requeues itself only after that
+so DataLoader workers are not killed under the extractor. The traps are set before the extraction
+starts, so a signal at any moment reaches it. The task requeues itself only after that
 ``USR1``, and only when the extraction asks for it (``requeue_rule``): exit ``EXIT_PREEMPTED``, or,
 under ``accelerate launch`` (which exits 1 when its ranks stop, whatever their codes), a non-zero
-exit while the cache still holds pending blocks of the task's shard. A task cancelled or preempted gets
+exit while the cache still holds pending blocks of the task's shard. ``scontrol requeue`` alone holds
+the task ~120 s (SLURM sets that start time once the task has ended, unless its start time then lies
+ahead), so the script follows it with ``StartTime=now+2`` (``now`` would be overwritten; slurmd
+refuses a relaunch in the same whole second as the kill). A task cancelled or preempted gets
 ``TERM`` from SLURM; ``--requeue`` lets SLURM bring a preempted one back. Every rerun skips the
 blocks already done. ``--only-missing`` submits only the
 shards that still hold pending blocks, as one array of those indices (``--array=1,4-6``).
 ``--dry-run`` prints the script and writes and submits nothing.
+
+Every value the script carries is checked first: a control character (a newline above all) would end
+a ``#`` comment or an ``#SBATCH`` line and run the rest as shell, so it is refused; each
+``--sbatch-arg`` must be one option; ``%`` in the log folder is written ``%%`` (sbatch's filename
+patterns read ``%`` as a replacement symbol), and a backslash there, which turns the patterns off, is refused.
 
 Plain ``sbatch`` rather than submitit. submitit (what much ML code uses for SLURM arrays) pickles a
 Python callable and its arguments into a folder that the nodes must share, and its job script runs
@@ -47,6 +56,9 @@ from lare2.shared.errors import InputError
 
 SIGNAL_BEFORE_LIMIT_S = 120
 """The task's shell gets USR1 this many seconds before the time limit: time to finish the block in flight."""
+REQUEUE_START_DELAY_S = 2
+"""A task that requeues itself may start again this many seconds later (not in the same whole second as its kill,
+which slurmd refuses; SLURM would otherwise hold it ~120 s)."""
 SUBMIT_FLAGS = {"array": "--array", "sbatch_arg": "--sbatch-arg", "gpus_per_task": "--gpus-per-task",
                 "only_missing": "--only-missing", "dry_run": "--dry-run"}
 """``lare2 extract`` options that only mean something with ``--submit``."""
@@ -101,8 +113,54 @@ def recorded_num_shards(out: Path) -> int | None:
     record = job_folder(out) / "submissions.jsonl"
     if not record.is_file():
         return None
-    lines = [line for line in record.read_text().splitlines() if line.strip()]
-    return int(json.loads(lines[-1])["num_shards"]) if lines else None
+    lines = [(number, line) for number, line in enumerate(record.read_text(errors="replace").splitlines(), 1)
+             if line.strip()]
+    if not lines:
+        return None
+    number, line = lines[-1]
+    try:
+        num_shards = int(json.loads(line)["num_shards"])
+    except (ValueError, TypeError, KeyError) as err:  # json.JSONDecodeError is a ValueError
+        reason = "no num_shards field" if isinstance(err, KeyError) else " ".join(str(err).split())
+        raise SubmitError(f"{record}:{number}: not a submit record ({reason}); give --array N, the number of "
+                          "shards of the earlier submission") from None
+    if num_shards < 1:
+        raise SubmitError(f"{record}:{number}: num_shards {num_shards} is not >= 1; give --array N, the number of "
+                          "shards of the earlier submission")
+    return num_shards
+
+
+def refuse_control_characters(what: str, value: str) -> None:
+    """Refuse ``value`` (named ``what``) if it holds a control character: in the job script a newline would end a
+    ``#`` comment or an ``#SBATCH`` line and run the rest as shell."""
+    bad = next((char for char in value if ord(char) < 0x20 or ord(char) == 0x7F), None)
+    if bad is not None:
+        raise SubmitError(f"{what} {value!r}: holds the control character {bad!r}, which a job script cannot carry; "
+                          "give it without control characters")
+
+
+def check_sbatch_arg(arg: str) -> None:
+    """One ``--sbatch-arg``: one sbatch option, its value joined by ``=``, no whitespace, no control character."""
+    refuse_control_characters("--sbatch-arg", arg)
+    if not arg.startswith("-") or any(char.isspace() for char in arg):
+        raise SubmitError(f"--sbatch-arg {arg!r}: expected one sbatch option with its value joined by '=' and no "
+                          "spaces; give one option per --sbatch-arg (--sbatch-arg=--time=12:00:00 "
+                          "--sbatch-arg=--partition=gpu)")
+
+
+def check_script_values(command: list[str], sbatch_args: list[str], logs: Path) -> None:
+    """Refuse what a job script cannot carry safely: control characters in the task's command (the cache and
+    manifest paths, the options given), the log folder or the working folder; malformed ``--sbatch-arg``s; a
+    backslash in the log folder (it turns off sbatch's filename patterns, so ``%A_%a`` would not name the logs)."""
+    for flag, word in zip(["", *command], command):
+        refuse_control_characters(flag if flag.startswith("-") else "argument", word)
+    refuse_control_characters("the log folder", str(logs))
+    refuse_control_characters("the working folder", str(Path.cwd()))
+    if "\\" in str(logs):
+        raise SubmitError(f"{str(logs)!r}: a backslash in the log folder turns off sbatch's filename patterns "
+                          "(%A_%a would not name the task logs); give --out a path without backslashes")
+    for arg in sbatch_args:
+        check_sbatch_arg(arg)
 
 
 def given_options(ctx: typer.Context, leave_out: set[str] = SUBMIT_ONLY_OPTIONS) -> list[str]:
@@ -191,10 +249,14 @@ def requeue_rule(out: Path, num_shards: int, launched: bool) -> str:
 
 def job_script(*, out: Path, command: list[str], array: str, num_shards: int, throttle: int | None,
                sbatch_args: list[str], gpus_per_task: int, logs: Path) -> str:
-    """The job script: ``#SBATCH`` lines, then the extraction run so that signals reach it (see the module doc)."""
+    """The job script: ``#SBATCH`` lines, then the extraction run so that signals reach it (see the module doc).
+    Refuses values it cannot carry safely (``check_script_values``)."""
+    check_script_values(command, sbatch_args, logs)
+    refuse_control_characters("--out", str(out))
     made = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    log_pattern = str(logs).replace("%", "%%") + "/%A_%a.out"  # sbatch's filename patterns: "%%" is a literal %
     directives = [f"--job-name=lare2-extract-{out.name}", f"--array={array}" + (f"%{throttle}" if throttle else ""),
-                  f"--output={logs}/%A_%a.out", "--open-mode=append", "--requeue",
+                  f"--output={log_pattern}", "--open-mode=append", "--requeue",
                   f"--signal=B:USR1@{SIGNAL_BEFORE_LIMIT_S}", f"--chdir={Path.cwd()}"]
     if gpus_per_task:
         directives.append(f"--gres=gpu:{gpus_per_task}")
@@ -204,7 +266,7 @@ def job_script(*, out: Path, command: list[str], array: str, num_shards: int, th
 {sbatch_lines}
 #
 # lare2 extract as a SLURM array: task i extracts shard i of {num_shards} (the cache blocks b with
-# b % {num_shards} == i) into {out}. Written by `lare2 extract --submit slurm` on {made}.
+# b % {num_shards} == i) into {str(out)!r}. Written by `lare2 extract --submit slurm` on {made}.
 # Every (re)run skips the blocks already done, so submitting this file again is safe: sbatch {{this file}}
 # Progress: lare2 cache progress {shlex.quote(str(out))} --num-shards {num_shards}
 #
@@ -213,20 +275,29 @@ def job_script(*, out: Path, command: list[str], array: str, num_shards: int, th
 #        finished blocks and exits {EXIT_PREEMPTED}; then this task requeues itself to finish its shard
 #        (the rule below).
 #   TERM (scancel, preemption): passed on once; SLURM requeues a preempted task (--requeue).
+# The traps are set before the extraction starts: a signal before that is passed on as soon as it runs.
+# `scontrol requeue` alone holds a task ~120 s unless its start time lies ahead once it has ended: so it
+# is followed by StartTime=now+{REQUEUE_START_DELAY_S} (slurmd refuses a relaunch in the same second as the kill).
 set -u
 run=$(( ${{SLURM_RESTART_COUNT:-0}} + 1 ))
 echo "lare2: task ${{SLURM_ARRAY_TASK_ID}} of array ${{SLURM_ARRAY_JOB_ID}}, run $run, on $(hostname) at $(date -Is)"
 time_limit=0
-stopping=0
+stop_asked=0
+stopped=0
+extraction=
 stop_extraction() {{
-    [ "$stopping" = 1 ] || kill -TERM "$extraction" 2>/dev/null
-    stopping=1
+    stop_asked=1
+    if [ -n "${{extraction:-}}" ] && [ "$stopped" = 0 ]; then
+        stopped=1
+        kill -TERM "$extraction" 2>/dev/null
+    fi
 }}
+trap 'time_limit=1; stop_extraction' USR1
+trap 'stop_extraction' TERM
 
 {shell_lines(command)} &
 extraction=$!
-trap 'time_limit=1; stop_extraction' USR1
-trap 'stop_extraction' TERM
+[ "$stop_asked" = 0 ] || stop_extraction  # a signal came before $! was known: pass it on now
 while :; do
     wait "$extraction"
     status=$?
@@ -236,7 +307,10 @@ echo "lare2: extraction exited with status $status at $(date -Is)"
 {requeue_rule(out, num_shards, launched=gpus_per_task > 1)}
 if [ "$requeue" = 1 ]; then
     echo "lare2: stopped before the time limit; requeueing this task to finish its shard"
-    scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
+    trap '' TERM USR1  # the requeue kills this task: let scontrol finish
+    task="${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
+    scontrol requeue "$task" && scontrol update JobId="$task" StartTime=now+{REQUEUE_START_DELAY_S} \
+        || echo "lare2: the requeue or its early restart failed (see above); a requeued task may wait ~120 s"
 fi
 exit "$status"
 """
@@ -289,16 +363,21 @@ def submit_slurm(ctx: typer.Context, cfg, *, array: str | None, sbatch_args: lis
     from lare2.shared.cache.progress import array_spec
 
     out = Path(cfg.out).absolute()
+    refuse_control_characters("--out", str(cfg.out))
+    recorded = recorded_num_shards(out) if array is None and only_missing else None
     if array is not None:
         num_shards, throttle = parse_array(array)
-    elif only_missing and recorded_num_shards(out):
-        num_shards, throttle = recorded_num_shards(out), None
+    elif recorded:
+        num_shards, throttle = recorded, None
     else:
         raise SubmitError("--submit slurm: give --array N, the number of shards (one array task each)"
                           + ("" if not only_missing else f"; {job_folder(out)} records no earlier submission"))
     if only_missing and not (out / "zarr.json").exists():
         raise SubmitError(f"{out}: no cache there yet, so no shard is known to be missing; submit the whole array "
                           "(drop --only-missing)")
+    folder = job_folder(out)
+    command = extract_command(cfg.manifest, out, given_options(ctx), num_shards, gpus_per_task)
+    check_script_values(command, list(sbatch_args), folder / "logs")  # before the store is made
     if not dry_run:  # once, before the tasks: they then never race to build the store
         from lare2.extract.run import run_extraction
 
@@ -309,8 +388,6 @@ def submit_slurm(ctx: typer.Context, cfg, *, array: str | None, sbatch_args: lis
                             script="", text="", progress_command=progress_command)
     if not shards:
         return submission
-    folder = job_folder(out)
-    command = extract_command(cfg.manifest, out, given_options(ctx), num_shards, gpus_per_task)
     submission.text = job_script(out=out, command=command, array=submission.array, num_shards=num_shards,
                                  throttle=throttle, sbatch_args=list(sbatch_args), gpus_per_task=gpus_per_task,
                                  logs=folder / "logs")

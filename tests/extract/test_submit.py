@@ -19,7 +19,8 @@ import pytest
 from typer.testing import CliRunner
 
 from lare2.cli import app
-from lare2.extract.submit import job_folder, job_script, parse_array, shell_lines
+from lare2.extract.submit import (REQUEUE_START_DELAY_S, SubmitError, job_folder, job_script, parse_array,
+                                  shell_lines)
 from lare2.shared.cache import FeatureCache
 from lare2.shared.cli_errors import EXIT_PREEMPTED
 
@@ -150,13 +151,16 @@ def _stand_in(exit_code: int) -> str:
 
 
 def _run_script(tmp_path: Path, send: signal.Signals, exit_code: int, *, gpus_per_task: int = 0,
-                out: Path | None = None) -> tuple[int, str]:
+                out: Path | None = None, scontrol: str | None = None) -> tuple[int, str]:
     """Run a job script (task 1 of 2, cache ``out``) whose extraction is ``_stand_in(exit_code)`` under bash,
-    send the shell ``send`` once it runs."""
+    send the shell ``send`` once it runs. ``scontrol``: the body of a bash stand-in for it (else none is found)."""
     text = job_script(out=out or tmp_path / "c", command=[sys.executable, "-c", _stand_in(exit_code)], array="0-1",
                       num_shards=2, throttle=None, sbatch_args=[], gpus_per_task=gpus_per_task, logs=tmp_path / "logs")
-    programs = tmp_path / "bin"  # the script's helpers, but no scontrol: no scheduler may be touched from here
+    programs = tmp_path / "bin"  # the script's helpers; scontrol only as a stand-in: no scheduler is touched from here
     programs.mkdir(exist_ok=True)
+    if scontrol is not None:
+        (programs / "scontrol").write_text(f"#!{shutil.which('bash')}\n{scontrol}\n")
+        (programs / "scontrol").chmod(0o755)
     for name in ("hostname", "date"):
         if not (programs / name).exists():
             (programs / name).symlink_to(shutil.which(name))
@@ -203,3 +207,127 @@ def test_term_is_passed_on_and_the_task_does_not_requeue_itself(tmp_path):
     status, output = _run_script(tmp_path, signal.SIGTERM, EXIT_PREEMPTED)
     assert "extraction: TERM" in output and status == EXIT_PREEMPTED
     assert "requeueing" not in output  # a cancelled task stays cancelled; SLURM requeues a preempted one
+
+
+def test_the_requeue_survives_its_own_term_and_advances_the_restart(tmp_path):
+    """SLURM's requeue kills the running task (TERM to its shell and every process in it, scontrol included):
+    the script still sets the requeued task's start time, else SLURM would hold it ~120 s."""
+    calls = tmp_path / "scontrol-calls"
+    requeue_kills = f'[ "$1" = requeue ] && kill -TERM $PPID $$; echo "$*" >> {shlex.quote(str(calls))}'
+    status, output = _run_script(tmp_path, signal.SIGUSR1, EXIT_PREEMPTED, scontrol=requeue_kills)
+    assert status == EXIT_PREEMPTED and "requeueing this task" in output, output
+    assert "failed" not in output, output
+    assert calls.read_text().splitlines() == ["requeue 41_1",
+                                              f"update JobId=41_1 StartTime=now+{REQUEUE_START_DELAY_S}"]
+
+
+def test_traps_are_set_before_the_extraction_starts(tmp_path):
+    """A signal between the launch and ``extraction=$!`` must not take bash's default action (which would end the
+    shell and orphan the extraction): the traps come first, and the stop waits for the extraction's pid."""
+    text = job_script(out=tmp_path / "c", command=["true"], array="0", num_shards=1, throttle=None, sbatch_args=[],
+                      gpus_per_task=0, logs=tmp_path / "logs")
+    lines = text.splitlines()
+    launch = lines.index("true &")
+    assert lines.index("trap 'time_limit=1; stop_extraction' USR1") < launch
+    assert lines.index("trap 'stop_extraction' TERM") < launch
+    assert 'if [ -n "${extraction:-}" ] && [ "$stopped" = 0 ]; then' in text
+    assert lines[launch + 2].startswith('[ "$stop_asked" = 0 ] || stop_extraction')  # a signal before $! is passed on
+
+
+# ---- what a job script cannot carry -----------------------------------------------------------------
+def _one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--set", "prompt_text=a\nrm -rf ~"], "--set 'prompt_text=a\\nrm -rf ~'"),  # an option carried to the tasks
+    (["--sbatch-arg=--comment=a\x7fb"], "--sbatch-arg '--comment=a\\x7fb'"),
+    (["--sbatch-arg=--time=1:00:00\n#SBATCH --x"], "--sbatch-arg '--time=1:00:00\\n#SBATCH --x'"),
+])
+def test_control_characters_are_refused_naming_the_value(manifest, tmp_path, args, named):
+    out = tmp_path / "c"
+    line = _one_error_line(_extract("--manifest", str(manifest), "--out", str(out), *TINY, "--submit", "slurm",
+                                    "--array", "2", *args))
+    assert named in line and "control character" in line
+    assert not out.exists() and not job_folder(out).exists()  # refused before the store is made
+
+
+def test_a_newline_in_out_is_refused_before_anything_is_made(manifest, tmp_path):
+    out = tmp_path / "c\necho injected"
+    line = _one_error_line(_extract("--manifest", str(manifest), "--out", str(out), *TINY, "--submit", "slurm",
+                                    "--array", "2"))
+    assert f"--out {str(out)!r}" in line and "control character '\\n'" in line
+    assert not out.exists() and not job_folder(out).exists()
+
+
+def test_job_script_refuses_a_newline_in_the_manifest_path(tmp_path):
+    command = [sys.executable, "-m", "lare2.extract", "--manifest", str(tmp_path / "m\nx.parquet"), "--out", "c"]
+    with pytest.raises(SubmitError, match=r"--manifest '.*m\\nx\.parquet': holds the control character"):
+        job_script(out=tmp_path / "c", command=command, array="0", num_shards=1, throttle=None, sbatch_args=[],
+                   gpus_per_task=0, logs=tmp_path / "logs")
+
+
+def test_paths_in_comments_are_shown_as_repr_and_the_script_parses(manifest, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "it's $(touch pwned) `x`" / "train"
+    result = _extract("--manifest", str(manifest), "--out", str(out), *TINY, "--submit", "slurm", "--array", "2",
+                      "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert f"# b % 2 == i) into {str(out)!r}. Written by" in result.output
+    checked = subprocess.run(["bash", "-n"], input=result.output, text=True, capture_output=True)
+    assert checked.returncode == 0, checked.stderr
+    assert _task_command(result.output)[3:7] == ["--manifest", str(manifest), "--out", str(out)]
+
+
+def test_a_percent_in_the_cache_path_is_escaped_in_the_log_pattern(manifest, tmp_path):
+    out = tmp_path / "50%A_done" / "train"
+    result = _extract("--manifest", str(manifest), "--out", str(out), *TINY, "--submit", "slurm", "--array", "2",
+                      "--dry-run")
+    assert result.exit_code == 0, result.output
+    # sbatch's filename patterns: "%%" is a literal %, so only the final %A_%a name the task's log
+    assert f"#SBATCH --output={tmp_path}/50%%A_done/train.slurm/logs/%A_%a.out\n" in result.output
+
+
+def test_a_backslash_in_the_cache_path_is_refused(manifest, tmp_path):
+    out = tmp_path / "a\\b" / "train"
+    line = _one_error_line(_extract("--manifest", str(manifest), "--out", str(out), *TINY, "--submit", "slurm",
+                                    "--array", "2", "--dry-run"))
+    assert "backslash" in line and "filename patterns" in line
+
+
+@pytest.mark.parametrize("arg", ["--partition gpu", "time=1:00:00", "", "--time=1:00:00 --mem=4G"])
+def test_each_sbatch_arg_is_one_option(manifest, tmp_path, arg):
+    line = _one_error_line(_extract("--manifest", str(manifest), "--out", str(tmp_path / "c"), *TINY, "--submit",
+                                    "slurm", "--array", "2", "--sbatch-arg", arg, "--dry-run"))
+    assert f"--sbatch-arg {arg!r}" in line and "one option per --sbatch-arg" in line
+
+
+@pytest.mark.parametrize("record,line_number,reason", [
+    ('{"num_shards": 2}\nnot json\n\n', 2, "Expecting value"),
+    ('{"job_id": "7"}\n', 1, "no num_shards field"),
+    ("[1]\n", 1, "list indices"),
+    ('{"num_shards": "two"}\n', 1, "invalid literal"),
+    ('{"num_shards": 0}\n', 1, "num_shards 0 is not >= 1"),
+])
+def test_a_damaged_submit_record_is_named_with_its_line(manifest, tmp_path, record, line_number, reason):
+    out = tmp_path / "c"
+    assert _extract("--manifest", str(manifest), "--out", str(out), *TINY, "--create-only").exit_code == 0
+    job_folder(out).mkdir()
+    (job_folder(out) / "submissions.jsonl").write_text(record)
+    line = _one_error_line(_extract("--manifest", str(manifest), "--out", str(out), *TINY, "--submit", "slurm",
+                                    "--only-missing", "--dry-run"))
+    assert f"submissions.jsonl:{line_number}: " in line and reason in line and "give --array N" in line
+
+
+def test_the_submit_record_gives_the_shard_count(manifest, tmp_path):
+    out = tmp_path / "c"
+    assert _extract("--manifest", str(manifest), "--out", str(out), *TINY, "--create-only").exit_code == 0
+    job_folder(out).mkdir()
+    (job_folder(out) / "submissions.jsonl").write_text('not json\n{"num_shards": 3}\n')  # only the last line counts
+    result = _extract("--manifest", str(manifest), "--out", str(out), *TINY, "--submit", "slurm", "--only-missing",
+                      "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "#SBATCH --array=0-2\n" in result.output and "--num-shards 3" in result.output

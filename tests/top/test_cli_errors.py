@@ -524,7 +524,10 @@ def test_ctrl_c_exits_130_saying_what_was_kept(world, tmp_path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "lare2.extract", "--manifest", str(world.manifest), "--split", "train",
          "--preset", "debug", "--out", str(out), "--device", "cpu", "--ensemble", "64", "--image-size", "512"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "300"})
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "300"},
+        # a test run started in the background ignores SIGINT, and children inherit that: give the command
+        # the default disposition, as a terminal would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not (out / "zarr.json").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
