@@ -9,9 +9,11 @@ under LARE2_REQUIRE_SYSTEM_TOOLS=1 (CI), where it fails.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ import pytest
 from tests.helpers.bad_images import GALLERY
 from tests.helpers.system_tools import require_programs
 from tests.helpers.tiny_run import build_tiny_run
-from tests.top.test_serve import free_port, refused, wait_for
+from tests.top.test_serve import refused, wait_for
 
 pytestmark = pytest.mark.slow
 # README's picture of the page; a run refreshes it only when asked (LARE2_UPDATE_SCREENSHOT=1), so tests keep the
@@ -36,12 +38,16 @@ def served(tmp_path_factory):
     """(base URL, run folder, test images) of `lare2 serve` on a tiny run, as a subprocess on a private port."""
     root = tmp_path_factory.mktemp("serve-browser")
     run, images = build_tiny_run(root, n_test=6)
-    port = free_port()
     log = open(root / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "lare2.serve.cli", str(run), "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "lare2.serve.cli", str(run), "--port", "0",
                                "--device", "cpu", "--workers", "0", "--threshold", THRESHOLD],
-                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              stdout=subprocess.PIPE, stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
+        # the first line says where it listens (--port 0: a free port the system chose)
+        heard = re.match(r"listening on http://127\.0\.0\.1:(\d+)/", server.stdout.readline().decode())
+        assert heard, "lare2 serve did not say where it listens"
+        port = int(heard[1])
+        threading.Thread(target=lambda: log.write(server.stdout.read()), daemon=True).start()
         wait_for(lambda: server.poll() is None and not refused(port), "the server to listen", 120)
         yield f"http://127.0.0.1:{port}", run, images
     finally:
